@@ -1,0 +1,93 @@
+"""Resumable training checkpoints: atomic ``accelerator.save_state`` folders, newest-first lookup, pruning.
+
+A checkpoint is a folder ``<run>/checkpoints/step_0000123`` written by ``accelerator.save_state`` (trainable module,
+optimizer, scheduler, RNG states, GradScaler, and the registered :class:`TrainState`). It is first written under a
+hidden temp name and renamed when complete, so a run killed mid-save resumes from the previous checkpoint.
+The frozen teacher is never part of it (it is not passed to ``accelerator.prepare``).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Loop counters saved with every checkpoint (``accelerator.register_for_checkpointing`` needs state_dict)."""
+
+    step: int = 0
+    micro_step: int = 0
+    nonfinite_steps: int = 0
+    bad_images: list[str] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:07d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temp folders of interrupted saves are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep: int) -> Path:
+    """``save_state`` into a temp folder, rename it to ``step_N`` on the main process, prune all but ``keep``.
+
+    Must be called on every process (accelerate may gather state collectively).
+    """
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f".tmp_{final.name}")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(run_dir)[: -max(keep, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
+    """Map the ``resume`` option to a checkpoint folder: True/"auto"/"latest" -> newest in ``run_dir``; a path."""
+    if resume in (None, False, "", "false", "no"):
+        return None
+    if resume in (True, "true", "auto", "latest"):
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"--resume: no checkpoint in {run_dir}/checkpoints; pass --name of the run to resume or a checkpoint path"
+            )
+        return ckpt
+    path = Path(str(resume))
+    if (path / "checkpoints").is_dir():  # a run folder: take its newest checkpoint
+        return resolve_resume(True, path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {path}: not a checkpoint folder (expected .../checkpoints/step_N)")
+    return path

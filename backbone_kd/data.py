@@ -1,0 +1,205 @@
+"""Unlabeled image dataset: robust decoding, deterministic augmentation, and a resumable sharded sampler.
+
+Design decisions:
+- Every sample's augmentation is seeded from ``(seed, epoch, index)``, so a batch is bit-identical whatever the number
+  of workers and after a resume; the sampler yields *keys* ``epoch * N + index`` to carry the epoch to workers
+  (persistent workers never see attribute changes made in the main process).
+- A file that cannot be decoded is replaced by the next readable one and reported in the batch's ``"bad"`` list, so
+  batches keep a fixed size (needed for fixed-shape compilation and for DDP ranks to stay in lock-step).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+from torch.utils.data import Dataset, Sampler
+from torchvision.transforms import v2
+
+LOGGER = logging.getLogger("backbone_kd")
+# PIL's own decompression-bomb threshold: larger images are refused before their pixels are decoded.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation of the single view shared by teacher and student.
+
+    Attributes:
+        crop_scale: (min, max) area fraction of RandomResizedCrop; ``None`` disables cropping (plain resize).
+        hflip: Probability of a horizontal flip.
+        color_jitter: Strength s of ColorJitter(0.4s, 0.4s, 0.2s, 0.1s) applied with p=0.8; 0 disables it.
+    """
+
+    crop_scale: tuple[float, float] | None = (0.25, 1.0)
+    hflip: float = 0.5
+    color_jitter: float = 0.5
+
+
+def build_transform(image_size: int, aug: AugmentConfig) -> v2.Compose:
+    """PIL image -> float tensor (3, image_size, image_size) in [0, 1] (the student's input range)."""
+    ops: list = []
+    if aug.crop_scale is None:
+        ops += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    else:
+        ops.append(v2.RandomResizedCrop(image_size, scale=tuple(aug.crop_scale), antialias=True))
+    if aug.hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(aug.hflip))
+    if aug.color_jitter > 0:
+        s = aug.color_jitter
+        ops.append(v2.RandomApply([v2.ColorJitter(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s)], p=0.8))
+    return v2.Compose([v2.PILToTensor(), *ops, v2.ToDtype(torch.float32, scale=True)])
+
+
+def _pil_open():
+    """PIL's own ``Image.open``, even after ultralytics replaced it.
+
+    ultralytics swaps ``Image.open`` for a wrapper that runs a pip install of pi-heif the first time a file cannot be
+    identified; in an unlabeled set a corrupt file must simply be skipped, never trigger an install.
+    """
+    opener = Image.open
+    module = getattr(opener, "__module__", "") or ""
+    if module.startswith("ultralytics"):
+        opener = getattr(sys.modules.get(module), "_image_open", opener)
+    return opener
+
+
+def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+    """Open an image as 8-bit RGB with EXIF orientation applied.
+
+    Args:
+        path: Image file.
+        max_pixels: Images with more pixels are refused from their header, before decoding.
+        draft_size: For JPEGs, let libjpeg decode at a reduced scale whose shorter side is still >= this.
+
+    Raises:
+        ValueError: Oversized image. OSError / PIL errors propagate for unreadable files.
+    """
+    with _pil_open()(path) as im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ValueError(f"{w}x{h} exceeds max_image_pixels={max_pixels} (decompression-bomb guard)")
+        if draft_size and im.format == "JPEG":
+            scale = min(w, h) / draft_size
+            if scale >= 2:
+                im.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # 16/32-bit grayscale: rescale to 8 bit by the actual range instead of clipping at 255.
+            arr = np.asarray(im, dtype=np.float32)
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / max(hi - lo, 1e-6) * 255.0
+            im = Image.fromarray(arr.astype(np.uint8), mode="L")
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (114, 114, 114, 255))  # ultralytics' letterbox grey
+            im = Image.alpha_composite(background, rgba)
+        return im.convert("RGB")
+
+
+class UnlabeledImages(Dataset):
+    """Images without labels, as [0, 1] tensors of shape (3, S, S).
+
+    Keys are ``epoch * len(paths) + index`` (see :class:`ShardedInfiniteSampler`); ``__getitem__`` returns a dict with
+    ``image`` (3, S, S) float32 and ``bad``: paths that failed and were replaced by the next readable file.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        image_size: int,
+        aug: AugmentConfig | None = None,
+        seed: int = 0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_retries: int = 32,
+    ) -> None:
+        self.paths = paths
+        self.image_size = image_size
+        self.transform = build_transform(image_size, aug or AugmentConfig())
+        self.seed = seed
+        self.max_pixels = max_pixels
+        self.max_retries = max_retries
+        self._warned: set[str] = set()  # per worker process: one warning per file, not one per epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: int) -> dict:
+        n = len(self.paths)
+        epoch, index = divmod(int(key), n)
+        bad: list[str] = []
+        for attempt in range(min(self.max_retries, n)):
+            path = self.paths[(index + attempt) % n]
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # PIL's EXIF/profile chatter; real failures raise
+                    image = load_rgb(path, self.max_pixels, draft_size=self.image_size)
+            except Exception as err:  # noqa: BLE001 — any decoder failure means "skip this file"
+                if path not in self._warned:
+                    self._warned.add(path)
+                    LOGGER.warning("skipping unreadable image %s: %s", path, err)
+                bad.append(path)
+                continue
+            # Seed from (seed, epoch, index): identical augmentation regardless of workers or resume.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+                tensor = self.transform(image)
+            return {"image": tensor, "bad": bad}
+        raise RuntimeError(
+            f"{len(bad)} consecutive images around index {index} could not be read (e.g. {bad[:3]}); "
+            "check the --unlabeled sources"
+        )
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack images to (B, 3, S, S) and concatenate the lists of unreadable paths."""
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "bad": [p for s in samples for p in s["bad"]],
+    }
+
+
+class ShardedInfiniteSampler(Sampler[int]):
+    """An endless stream of dataset keys, reshuffled each epoch, split across processes, resumable at any step.
+
+    The global stream visits ``perm_e`` (a seeded permutation for epoch e) in order; each micro-batch of the whole job
+    takes ``batch_size * world_size`` consecutive positions, of which rank r takes the r-th block. Starting at
+    ``start_batch`` skips that many micro-batches without touching data, which is how resume reproduces the order.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 start_batch: int = 0) -> None:
+        if n <= 0:
+            raise ValueError("the dataset is empty")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[int]:
+        global_batch = self.batch_size * self.world_size
+        pos = self.start_batch * global_batch + self.rank * self.batch_size
+        epoch, perm = -1, None
+        while True:
+            for p in range(pos, pos + self.batch_size):
+                e, i = divmod(p, self.n)
+                if e != epoch:
+                    epoch, perm = e, self._perm(e)
+                yield e * self.n + int(perm[i])
+            pos += global_batch
+
+    def __len__(self) -> int:  # an endless sampler; len is one epoch, for progress estimates only
+        return self.n
+
+
+# Truncated JPEGs are treated as errors (skipped), not silently padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False

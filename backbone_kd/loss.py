@@ -1,0 +1,136 @@
+"""Spatial alignment and the distillation loss (per-token cosine, optional smooth-L1 and global terms).
+
+All terms are computed in fp32 (inputs are upcast): cosine and standardisation statistics are not fp16-safe.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ALIGN_MODES = ("student_to_teacher", "teacher_to_student")
+
+
+def pair_levels(student_strides: list[int], teacher_strides: list[int]) -> list[int]:
+    """Which teacher level supervises each student level.
+
+    A single-level teacher (ViT patch grid) supervises every student level; a multi-level teacher (CNN) with as many
+    levels as the student pairs them in order.
+
+    Returns:
+        Teacher level index per student level.
+    """
+    if len(teacher_strides) == 1:
+        return [0] * len(student_strides)
+    if len(teacher_strides) == len(student_strides):
+        return list(range(len(student_strides)))
+    raise ValueError(
+        f"cannot pair {len(student_strides)} student levels (strides {student_strides}) with {len(teacher_strides)} "
+        f"teacher levels (strides {teacher_strides}); choose teacher_indices so the counts match or use a ViT teacher"
+    )
+
+
+def align(student: torch.Tensor, teacher: torch.Tensor, mode: str = "student_to_teacher") -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize one map so both share a grid (bilinear).
+
+    Args:
+        student: (B, D, hs, ws) projected student map.
+        teacher: (B, D, ht, wt) teacher tokens.
+        mode: ``student_to_teacher`` resizes the student map to the teacher grid (default: the loss is counted over
+            teacher tokens); ``teacher_to_student`` resizes the teacher grid to the student map.
+    """
+    if student.shape[-2:] == teacher.shape[-2:]:
+        return student, teacher
+    if mode == "student_to_teacher":
+        return F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False), teacher
+    if mode == "teacher_to_student":
+        return student, F.interpolate(teacher, size=student.shape[-2:], mode="bilinear", align_corners=False)
+    raise ValueError(f"align must be one of {ALIGN_MODES}, got {mode!r}")
+
+
+def cosine_token_loss(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``1 - cos(s, t)`` over channels, averaged over tokens.
+
+    Args:
+        student, teacher: (B, D, h, w), same shape.
+
+    Returns:
+        (loss in [0, 2], mean cosine similarity in [-1, 1]); both scalars. Invariant to per-token scaling.
+    """
+    cos = F.cosine_similarity(student.float(), teacher.float(), dim=1, eps=1e-6)  # (B, h, w)
+    mean_cos = cos.mean()
+    return 1.0 - mean_cos, mean_cos.detach()
+
+
+def standardized_smooth_l1(student: torch.Tensor, teacher: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """Smooth-L1 between the student map and the teacher map standardised per channel (over batch and tokens)."""
+    t = teacher.float()
+    mean = t.mean(dim=(0, 2, 3), keepdim=True)
+    std = t.std(dim=(0, 2, 3), keepdim=True, unbiased=False).clamp_min(1e-6)
+    return F.smooth_l1_loss(student.float(), (t - mean) / std, beta=beta)
+
+
+class DistillationLoss(nn.Module):
+    """Weighted sum over student levels of the token-cosine loss (+ optional smooth-L1 and global terms).
+
+    Args:
+        level_weights: One weight per student level (normalised to sum 1).
+        pairing: Teacher level per student level (:func:`pair_levels`).
+        align_mode: See :func:`align`.
+        smooth_l1_weight: Weight of :func:`standardized_smooth_l1` (0 disables).
+        global_weight: Weight of ``1 - cos(pooled student, teacher CLS)`` (0 disables).
+    """
+
+    def __init__(
+        self,
+        level_weights: list[float],
+        pairing: list[int],
+        align_mode: str = "student_to_teacher",
+        smooth_l1_weight: float = 0.0,
+        global_weight: float = 0.0,
+        level_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if align_mode not in ALIGN_MODES:
+            raise ValueError(f"align must be one of {ALIGN_MODES}, got {align_mode!r}")
+        if len(level_weights) != len(pairing) or any(w < 0 for w in level_weights) or sum(level_weights) <= 0:
+            raise ValueError(f"level_weights must be {len(pairing)} non-negative numbers with a positive sum")
+        total = float(sum(level_weights))
+        self.level_weights = [float(w) / total for w in level_weights]
+        self.pairing, self.align_mode = pairing, align_mode
+        self.smooth_l1_weight, self.global_weight = smooth_l1_weight, global_weight
+        self.level_names = level_names or [f"l{i}" for i in range(len(pairing))]
+
+    def forward(
+        self,
+        student: list[torch.Tensor],
+        teacher: list[torch.Tensor],
+        student_global: torch.Tensor | None = None,
+        teacher_global: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Args: projected student maps [(B, D, h_i, w_i)], teacher maps [(B, D, h, w)], globals (B, D_g).
+
+        Returns:
+            (scalar loss, detached per-term logs: ``loss_<level>``, ``cos_<level>``, ``l1_<level>``, ``loss_global``, ``loss``).
+        """
+        total = student[0].new_zeros((), dtype=torch.float32)
+        logs: dict[str, torch.Tensor] = {}
+        for i, (s, w) in enumerate(zip(student, self.level_weights)):
+            s_al, t_al = align(s, teacher[self.pairing[i]], self.align_mode)
+            loss, cos = cosine_token_loss(s_al, t_al)
+            name = self.level_names[i]
+            logs[f"loss_{name}"], logs[f"cos_{name}"] = loss.detach(), cos
+            total = total + w * loss
+            if self.smooth_l1_weight > 0:
+                l1 = standardized_smooth_l1(s_al, t_al)
+                logs[f"l1_{name}"] = l1.detach()
+                total = total + self.smooth_l1_weight * w * l1
+        if self.global_weight > 0:
+            if student_global is None or teacher_global is None:
+                raise ValueError("global_weight > 0 needs a teacher with a CLS token (ViT) and a global head")
+            g_loss, g_cos = cosine_token_loss(student_global[..., None, None], teacher_global[..., None, None])
+            logs["loss_global"], logs["cos_global"] = g_loss.detach(), g_cos
+            total = total + self.global_weight * g_loss
+        logs["loss"] = total.detach()
+        return total, logs

@@ -1,0 +1,205 @@
+"""Stage 1: the training loop (build -> ``accelerator.prepare`` -> accumulate/backward -> ``save_state``).
+
+Only the trainable module (student backbone + projectors) is prepared, saved and synchronised; the frozen teacher
+lives beside it on the same device, in its own dtype, and is rebuilt (not restored) on resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from backbone_kd.checkpoints import TrainState, resolve_resume, save_checkpoint
+from backbone_kd.config import PretrainConfig
+from backbone_kd.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate
+from backbone_kd.loss import DistillationLoss, pair_levels
+from backbone_kd.metrics import MetricsLogger
+from backbone_kd.pretrain_setup import (
+    StopFlag,
+    build_optimizer,
+    build_scheduler,
+    export_outputs,
+    make_accelerator,
+    resolve_run_dir,
+    teacher_dtype,
+    teacher_input,
+    write_run_config,
+)
+from backbone_kd.projector import DistillStudent, Projectors
+from backbone_kd.sources import resolve_image_sources
+from backbone_kd.student import YoloBackbone, load_yolo_model
+from backbone_kd.teacher import build_teacher
+
+LOGGER = logging.getLogger("backbone_kd")
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Run stage-1 distillation; returns the run folder holding ``backbone.safetensors`` and ``student.pt``."""
+    paths = resolve_image_sources(cfg.unlabeled)  # fails on empty input before any model is built
+    accelerator = make_accelerator(cfg)
+    run_dir = resolve_run_dir(cfg, accelerator)
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    main = accelerator.is_main_process
+    if main:
+        write_run_config(cfg, run_dir, n_images=len(paths), world=accelerator.num_processes)
+    torch.manual_seed(cfg.seed)  # identical init on every process (DDP also broadcasts it)
+    device = accelerator.device
+
+    # --- build: frozen teacher (never prepared), live YOLO backbone slice, projection heads ---
+    t_dtype = teacher_dtype(cfg, device)
+    teacher = build_teacher(
+        cfg.teacher, weights=cfg.teacher_weights, pretrained=cfg.teacher_pretrained, image_size=cfg.image_size,
+        last_k=cfg.teacher_last_k, indices=cfg.teacher_indices, model_kwargs=cfg.teacher_kwargs,
+    ).to(device=device, dtype=t_dtype)
+    yolo = load_yolo_model(cfg.student, nc=cfg.nc)
+    backbone = YoloBackbone(yolo, cfg.taps)
+    pairing = pair_levels(backbone.strides, teacher.strides)
+    projectors = Projectors(
+        backbone.channels, [teacher.channels[j] for j in pairing], cfg.projector, cfg.projector_hidden,
+        global_dim=teacher.global_dim if cfg.global_weight > 0 else None,
+    )
+    module = DistillStudent(backbone, projectors)
+    if cfg.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    criterion = DistillationLoss(
+        cfg.level_weights or [1.0] * len(backbone.taps), pairing, cfg.align, cfg.smooth_l1_weight, cfg.global_weight,
+        level_names=[f"p{int(math.log2(s))}" for s in backbone.strides],
+    )
+    steps = cfg.steps or max(1, round(cfg.epochs * len(paths) / (cfg.batch_size * accelerator.num_processes
+                                                                 * cfg.gradient_accumulation_steps)))
+    optimizer = build_optimizer(module, cfg, device)
+    scheduler = build_scheduler(optimizer, cfg, steps)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    # The scheduler is stepped by us once per optimizer step (accelerate would step it num_processes times).
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    if cfg.compile:
+        teacher = torch.compile(teacher)  # type: ignore[assignment]
+        module = torch.compile(module)  # type: ignore[assignment]
+
+    # --- data: resumable sharded order; workers only decode/augment ---
+    dataset = UnlabeledImages(paths, cfg.image_size, AugmentConfig(cfg.crop_scale, cfg.hflip, cfg.color_jitter),
+                              seed=cfg.seed, max_pixels=cfg.max_image_pixels)
+    sampler = ShardedInfiniteSampler(len(paths), cfg.batch_size, cfg.seed, accelerator.process_index,
+                                     accelerator.num_processes, start_batch=state.micro_step)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
+                        persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers > 0 else None)
+
+    metrics = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.tensorboard,
+                            resume_step=state.step if resume_from is not None else None)
+    stop = StopFlag()
+    bad_images = set(state.bad_images)
+    sums: dict[str, torch.Tensor] = {}
+    n_logged, consecutive_bad, t_log, seen = 0, 0, time.perf_counter(), 0
+    progress = _progress(main, steps, state.step)
+    params = [p for p in module.parameters() if p.requires_grad]
+    module.train()
+    data_iter = iter(loader)
+    while state.step < steps:
+        batch = next(data_iter)
+        state.micro_step += 1
+        bad_images.update(batch["bad"])
+        x = batch["image"].to(device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            t_feats, t_global = teacher.encode(teacher_input(x, teacher, t_dtype))
+        with accelerator.accumulate(module):
+            with accelerator.autocast():
+                s_feats, s_global = module(x)
+            loss, logs = criterion(s_feats, t_feats, s_global, t_global)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                stepped = _optimizer_step(accelerator, optimizer, params, cfg)
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            else:
+                optimizer.step()  # no-ops while accumulating: accelerate only steps on sync steps
+                optimizer.zero_grad(set_to_none=True)
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0) + v
+        n_logged += 1
+        seen += x.shape[0]
+        if not accelerator.sync_gradients:
+            continue
+        state.step += 1
+        if not stepped:
+            state.nonfinite_steps += 1
+            consecutive_bad += 1
+            if consecutive_bad > cfg.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"{consecutive_bad} consecutive non-finite steps at step {state.step}: lower --lr, raise "
+                    "--grad-clip strictness, use bf16 instead of fp16, or check the teacher weights"
+                )
+        else:
+            consecutive_bad = 0
+        progress.update(1)
+        if state.step % cfg.log_every == 0 or state.step == steps:
+            row = _log_row(accelerator, state, sums, n_logged, seen, t_log, scheduler, len(bad_images))
+            metrics.log(row)
+            progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}")
+            sums, n_logged, seen, t_log = {}, 0, 0, time.perf_counter()
+        interrupted = stop.requested(accelerator)
+        if (cfg.save_every and state.step % cfg.save_every == 0) or interrupted or state.step == steps:
+            state.bad_images = sorted(bad_images)
+            save_checkpoint(accelerator, run_dir, state.step, cfg.keep_checkpoints)
+            metrics.flush()
+        if interrupted:
+            progress.close()
+            metrics.close()
+            accelerator.print(f"interrupted: checkpoint saved at step {state.step}; continue with --resume")
+            raise KeyboardInterrupt
+    progress.close()
+    metrics.close()
+    stop.restore()
+    if bad_images:
+        accelerator.print(f"skipped {len(bad_images)} unreadable images (listed in run_summary.json)")
+    if main:
+        export_outputs(accelerator.unwrap_model(module), cfg, run_dir, state, metrics.rows, teacher_name=teacher.name)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def _optimizer_step(accelerator, optimizer, params, cfg: PretrainConfig) -> bool:
+    """Clip and step; returns False when the step was skipped for non-finite gradients.
+
+    The gradient norm is all-reduced already, so every DDP rank takes the same decision without an extra collective.
+    Under fp16 the GradScaler itself skips inf steps (and must see them to lower its scale).
+    """
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    norm = accelerator.clip_grad_norm_(params, max_norm)
+    if accelerator.mixed_precision == "fp16":
+        optimizer.step()
+        return not accelerator.optimizer_step_was_skipped
+    if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+        return False
+    optimizer.step()
+    return True
+
+
+def _log_row(accelerator, state, sums, n, seen, t0, scheduler, n_bad) -> dict:
+    """Average the accumulated per-term logs across micro-steps and processes (the only host sync of the loop)."""
+    keys = sorted(sums)
+    stacked = accelerator.reduce(torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]), "mean")
+    values = (stacked / max(n, 1)).tolist()
+    elapsed = max(time.perf_counter() - t0, 1e-9)
+    row = {"step": state.step, **dict(zip(keys, values)), "lr": scheduler.get_last_lr()[0],
+           "img_per_s": seen * accelerator.num_processes / elapsed, "nonfinite_steps": state.nonfinite_steps,
+           "bad_images": n_bad}
+    return row
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="pretrain", dynamic_ncols=True)

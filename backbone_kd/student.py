@@ -1,0 +1,111 @@
+"""The student: the backbone of a live ultralytics DetectionModel, used in place.
+
+``YoloBackbone`` holds the model's first ``len(yaml["backbone"])`` layers in an ``nn.ModuleList`` that *shares* the
+module objects with the full model (no copy): training it trains the YOLO's own weights, so the full model can be
+saved or exported at any time. Neck and head are not registered, so DDP sees no unused parameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from backbone_kd.features import probe_strides
+
+
+def load_yolo_model(spec: str | Path, nc: int | None = None, verbose: bool = False) -> nn.Module:
+    """Build or load an ultralytics detection model in fp32 train mode.
+
+    Args:
+        spec: A model YAML (``yolov8n.yaml``, ``yolo11s.yaml``, a custom file) or an ultralytics ``.pt``.
+        nc: Class count for a YAML-built model (ignored for ``.pt``: its head is kept).
+    """
+    from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+
+    spec = str(spec)
+    if spec.endswith(".pt"):
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"student checkpoint {spec} not found; give a .pt path or a model yaml like yolov8n.yaml")
+        model, _ = load_checkpoint(spec)
+    elif spec.endswith((".yaml", ".yml")):
+        model = DetectionModel(spec, nc=nc, verbose=verbose)
+    else:
+        raise ValueError(f"student must be a model .yaml (e.g. yolov8n.yaml) or an ultralytics .pt, got {spec!r}")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.float().train()
+
+
+def backbone_length(model: nn.Module) -> int:
+    """Number of backbone layers: ``len(model.yaml['backbone'])``."""
+    yaml_cfg = getattr(model, "yaml", None)
+    if not isinstance(yaml_cfg, dict) or "backbone" not in yaml_cfg:
+        raise ValueError("the student has no model.yaml['backbone']; use an ultralytics detection model")
+    return len(yaml_cfg["backbone"])
+
+
+def default_taps(model: nn.Module) -> list[int]:
+    """Backbone layers whose outputs the neck consumes (P3/P4/P5 for detect models), read from the layer graph.
+
+    A backbone layer is tapped if a later (neck/head) layer takes it as input through ``f``, plus the last backbone
+    layer, which the first neck layer consumes implicitly (``f == -1``).
+    """
+    n = backbone_length(model)
+    taps = {n - 1}
+    for layer in list(model.model)[n:]:
+        sources = [layer.f] if isinstance(layer.f, int) else list(layer.f)
+        taps.update(j for j in sources if j != -1 and j < n)
+    return sorted(taps)
+
+
+class YoloBackbone(nn.Module):
+    """Feature-contract view of a YOLO backbone: ``features(x) -> [P3, P4, P5]`` (by default).
+
+    Args:
+        model: A live ultralytics DetectionModel (kept by reference, not registered as a submodule).
+        taps: Backbone layer indices whose outputs are returned; default :func:`default_taps`.
+
+    Attributes:
+        channels: Channels per tapped level; strides: input pixels per feature cell per level.
+    """
+
+    def __init__(self, model: nn.Module, taps: list[int] | None = None) -> None:
+        super().__init__()
+        n = backbone_length(model)
+        taps = sorted(default_taps(model) if taps is None else [int(t) for t in taps])
+        bad = [t for t in taps if not 0 <= t < n]
+        if not taps or bad:
+            raise ValueError(f"taps must be backbone layer indices in [0, {n - 1}], got {taps}")
+        self.taps = taps
+        self.n_layers = n
+        self.layers = nn.ModuleList(list(model.model)[: taps[-1] + 1])  # shared modules, not copies
+        self.__dict__["yolo"] = model  # plain attribute: not a submodule, not in state_dict / DDP
+        # Outputs we must keep: taps, and any backbone layer a later backbone layer reads (multi-input backbones).
+        needed = set(taps)
+        for layer in self.layers:
+            if not isinstance(layer.f, int):
+                needed.update(j for j in layer.f if j != -1)
+            elif layer.f != -1:
+                needed.add(layer.f)
+        self._keep = frozenset(needed)
+        self.channels, self.strides = probe_strides(self)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Run the backbone up to the last tap. x: (B, 3, H, W) in [0, 1]; returns [(B, C_i, H/s_i, W/s_i)]."""
+        saved: dict[int, torch.Tensor] = {}
+        for layer in self.layers:
+            if layer.f != -1:  # same routing rule as ultralytics' BaseModel._predict_once
+                x = saved[layer.f] if isinstance(layer.f, int) else [x if j == -1 else saved[j] for j in layer.f]
+            x = layer(x)
+            if layer.i in self._keep:
+                saved[layer.i] = x
+        return [saved[t] for t in self.taps]
+
+    forward = features
+
+    @property
+    def yolo(self) -> nn.Module:
+        """The full live DetectionModel whose backbone this is."""
+        return self.__dict__["yolo"]

@@ -1,0 +1,128 @@
+"""Create timm teacher models and load their weights: hub/cache, or a local file in any common layout.
+
+Local files may be official DINOv2 ``dinov2_vit*14[_reg4]_pretrain.pth`` state dicts (keys mapped to timm's with timm's
+own ``checkpoint_filter_fn``: ``register_tokens`` -> ``reg_token``, SwiGLU ``w12/w3`` -> ``fc1/fc2``, position
+embeddings resampled to the training grid), timm state dicts, checkpoints wrapping them under ``model`` /
+``state_dict`` / ``teacher``, or ``.safetensors``. Everything is loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+
+LOGGER = logging.getLogger("backbone_kd")
+VIT_MODULES = ("timm.models.vision_transformer", "timm.models.eva", "timm.models.vision_transformer_hybrid")
+# Keys a teacher never needs: classifier heads and DINOv2's masked-modelling token.
+IGNORABLE_PREFIXES = ("head.", "fc.", "classifier.", "mask_token", "head_drop")
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Fast check (DNS + TCP connect) whether the model hub can be reached; False when offline env vars are set."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def is_vit_name(name: str) -> bool:
+    """True if the timm architecture lives in a ViT-family module (patch tokens + ``forward_intermediates``)."""
+    import timm.models
+
+    arch = name.split(".")[0]
+    if not timm.models.is_model(arch):
+        raise ValueError(f"unknown timm model {name!r}; see timm.list_models('*dinov2*') for valid names")
+    return timm.models.model_entrypoint(arch).__module__ in VIT_MODULES
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``), unwrapping common wrappers."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher weights file {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("teacher", "model", "state_dict", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors (got {type(state).__name__})")
+    # DDP / DINO training checkpoints prefix keys; strip the common ones.
+    for prefix in ("module.", "backbone.", "teacher.backbone."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def load_teacher_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local weights file into ``model`` and fail loudly if any backbone tensor is missing or mismatched."""
+    state = read_state_dict(path)
+    filter_fn = getattr(__import__(type(model).__module__, fromlist=["checkpoint_filter_fn"]), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)  # timm's own converter: official DINOv2 layout, pos-embed resampling
+    own = model.state_dict()
+    shape_errors = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if shape_errors:
+        k, got, want = shape_errors[0]
+        raise ValueError(f"{path}: tensor {k} has shape {got} but the teacher expects {want}; wrong --teacher model?")
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(IGNORABLE_PREFIXES)]
+    if missing:
+        raise ValueError(
+            f"{path}: {len(missing)} teacher tensors are missing from the file (first: {missing[0]}); "
+            "does the file match the --teacher architecture (e.g. with/without registers, S/B/L/g)?"
+        )
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(IGNORABLE_PREFIXES)]
+    if unexpected:
+        LOGGER.warning("%s: ignored %d tensors the teacher does not use (first: %s)", path, len(unexpected), unexpected[0])
+
+
+def create_timm_model(
+    name: str,
+    weights: str | Path | None = None,
+    pretrained: bool = True,
+    image_size: int | None = 224,
+    **kwargs,
+) -> nn.Module:
+    """``timm.create_model`` with local-file and offline handling.
+
+    Args:
+        name: timm name, optionally with a pretrained tag (``vit_small_patch14_dinov2.lvd142m``).
+        weights: Local weights file; when given nothing is downloaded.
+        pretrained: Without ``weights``: download (or read from the HF cache); False gives random init.
+        image_size: For ViTs, the grid position embeddings are resampled to; ``dynamic_img_size`` is enabled so any
+            multiple of the patch size also works. None for CNNs.
+        **kwargs: Passed to ``timm.create_model``.
+    """
+    import timm
+
+    if kwargs.get("features_only") is None and image_size is not None and is_vit_name(name):
+        kwargs.setdefault("img_size", image_size)
+        kwargs.setdefault("dynamic_img_size", True)
+    kwargs.setdefault("num_classes", 0)
+    if weights is not None:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        load_teacher_weights(model, weights)
+        return model
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as err:  # hub unreachable, gated, or not cached
+        raise FileNotFoundError(
+            f"could not get pretrained weights for teacher {name!r} ({type(err).__name__}: {str(err)[:200]}). "
+            "Offline? Pass a local file with --teacher-weights (official dinov2_vits14_pretrain.pth, a timm state dict "
+            "or .safetensors), pre-populate the HuggingFace cache, or use --teacher-pretrained false for a "
+            "random-init teacher (install checks only)."
+        ) from err
