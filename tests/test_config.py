@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import pytest
+
+from backbone_kd.config import build_config, help_text, parse_overrides
+
+
+def test_precedence_and_syntaxes(tmp_path) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text("image_size: 448\nlr: 0.002\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("_base_: base.yaml\nbatch_size: 8\n")
+    cfg = build_config(["--config", str(child), "lr=0.01", "--unlabeled", "a", "b", "--cpu",
+                        "--taps=[4,6,9]", "--level-weights", "1", "2", "3"])
+    assert (cfg.image_size, cfg.batch_size, cfg.lr, cfg.cpu) == (448, 8, 0.01, True)
+    assert cfg.unlabeled == ["a", "b"] and cfg.taps == [4, 6, 9] and cfg.level_weights == [1, 2, 3]
+    assert build_config(["--unlabeled", "x"], image_size=96).image_size == 96
+
+
+def test_unknown_keys_are_named() -> None:
+    with pytest.raises(ValueError, match="'imgsize'.*image_size"):
+        build_config(["imgsize=64"])
+    with pytest.raises(ValueError, match="batch_sise"):
+        parse_overrides(["--batch-sise", "3"])
+
+
+def test_validation(tmp_path) -> None:
+    with pytest.raises(ValueError, match="multiple of 32"):
+        build_config(["image_size=100"])
+    with pytest.raises(ValueError, match="mixed_precision"):
+        build_config(["mixed_precision=fp8"])
+    bad = tmp_path / "x.yaml"
+    bad.write_text("teacher_wieghts: a\n")
+    with pytest.raises(ValueError, match="teacher_wieghts"):
+        build_config(["--config", str(bad)])
+    assert "--teacher-weights" in help_text()

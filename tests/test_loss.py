@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backbone_kd.loss import DistillationLoss, align, cosine_token_loss, pair_levels, standardized_smooth_l1
+
+
+def test_cosine_loss_properties() -> None:
+    t = torch.randn(2, 16, 5, 7)
+    loss, cos = cosine_token_loss(t, t)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6) and cos.item() == pytest.approx(1.0, abs=1e-6)
+    loss, _ = cosine_token_loss(-t, t)
+    assert loss.item() == pytest.approx(2.0, abs=1e-6)
+    s = torch.randn(2, 16, 5, 7)
+    scale = torch.rand(2, 1, 5, 7) * 10 + 0.1  # per-token positive scaling
+    assert cosine_token_loss(s * scale, t)[0].item() == pytest.approx(cosine_token_loss(s, t)[0].item(), abs=1e-5)
+    # Orthogonal-ish random features sit near 1.
+    assert 0.8 < cosine_token_loss(torch.randn(4, 256, 8, 8), torch.randn(4, 256, 8, 8))[0].item() < 1.2
+
+
+def test_align_modes() -> None:
+    s, t = torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4)
+    a, b = align(s, t, "student_to_teacher")
+    assert a.shape == b.shape == (1, 8, 4, 4)
+    a, b = align(s, t, "teacher_to_student")
+    assert a.shape == b.shape == (1, 8, 8, 8)
+    with pytest.raises(ValueError):
+        align(s, t, "nearest")
+
+
+def test_pairing() -> None:
+    assert pair_levels([8, 16, 32], [14]) == [0, 0, 0]
+    assert pair_levels([8, 16, 32], [8, 16, 32]) == [0, 1, 2]
+    with pytest.raises(ValueError, match="cannot pair"):
+        pair_levels([8, 16, 32], [8, 16])
+
+
+def test_distillation_loss_levels_weights_and_terms() -> None:
+    t = [torch.randn(2, 12, 4, 4)]
+    crit = DistillationLoss([1, 1, 2], [0, 0, 0], smooth_l1_weight=0.5, global_weight=1.0, level_names=["p3", "p4", "p5"])
+    student = [torch.randn(2, 12, 16, 16, requires_grad=True), torch.randn(2, 12, 8, 8), torch.randn(2, 12, 4, 4)]
+    g = torch.randn(2, 12)
+    total, logs = crit(student, t, g, g)
+    assert {"loss_p3", "cos_p3", "l1_p5", "loss_global", "loss"} <= set(logs)
+    assert logs["loss_global"].item() == pytest.approx(0.0, abs=1e-6)
+    total.backward()
+    assert student[0].grad is not None and torch.isfinite(student[0].grad).all()
+    with pytest.raises(ValueError, match="level_weights"):
+        DistillationLoss([1, 1], [0, 0, 0])
+    with pytest.raises(ValueError, match="CLS"):
+        crit(student, t)
+
+
+def test_standardized_smooth_l1_zero_for_standardized_target() -> None:
+    t = torch.randn(3, 4, 5, 5) * 7 + 3
+    z = (t - t.mean(dim=(0, 2, 3), keepdim=True)) / t.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+    assert standardized_smooth_l1(z, t).item() == pytest.approx(0.0, abs=1e-5)

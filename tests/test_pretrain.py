@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from backbone_kd import pretrain_setup
+from backbone_kd.backbone_file import read_backbone_file
+from backbone_kd.config import build_config
+from backbone_kd.pretrain import pretrain
+from backbone_kd.pretrain_cli import main
+from backbone_kd.student import load_yolo_model
+from tests.conftest import REPO, tiny_pretrain_args
+
+
+def test_cli_three_steps_and_outputs(image_dir, tmp_path) -> None:
+    (image_dir / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    assert main(tiny_pretrain_args(image_dir, tmp_path / "w", name="run")) == 0
+    run = tmp_path / "w" / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert {"loss", "loss_p3", "cos_p3", "loss_p5", "lr", "img_per_s"} <= set(rows[-1])
+    assert all(0.0 <= r["loss"] <= 2.0 for r in rows)
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["bad_images"] == [str(image_dir / "broken.jpg")]
+    # backbone.safetensors: exactly the YOLO backbone keys, and the metadata says where it came from.
+    tensors, meta = read_backbone_file(run / "backbone.safetensors")
+    ref = {k: v for k, v in load_yolo_model("yolov8n.yaml").state_dict().items() if int(k.split(".")[1]) < 10}
+    assert set(tensors) == set(ref) and all(tensors[k].shape == ref[k].shape for k in ref)
+    assert meta["teacher"] == "vit_small_patch14_dinov2" and meta["steps"] == 3 and meta["taps"] == [4, 6, 9]
+    # student.pt loads with plain ultralytics and carries the distilled backbone.
+    from ultralytics import YOLO
+
+    sd = YOLO(str(run / "student.pt")).model.state_dict()
+    assert all(torch.allclose(sd[k].float(), tensors[k].float(), atol=1e-2) for k in tensors if tensors[k].is_floating_point())
+    assert set(load_file(str(run / "projector.safetensors"))) and (run / "config.yaml").is_file()
+    # A second run with the same name does not overwrite the first.
+    assert main(tiny_pretrain_args(image_dir, tmp_path / "w", name="run", steps=1)) == 0
+    assert (tmp_path / "w" / "run2" / "backbone.safetensors").is_file()
+
+
+def test_bad_input_fails_before_models_load(tmp_path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(tiny_pretrain_args(tmp_path / "empty", tmp_path / "w")) == 2
+    assert "no images found" in capsys.readouterr().err
+    assert main(["--unlabeled", str(tmp_path), "--imgsz", "64"]) == 2
+
+
+def test_resume_matches_uninterrupted_run(image_dir, tmp_path, monkeypatch) -> None:
+    common = {"steps": 6, "gradient_accumulation_steps": 2, "batch_size": 2}
+    straight = pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "a", **common)))
+
+    calls = {"n": 0}
+
+    def stop_at_three(self, accelerator) -> bool:
+        calls["n"] += 1
+        return calls["n"] == 3  # checked once per optimizer step: "Ctrl-C" after step 3
+
+    monkeypatch.setattr(pretrain_setup.StopFlag, "requested", stop_at_three)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "b", **common)))
+    monkeypatch.undo()
+    run_b = tmp_path / "b" / "pretrain"
+    assert [p.name for p in (run_b / "checkpoints").iterdir()] == ["step_0000003"]
+    assert not (run_b / "backbone.safetensors").exists()
+    resumed = pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "b", resume="true", **common)))
+    a, _ = read_backbone_file(straight / "backbone.safetensors")
+    b, meta = read_backbone_file(resumed / "backbone.safetensors")
+    assert meta["steps"] == 6
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+    rows = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch(image_dir, tmp_path) -> None:
+    # `accelerate launch --cpu` alone starts ONE process (its multi-CPU mode needs MPI); torchrun-style
+    # `--multi_gpu` on a GPU-less machine gives 2 gloo CPU processes, and cpu=true keeps them on CPU anywhere.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "scripts" / "pretrain.py"),
+           *tiny_pretrain_args(image_dir, tmp_path / "w", batch_size=2, steps=2, save_every=1, cpu="true")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg_text = (tmp_path / "w" / "pretrain" / "config.yaml").read_text()
+    assert "2 process(es)" in cfg_text
+    _, meta = read_backbone_file(tmp_path / "w" / "pretrain" / "backbone.safetensors")
+    assert meta["steps"] == 2

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from backbone_kd import teacher_weights
+from backbone_kd.teacher import ViTTeacher, build_teacher
+from backbone_kd.teacher_weights import create_timm_model
+from tests.conftest import TINY_VIT, TINY_VIT_KWARGS
+
+
+def tiny_teacher(**kw) -> ViTTeacher:
+    return build_teacher(TINY_VIT, pretrained=False, image_size=56, model_kwargs=TINY_VIT_KWARGS, **kw)
+
+
+def test_vit_contract_and_frozen() -> None:
+    t = tiny_teacher()
+    assert t.channels == [48] and t.strides == [14] and t.global_dim == 48
+    feats, cls = t.encode(torch.rand(2, 3, 56, 84))
+    assert feats[0].shape == (2, 48, 4, 6) and cls.shape == (2, 48)
+    t.train()
+    assert not t.training and not any(m.training for m in t.modules())
+    assert not any(p.requires_grad for p in t.parameters())
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        t.encode(torch.rand(1, 3, 60, 56))
+
+
+def test_last_k_concatenates_blocks() -> None:
+    t = tiny_teacher(last_k=2)
+    assert t.channels == [96]
+    assert t.encode(torch.rand(1, 3, 56, 56))[0][0].shape == (1, 96, 4, 4)
+
+
+def test_teacher_normalises_and_student_input_stays_01() -> None:
+    t = tiny_teacher()
+    x = torch.rand(2, 3, 56, 56)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    ref = t.model.forward_intermediates((x - mean) / std, indices=[1], norm=True, intermediates_only=True)[0]
+    assert torch.allclose(t.encode(x)[0][0], ref, atol=1e-5)
+    # Feeding the raw [0, 1] images to the ViT would give different tokens: normalisation really happens.
+    raw = t.model.forward_intermediates(x, indices=[1], norm=True, intermediates_only=True)[0]
+    assert not torch.allclose(raw, ref, atol=1e-3)
+
+
+def _to_official(state: dict[str, torch.Tensor], registers: bool) -> dict[str, torch.Tensor]:
+    """Invert timm's DINOv2 conversion: the key layout of Meta's dinov2_vit*14[_reg4]_pretrain.pth files."""
+    out = dict(state)
+    out["mask_token"] = torch.zeros(1, state["cls_token"].shape[-1])
+    if registers:
+        p0 = torch.randn(1, 1, state["cls_token"].shape[-1])
+        out["register_tokens"] = out.pop("reg_token")
+        out["cls_token"] = state["cls_token"] - p0
+        out["pos_embed"] = torch.cat([p0, state["pos_embed"]], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+def test_official_dinov2_checkpoint_layout_loads(tmp_path, name: str) -> None:
+    src = create_timm_model(name, pretrained=False, image_size=56, **TINY_VIT_KWARGS)
+    official = _to_official(src.state_dict(), registers="reg" in name)
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(official, path)
+    t = build_teacher(name, weights=str(path), image_size=56, model_kwargs=TINY_VIT_KWARGS)
+    x = torch.rand(1, 3, 56, 56)
+    ref = ViTTeacher(src.eval()).encode(x)[0][0]
+    assert torch.allclose(t.encode(x)[0][0], ref, atol=1e-5)
+    # The same file also serves other resolutions (position embeddings resampled once at load).
+    assert build_teacher(name, weights=str(path), image_size=112, model_kwargs=TINY_VIT_KWARGS).encode(
+        torch.rand(1, 3, 112, 112))[0][0].shape == (1, 48, 8, 8)
+
+
+def test_giant_swiglu_keys_and_safetensors(tmp_path) -> None:
+    kw = {"depth": 1, "embed_dim": 48, "num_heads": 2}
+    src = create_timm_model("vit_giant_patch14_dinov2", pretrained=False, image_size=28, **kw)
+    official = {k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3"): v for k, v in src.state_dict().items()}
+    official["mask_token"] = torch.zeros(1, 48)
+    torch.save({"model": official}, tmp_path / "g.pth")  # wrapped under "model" like training checkpoints
+    t = build_teacher("vit_giant_patch14_dinov2", weights=str(tmp_path / "g.pth"), image_size=28, model_kwargs=kw)
+    x = torch.rand(1, 3, 28, 28)
+    assert torch.allclose(t.encode(x)[0][0], ViTTeacher(src.eval()).encode(x)[0][0], atol=1e-5)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "g.safetensors"))
+    t2 = build_teacher("vit_giant_patch14_dinov2", weights=str(tmp_path / "g.safetensors"), image_size=28, model_kwargs=kw)
+    assert torch.allclose(t2.encode(x)[0][0], t.encode(x)[0][0], atol=1e-5)
+
+
+def test_wrong_weights_are_refused(tmp_path) -> None:
+    src = create_timm_model(TINY_VIT, pretrained=False, image_size=56, **TINY_VIT_KWARGS)
+    state = src.state_dict()
+    torch.save({k: v for k, v in state.items() if not k.startswith("blocks.1.")}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="missing"):
+        build_teacher(TINY_VIT, weights=str(tmp_path / "partial.pth"), image_size=56, model_kwargs=TINY_VIT_KWARGS)
+    torch.save(state, tmp_path / "full.pth")
+    with pytest.raises(ValueError, match="shape"):
+        build_teacher(TINY_VIT, weights=str(tmp_path / "full.pth"), image_size=56,
+                      model_kwargs={**TINY_VIT_KWARGS, "embed_dim": 64})
+    with pytest.raises(FileNotFoundError):
+        build_teacher(TINY_VIT, weights=str(tmp_path / "nope.pth"), image_size=56)
+
+
+def test_offline_download_error_says_how_to_pass_weights(monkeypatch) -> None:
+    import timm
+
+    def fail(*args, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("Name or service not known")
+        return None
+
+    monkeypatch.setattr(timm, "create_model", fail)
+    with pytest.raises(FileNotFoundError, match="--teacher-weights"):
+        teacher_weights.create_timm_model("vit_small_patch14_dinov2.lvd142m", pretrained=True)
+
+
+def test_cnn_teachers(shared) -> None:
+    t = build_teacher("resnet18", pretrained=False)
+    assert t.strides == [8, 16, 32] and t.channels == [128, 256, 512]
+    y = build_teacher(str(shared / "weights" / "yolo11n_coco_recon.pt"))
+    assert y.mean is None and y.strides == [8, 16, 32]  # YOLO teachers see the same [0, 1] input as the student
+    assert [f.shape[1] for f in y.features(torch.rand(1, 3, 64, 64))] == y.channels
