@@ -95,6 +95,40 @@ def _check_key(key: str, origin: str) -> str:
     return key
 
 
+def _scalar(text: str) -> Any:
+    """Parse one CLI value as YAML, also accepting numbers YAML 1.1 keeps as strings (``1e-3``)."""
+    value = yaml.safe_load(text) if text != "" else None
+    if isinstance(value, str):
+        for cast in (int, float):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+    return value
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Cast a value to the field's declared scalar type, with an error that names the option."""
+    kind = FIELDS[key].type
+    try:
+        if value is None or kind not in ("int", "float", "bool", "str"):
+            return value
+        if kind == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool | int):
+                raise ValueError
+            return bool(value)
+        if kind == "int":
+            as_float = float(value)
+            if as_float != int(as_float):
+                raise ValueError
+            return int(as_float)
+        return float(value) if kind == "float" else str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"option {key!r} expects type {kind}, got {value!r}") from None
+
+
 def load_yaml_config(path: str | Path, _depth: int = 0) -> dict[str, Any]:
     """Read a config YAML (following ``_base_: other.yaml`` relative to it) into a flat override dict."""
     path = Path(path)
@@ -136,7 +170,7 @@ def parse_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
             configs.extend(values)
             continue
         key = _check_key(key, "the command line")
-        parsed = [yaml.safe_load(v) if v != "" else None for v in values]
+        parsed = [_scalar(v) for v in values]
         if key == "unlabeled":
             overrides[key] = [str(v) for v in values]
         elif not parsed:
@@ -156,7 +190,7 @@ def build_config(argv: list[str] | None = None, **overrides: Any) -> PretrainCon
     values.update({_check_key(k, "keyword arguments"): v for k, v in overrides.items()})
     if isinstance(values.get("unlabeled"), str):
         values["unlabeled"] = [values["unlabeled"]]
-    cfg = PretrainConfig(**values)
+    cfg = PretrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     validate(cfg)
     return cfg
 

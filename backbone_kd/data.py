@@ -96,7 +96,7 @@ def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | 
             arr = np.asarray(im, dtype=np.float32)
             lo, hi = float(arr.min()), float(arr.max())
             arr = (arr - lo) / max(hi - lo, 1e-6) * 255.0
-            im = Image.fromarray(arr.astype(np.uint8), mode="L")
+            im = Image.fromarray(arr.astype(np.uint8))
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (114, 114, 114, 255))  # ultralytics' letterbox grey

@@ -15,6 +15,10 @@ def test_precedence_and_syntaxes(tmp_path) -> None:
     assert (cfg.image_size, cfg.batch_size, cfg.lr, cfg.cpu) == (448, 8, 0.01, True)
     assert cfg.unlabeled == ["a", "b"] and cfg.taps == [4, 6, 9] and cfg.level_weights == [1, 2, 3]
     assert build_config(["--unlabeled", "x"], image_size=96).image_size == 96
+    cfg = build_config(["--lr", "2e-3", "steps=1e3", "name=123", "cpu=no"])
+    assert (cfg.lr, cfg.steps, cfg.name, cfg.cpu) == (2e-3, 1000, "123", False)
+    with pytest.raises(ValueError, match="'batch_size' expects type int"):
+        build_config(["batch_size=abc"])
 
 
 def test_unknown_keys_are_named() -> None:
