@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill-classify": ("backbone_kd.clskd.cli", "KD for YOLO-cls classifiers from a YOLO-cls or timm teacher"),
     "convert": ("backbone_kd.convert.cli", "dataset converters (kitti -> YOLO)"),
     "compare": ("backbone_kd.compare", "baseline/teacher/student comparison table and plot"),
+    "pipeline": ("backbone_kd.pipeline", "baseline -> teacher -> KD student -> compare, from one YAML config"),
 }
 
 

@@ -1,0 +1,227 @@
+"""``bkd compare``: one table and plot for baseline / teacher / distilled-student detectors.
+
+Each input is an ultralytics run folder (``results.csv``, ``weights/best.pt``, ``args.yaml``) or a ``.pt`` file::
+
+    bkd compare runs/baseline runs/teacher runs/student --out runs/compare
+    bkd compare runs/baseline student.pt --data data.yaml --names baseline,student
+
+Run folders report the best epoch of ``results.csv`` (the epoch best.pt holds); with ``--data`` every input's weights
+are validated on that dataset instead, so all rows share one benchmark. A ``.pt`` input needs ``--data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from backbone_kd.compare_report import RunResult, to_markdown, write_report
+
+CSV_KEYS = {
+    "map50": "metrics/mAP50(B)",
+    "map50_95": "metrics/mAP50-95(B)",
+    "precision": "metrics/precision(B)",
+    "recall": "metrics/recall(B)",
+}
+
+
+def read_results_csv(path: str | Path) -> dict[str, list[float]]:
+    """Read an ultralytics ``results.csv`` into ``{column: values}``; column names are stripped (older versions pad
+    them with spaces) and empty or unparsable cells become NaN."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise ValueError(f"{path} is empty; is the run still in its first epoch?")
+    header = [h.strip() for h in rows[0]]
+    columns: dict[str, list[float]] = {h: [] for h in header}
+    for row in rows[1:]:
+        for h, cell in zip(header, row):
+            try:
+                columns[h].append(float(cell))
+            except ValueError:
+                columns[h].append(math.nan)
+    return columns
+
+
+def load_run(folder: str | Path, name: str | None = None) -> RunResult:
+    """Metrics of the best epoch (highest mAP50-95) of a run folder, its curves, weights and imgsz from args.yaml.
+
+    Raises:
+        FileNotFoundError: No ``results.csv`` in ``folder``.
+        ValueError: ``results.csv`` lacks the box-metric columns.
+    """
+    folder = Path(folder)
+    csv_path = folder / "results.csv"
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{csv_path} not found; pass an ultralytics run folder (or a .pt with --data)")
+    cols = read_results_csv(csv_path)
+    missing = [k for k in CSV_KEYS.values() if k not in cols]
+    if missing:
+        raise ValueError(f"{csv_path} lacks columns {missing}; only detection runs ((B) metrics) are supported")
+    maps = cols[CSV_KEYS["map50_95"]]
+    epochs = cols.get("epoch") or [float(i + 1) for i in range(len(maps))]
+    scores = [-1.0 if math.isnan(v) else v for v in maps]
+    best = max(range(len(scores)), key=scores.__getitem__) if scores else 0
+    result = RunResult(name=name or folder.name, source=str(folder), epochs=len(maps))
+    if maps:
+        for attr, key in CSV_KEYS.items():
+            setattr(result, attr, cols[key][best])
+        result.metrics_from = f"results.csv epoch {int(epochs[best])}"
+    result.curves = {"epoch": epochs, "map50": cols[CSV_KEYS["map50"]], "map50_95": maps}
+    weights = [folder / "weights" / w for w in ("best.pt", "last.pt")]
+    result.weights = next((str(w) for w in weights if w.is_file()), None)
+    args_file = folder / "args.yaml"
+    if args_file.is_file():
+        imgsz = (yaml.safe_load(args_file.read_text(encoding="utf-8")) or {}).get("imgsz")
+        result.imgsz = int(imgsz) if isinstance(imgsz, (int, float)) else None
+    return result
+
+
+def validate(weights: str, data: str, imgsz: int, batch: int, device: str, project: Path, name: str) -> dict:
+    """``YOLO(weights).val(data=...)``; returns ``{"map50", "map50_95", "precision", "recall"}``."""
+    from ultralytics import YOLO
+
+    metrics = YOLO(weights).val(
+        data=data, imgsz=imgsz, batch=batch, device=device, workers=0, plots=False, verbose=False,
+        project=str(project.resolve()), name=name, exist_ok=True,
+    )  # fmt: skip
+    rd = metrics.results_dict
+    return {attr: float(rd[key]) for attr, key in CSV_KEYS.items()}
+
+
+def model_stats(weights: str, imgsz: int, device: str = "cpu", warmup: int = 3, runs: int = 10) -> dict:
+    """Parameters, GFLOPs at ``imgsz`` and batch-1 forward ms/img of the fused model (``runs=0`` skips timing).
+
+    Returns:
+        ``{"params": int, "gflops": float, "ms_per_img": float | None}``.
+    """
+    import torch
+    from ultralytics import YOLO
+    from ultralytics.utils.torch_utils import get_flops
+
+    model = YOLO(weights).model.float().eval()
+    params = sum(p.numel() for p in model.parameters())
+    gflops = float(get_flops(model, imgsz))
+    ms = None
+    if runs > 0:
+        # fuse a copy (Conv+BN) as predict() does, so the timing matches deployment without altering `model`
+        fused = copy.deepcopy(model).fuse(verbose=False).to(device)
+        x = torch.zeros(1, 3, imgsz, imgsz, device=device)
+        times = []
+        with torch.inference_mode():
+            for i in range(warmup + runs):
+                t0 = time.perf_counter()
+                fused(x)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append((time.perf_counter() - t0) * 1000)
+        ms = statistics.median(times)  # median: robust to other jobs sharing the CPU
+    return {"params": params, "gflops": gflops, "ms_per_img": ms}
+
+
+def _pt_imgsz(weights: str) -> int | None:
+    """Training imgsz stored in an ultralytics checkpoint, if any."""
+    import torch
+
+    ckpt = torch.load(weights, map_location="cpu", weights_only=False)
+    imgsz = (ckpt.get("train_args") or {}).get("imgsz") if isinstance(ckpt, dict) else None
+    return int(imgsz) if isinstance(imgsz, (int, float)) else None
+
+
+def compare(
+    inputs: list[str],
+    out: str | Path = "runs/compare",
+    names: list[str] | None = None,
+    data: str | None = None,
+    imgsz: int | None = None,
+    batch: int = 16,
+    device: str = "cpu",
+    speed_runs: int = 10,
+    warmup: int = 3,
+) -> list[RunResult]:
+    """Collect one :class:`RunResult` per input and write ``comparison.{md,csv,json,png}`` into ``out``.
+
+    Args:
+        inputs: Run folders and/or ``.pt`` files.
+        out: Report folder.
+        names: Row labels (default: folder name / file stem), one per input.
+        data: Dataset YAML to validate every input's weights on; required for ``.pt`` inputs.
+        imgsz: Image size for validation, GFLOPs and timing (default: the run's args.yaml, else 640).
+        batch: Validation batch size.
+        device: ``cpu``, ``0``, ``cuda:0``, ...
+        speed_runs: Timed forward passes per model (0 disables timing); ``warmup`` untimed passes come first.
+
+    Raises:
+        ValueError: Name count mismatch, or a ``.pt`` input without ``data``.
+        FileNotFoundError: An input that is neither a run folder nor an existing ``.pt``.
+    """
+    if names is not None and len(names) != len(inputs):
+        raise ValueError(f"--names has {len(names)} labels for {len(inputs)} inputs; give one per input")
+    device = "cuda:0" if device.isdigit() else device
+    results = []
+    for i, src in enumerate(inputs):
+        path, label = Path(src), names[i] if names else None
+        if path.is_dir():
+            r = load_run(path, label)
+        elif path.suffix == ".pt" and path.is_file():
+            if not data:
+                raise ValueError(f"{src} is a weights file; pass --data DATA.yaml to evaluate it")
+            r = RunResult(name=label or path.stem, source=str(path), weights=str(path), imgsz=_pt_imgsz(str(path)))
+        else:
+            raise FileNotFoundError(f"{src} is neither a run folder nor an existing .pt file")
+        r.imgsz = imgsz or r.imgsz or 640
+        if data and r.weights:
+            vals = validate(r.weights, data, r.imgsz, batch, device, Path(out) / "val", r.name)
+            for attr, v in vals.items():
+                setattr(r, attr, v)
+            r.metrics_from = f"val on {Path(data).name}"
+        if r.weights:
+            stats = model_stats(r.weights, r.imgsz, device, warmup, speed_runs)
+            r.params, r.gflops, r.ms_per_img = stats["params"], stats["gflops"], stats["ms_per_img"]
+        results.append(r)
+    write_report(results, out, device)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """CLI of ``bkd compare``."""
+    p = argparse.ArgumentParser(prog="bkd compare", description=__doc__.split("\n")[0])
+    p.add_argument("inputs", nargs="+", help="ultralytics run folders and/or .pt weights (first row = reference)")
+    p.add_argument("--names", default=None, help="comma-separated row labels, one per input")
+    p.add_argument("--data", default=None, help="dataset YAML: validate every input's weights on it")
+    p.add_argument("--imgsz", type=int, default=None, help="image size (default: run's args.yaml, else 640)")
+    p.add_argument("--batch", type=int, default=16, help="validation batch size (default 16)")
+    p.add_argument("--device", default="cpu", help="device for validation and timing (default cpu)")
+    p.add_argument("--out", default="runs/compare", help="report folder (default runs/compare)")
+    p.add_argument("--speed-runs", type=int, default=10, help="timed forward passes per model; 0 skips timing")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up passes before timing (default 3)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``bkd compare``; prints the Markdown table."""
+    args = build_parser().parse_args(argv)
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    try:
+        results = compare(
+            args.inputs, out=args.out, names=names, data=args.data, imgsz=args.imgsz, batch=args.batch,
+            device=args.device, speed_runs=args.speed_runs, warmup=args.warmup,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as e:
+        print(f"bkd compare: error: {e}", file=sys.stderr)
+        return 2
+    print(to_markdown(results, args.device))
+    print(f"written: {Path(args.out) / 'comparison.md'} (.csv, .json, .png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

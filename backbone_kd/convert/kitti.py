@@ -1,0 +1,271 @@
+"""KITTI ``training/{image_2,label_2}`` -> ultralytics YOLO layout (``images/{train,val}``, ``labels/{train,val}``).
+
+Decisions (documented in the report too):
+- Image size comes from the image header (PIL opens lazily, no pixel decode).
+- Kept classes are ``classes`` (their order gives the YOLO ids) plus ``merge`` sources (``Van=Car``); ``DontCare`` and
+  any other type are dropped and counted per type.
+- Boxes are clipped to the image; a box with no positive area left (fully outside / zero width or height) is dropped
+  and listed with file and line, as is every malformed line. Nothing is dropped silently.
+- Images with no kept box stay as background images with an empty label file (they teach "nothing here").
+- The split hashes each stem (see :func:`split_of`), so it is deterministic and stable when images are added.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from backbone_kd.convert.kitti_labels import (
+    DEFAULT_KITTI_CLASSES,
+    KittiObject,
+    assign_splits,
+    format_yolo_line,
+    kitti_to_yolo_box,
+    parse_kitti_line,
+    parse_merge,
+    split_of,
+)
+from backbone_kd.io_utils import atomic_write, atomic_write_text
+
+__all__ = [
+    "DEFAULT_KITTI_CLASSES",
+    "ConversionReport",
+    "KittiObject",
+    "convert_kitti",
+    "kitti_to_yolo_box",
+    "parse_kitti_line",
+    "split_of",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class Issue:
+    """A label line that was not converted: ``file:line`` plus the offending text and why."""
+
+    file: str
+    line: int
+    text: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}: {self.text!r}"
+
+
+@dataclass
+class ConversionReport:
+    """Counts and issues of one conversion; ``to_dict`` is what ``conversion_report.json`` holds."""
+
+    src: str
+    out: str
+    classes: list[str]
+    merge: dict[str, str]
+    val_fraction: float
+    seed: int
+    symlink: bool
+    data_yaml: str = ""
+    images: Counter = field(default_factory=Counter)  # split -> images written
+    background_images: Counter = field(default_factory=Counter)  # split -> images with an empty label file
+    boxes: dict[str, Counter] = field(default_factory=dict)  # class -> split -> boxes
+    dropped: Counter = field(default_factory=Counter)  # KITTI type -> objects dropped (DontCare / unlisted)
+    merged: Counter = field(default_factory=Counter)  # "Van->Car" -> objects renamed
+    clipped: int = 0
+    degenerate: list[Issue] = field(default_factory=list)
+    malformed: list[Issue] = field(default_factory=list)
+    missing_labels: list[str] = field(default_factory=list)  # images without a label file (kept as background)
+    missing_images: list[str] = field(default_factory=list)  # label files without an image (skipped)
+    unreadable_images: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        # asdict() would rebuild Counters from (key, value) pairs and count the pairs, so convert field by field.
+        d = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "boxes":
+                v = {c: {"train": n["train"], "val": n["val"]} for c, n in v.items()}
+            elif isinstance(v, Counter):
+                v = dict(v)
+            elif f.name in ("degenerate", "malformed"):
+                v = [asdict(i) for i in v]
+            d[f.name] = v
+        return d
+
+    def summary(self, max_issues: int = 10) -> str:
+        """Human-readable summary: per-class box counts per split, then every kind of dropped item."""
+        lines = [f"KITTI -> YOLO: {self.src} -> {self.out}", f"{'class':<16}{'train':>8}{'val':>8}{'total':>8}"]
+        for name in self.classes:
+            c = self.boxes.get(name, Counter())
+            lines.append(f"{name:<16}{c['train']:>8}{c['val']:>8}{c['train'] + c['val']:>8}")
+        im, bg = self.images, self.background_images
+        lines.append(
+            f"images: train {im['train']} val {im['val']} (background, no kept box: {bg['train'] + bg['val']})"
+        )
+        if self.merged:
+            lines.append("merged: " + ", ".join(f"{k} {v}" for k, v in sorted(self.merged.items())))
+        if self.dropped:
+            lines.append("dropped by class: " + ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())))
+        lines.append(f"clipped to image: {self.clipped}; outside/zero-area after clipping: {len(self.degenerate)}")
+        lines.append(f"malformed lines: {len(self.malformed)}")
+        for title, items in (("malformed", self.malformed), ("outside/zero-area", self.degenerate)):
+            lines += [f"  {title}: {i}" for i in items[:max_issues]]
+            if len(items) > max_issues:
+                lines.append(f"  ... {len(items) - max_issues} more {title} in the JSON report")
+        for title, items in (
+            ("images without label file (kept as background)", self.missing_labels),
+            ("label files without image (skipped)", self.missing_images),
+            ("unreadable images (skipped)", self.unreadable_images),
+        ):
+            if items:
+                lines.append(f"{title}: {len(items)}, e.g. {', '.join(items[:5])}")
+        if self.data_yaml:
+            lines.append(f"data YAML: {self.data_yaml}")
+        return "\n".join(lines)
+
+
+def _find_kitti_dirs(src: Path) -> tuple[Path, Path]:
+    """Accept ``KITTI/training`` or the KITTI root that contains it; return ``(image_2, label_2)``."""
+    for base in (src, src / "training"):
+        if (base / "image_2").is_dir() and (base / "label_2").is_dir():
+            return base / "image_2", base / "label_2"
+    raise FileNotFoundError(f"{src} has no image_2/ and label_2/ folders; pass --src KITTI/training")
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    """Refuse a non-empty output folder unless ``force``; with it, remove only our own images/ and labels/ trees."""
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"output folder {out} is not empty; choose a new --out or pass --force to replace it")
+        # Stale files from an earlier conversion (other split/seed) would leak val images into train.
+        for sub in ("images", "labels"):
+            if (out / sub).is_dir():
+                shutil.rmtree(out / sub)
+    for split in ("train", "val"):
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+
+
+def _convert_labels(
+    label_file: Path, size: tuple[int, int], class_ids: dict[str, int], merge: dict[str, str], report: ConversionReport
+) -> list[tuple[str, str]]:
+    """Convert one label file; returns ``[(class_name, yolo_line)]`` and records every dropped object in ``report``."""
+    kept: list[tuple[str, str]] = []
+    text = label_file.read_text(encoding="utf-8", errors="replace")
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue  # blank lines carry no object
+        try:
+            obj = parse_kitti_line(raw)
+        except ValueError as e:
+            report.malformed.append(Issue(label_file.name, lineno, raw.strip(), str(e)))
+            continue
+        name = merge.get(obj.type, obj.type)
+        if name not in class_ids:
+            report.dropped[obj.type] += 1
+            continue
+        if name != obj.type:
+            report.merged[f"{obj.type}->{name}"] += 1
+        box, clipped = kitti_to_yolo_box(obj.bbox, *size)
+        report.clipped += int(clipped and box is not None)
+        if box is None:
+            report.degenerate.append(Issue(label_file.name, lineno, raw.strip(), "no area inside the image"))
+            continue
+        kept.append((name, format_yolo_line(class_ids[name], box)))
+    return kept
+
+
+def convert_kitti(
+    src: str | Path,
+    out: str | Path,
+    classes: Sequence[str] = DEFAULT_KITTI_CLASSES,
+    merge: str | dict[str, str] | None = None,
+    val_fraction: float = 0.1,
+    max_samples: int | None = None,
+    symlink: bool = False,
+    force: bool = False,
+    seed: int = 0,
+) -> ConversionReport:
+    """Convert a KITTI object training set to YOLO format and write ``data.yaml`` and ``conversion_report.json``.
+
+    Args:
+        src: ``KITTI/training`` (holding ``image_2/`` and ``label_2/``) or the KITTI root above it.
+        out: Output folder; must be empty or absent unless ``force``.
+        classes: Kept classes in YOLO id order.
+        merge: Extra KITTI types renamed to a kept class, ``"Van=Car,Person_sitting=Pedestrian"`` or a dict.
+        val_fraction: Expected share of images in val, in ``[0, 1)``; 0 means no val split (val = train in the YAML).
+        max_samples: Convert only the first N image stems in sorted order (quick experiments).
+        symlink: Symlink images (absolute targets) instead of copying them.
+        force: Replace the ``images/`` and ``labels/`` folders of a non-empty ``out``.
+        seed: Salt of the split hash; change it for another deterministic split.
+
+    Returns:
+        The report (also written as ``out/conversion_report.json``).
+
+    Raises:
+        FileNotFoundError: ``src`` lacks ``image_2``/``label_2`` or holds no image.
+        FileExistsError: ``out`` is not empty and ``force`` is False.
+        ValueError: Bad ``classes``, ``merge``, ``val_fraction`` or ``max_samples``.
+    """
+    classes = [c.strip() for c in classes if c.strip()]
+    if not classes or len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be non-empty and unique, got {classes}; e.g. --classes Car,Pedestrian,Cyclist")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    merge_map = parse_merge(merge, classes)
+    src, out = Path(src), Path(out)
+    image_dir, label_dir = _find_kitti_dirs(src)
+    images = {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    if not images:
+        raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {image_dir}")
+    stems = sorted(images)[:max_samples] if max_samples else sorted(images)
+    splits = assign_splits(stems, val_fraction, seed)  # validates val_fraction before anything is written
+    _prepare_out(out, force)
+
+    report = ConversionReport(str(src), str(out), classes, merge_map, val_fraction, seed, symlink)
+    report.boxes = {c: Counter() for c in classes}
+    report.missing_images = sorted(p.name for p in label_dir.glob("*.txt") if p.stem not in images)
+    class_ids = {c: i for i, c in enumerate(classes)}
+    for stem in stems:
+        image, split = images[stem], splits[stem]
+        try:
+            with Image.open(image) as im:  # lazy: reads the header only
+                size = im.size
+        except OSError:
+            report.unreadable_images.append(image.name)
+            continue
+        label_file = label_dir / f"{stem}.txt"
+        if label_file.is_file():
+            kept = _convert_labels(label_file, size, class_ids, merge_map, report)
+        else:
+            report.missing_labels.append(image.name)
+            kept = []
+        for name, _ in kept:
+            report.boxes[name][split] += 1
+        report.images[split] += 1
+        report.background_images[split] += int(not kept)
+        atomic_write_text("".join(line + "\n" for _, line in kept), out / "labels" / split / f"{stem}.txt")
+        dst = out / "images" / split / image.name
+        if symlink:
+            dst.unlink(missing_ok=True)
+            dst.symlink_to(image.resolve())
+        else:
+            atomic_write(dst, lambda p, image=image: shutil.copyfile(image, p))
+
+    data = {
+        "path": str(out.resolve()),
+        "train": "images/train",
+        "val": "images/val" if val_fraction > 0 else "images/train",
+        "names": dict(enumerate(classes)),
+    }
+    report.data_yaml = str(out / "data.yaml")
+    atomic_write_text(yaml.safe_dump(data, sort_keys=False), out / "data.yaml")
+    atomic_write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n", out / "conversion_report.json")
+    return report

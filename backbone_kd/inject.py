@@ -1,0 +1,302 @@
+"""``inject-backbone`` / ``bkd inject``: write a distilled backbone into a YOLO model, verified tensor by tensor.
+
+The output is laid out like ultralytics' stripped release files: the module under ``"model"``, ``"ema": None``
+(``load_checkpoint`` prefers a non-empty ``ema``, which would shadow the injected weights), ``"epoch": -1`` (not
+resumable), ``train_args`` without ``resume``/``pretrained``/``freeze``; provenance under ``ckpt["backbone_kd"]``.
+``YOLO(out).train()`` and ``yolo detect train model=out`` rebuild the model from its yaml and transfer ``ckpt["model"]``
+by key and shape, so every injected tensor reaches the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from backbone_kd.backbone_file import check_backbone_fits, layer_index, read_backbone_file
+from backbone_kd.io_utils import atomic_path
+
+INJECT_FORMAT = "backbone_kd.inject/1"
+
+
+@dataclass
+class InjectReport:
+    """What :func:`inject_backbone` did; ``str(report)`` is a readable summary."""
+
+    out: Path
+    weights: Path
+    into: str
+    tensors_copied: int
+    layers_touched: list[int]
+    untouched_keys: list[str]
+    source_metadata: dict[str, Any]
+    nc: int
+    dtype: str
+    max_cast_error: float = 0.0
+    transferred_into_new_head: int | None = None  # set when the head was rebuilt for another nc
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        meta = self.source_metadata
+        lines = [
+            f"injected {self.tensors_copied} tensors (layers {self.layers_touched[0]}-{self.layers_touched[-1]}) "
+            f"from {self.weights} into {self.into}",
+            f"  teacher: {meta.get('teacher', '?')}, steps: {meta.get('steps', '?')}, "
+            f"run: {meta.get('source_run', '?')}",
+            f"  target: nc={self.nc}, dtype={self.dtype} (max |cast error| {self.max_cast_error:.2e}), "
+            f"{len(self.untouched_keys)} neck/head tensors left as they were",
+        ]
+        if self.transferred_into_new_head is not None:
+            lines.append(f"  head rebuilt for nc={self.nc}: {self.transferred_into_new_head} tensors carried over")
+        lines += [f"  note: {n}" for n in self.notes]
+        lines.append(f"  wrote {self.out} (verified after reload)")
+        return "\n".join(lines)
+
+
+def dataset_classes(data: str | Path) -> tuple[int, dict[int, str]]:
+    """``(nc, names)`` from an ultralytics dataset yaml, without touching (or downloading) its images."""
+    path = Path(data)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset yaml {path} not found; pass --data path/to/dataset.yaml")
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    names = cfg.get("names") or {i: str(i) for i in range(int(cfg.get("nc", 0)))}
+    names = dict(enumerate(names)) if isinstance(names, list) else {int(k): str(v) for k, v in names.items()}
+    if not names:
+        raise ValueError(f"{path} has neither 'names' nor 'nc'; it is not an ultralytics dataset yaml")
+    return len(names), names
+
+
+def _load_target(into: str, nc: int | None) -> tuple[nn.Module, dict[str, Any], int | None]:
+    """``(model, ckpt, transferred)`` from a .pt (EMA if present, dtype kept) or .yaml (fresh fp32, ckpt ``{}``).
+
+    A .pt whose head has another class count is rebuilt for ``nc``; ``transferred`` then counts the carried tensors.
+    """
+    from ultralytics.nn.tasks import DetectionModel, guess_model_task, torch_safe_load, yaml_model_load
+
+    suffix = Path(into).suffix.lower()
+    if suffix == ".pt":
+        if not Path(into).is_file():
+            raise FileNotFoundError(f"--into {into} not found; pass an existing ultralytics .pt or a model .yaml")
+        ckpt, _ = torch_safe_load(into)
+        model = ckpt.get("ema") or ckpt.get("model")  # same preference as ultralytics' load_checkpoint
+        if not isinstance(model, DetectionModel):
+            raise ValueError(f"{into} holds {type(model).__name__}, not an ultralytics detection model")
+    elif suffix in {".yaml", ".yml"}:
+        cfg = yaml_model_load(into)  # resolves names like yolov8n.yaml from ultralytics' bundled configs
+        if guess_model_task(cfg) != "detect":
+            raise ValueError(f"{into} is not a detection model yaml (task {guess_model_task(cfg)!r})")
+        return DetectionModel(cfg, nc=nc, verbose=False), {}, None
+    else:
+        raise ValueError(f"--into {into} must be an ultralytics .pt checkpoint or a model .yaml")
+    if nc is None or nc == model.model[-1].nc:
+        return model, ckpt, None
+    # New class count: rebuild from the model's own yaml and carry over every tensor whose key and shape still match.
+    dtype = next(model.parameters()).dtype
+    new = type(model)(copy.deepcopy(model.yaml), ch=model.yaml.get("channels", 3), nc=nc, verbose=False)
+    new_sd, old_sd = new.state_dict(), model.state_dict()
+    keep = {k: v for k, v in old_sd.items() if k in new_sd and new_sd[k].shape == v.shape}
+    new.load_state_dict(keep, strict=False)
+    return new.to(dtype), ckpt, len(keep)
+
+
+def _train_args(ckpt: dict[str, Any], model: nn.Module, into: str, data: str | None, rebuilt: bool) -> dict[str, Any]:
+    """``train_args`` for the output: the input's (known keys only), minus anything that would steer a new training."""
+    from ultralytics.nn.tasks import guess_model_task
+    from ultralytics.utils import DEFAULT_CFG_KEYS
+
+    args = {k: v for k, v in (ckpt.get("train_args") or {}).items() if k in DEFAULT_CFG_KEYS}
+    for key in ("resume", "pretrained", "freeze"):  # would re-route or silently alter the next training
+        args.pop(key, None)
+    if rebuilt:
+        args.pop("data", None)  # the old dataset has another class count
+    if data is not None:
+        args["data"] = str(data)
+    args.update(model=str(into), task=guess_model_task(model))
+    return args
+
+
+def inject_backbone(
+    weights: str | Path,
+    into: str | Path,
+    out: str | Path | None = None,
+    *,
+    nc: int | None = None,
+    data: str | Path | None = None,
+    force: bool = False,
+    verbose: bool = True,
+) -> InjectReport:
+    """Copy a backbone export into a YOLO model and save it as an ultralytics checkpoint.
+
+    Args:
+        weights: ``backbone.safetensors`` written by :func:`backbone_kd.backbone_file.write_backbone_file`.
+        into: Ultralytics ``.pt`` (release file or training checkpoint; its EMA is used when present) or model
+            ``.yaml`` (fresh model).
+        out: Output ``.pt``; default ``<into stem>-distilled.pt`` beside ``weights``. Never one of the inputs.
+        nc: Class count for the head; a different count rebuilds the head (backbone and matching tensors kept).
+        data: Dataset yaml; its ``nc`` and ``names`` are used (and must agree with ``nc`` if both are given).
+        force: Overwrite an existing ``out``.
+        verbose: Print the report.
+
+    Raises:
+        FileNotFoundError: an input does not exist.
+        FileExistsError: ``out`` exists and ``force`` is False.
+        ValueError: the file is not a backbone export or does not fit the target (names the first bad key and
+            both shapes); nothing is written.
+    """
+    from ultralytics import __version__ as ul_version
+
+    from backbone_kd import __version__
+
+    weights, into = Path(weights), str(into)
+    out = Path(out) if out is not None else weights.parent / f"{Path(into).stem}-distilled.pt"
+    if out.suffix != ".pt":
+        raise ValueError(f"--out {out} must end with .pt so that ultralytics can load it")
+    if out.resolve() in {weights.resolve(), Path(into).resolve()}:
+        raise ValueError(f"--out {out} would overwrite an input; choose another output path")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite it")
+    tensors, meta = read_backbone_file(weights)
+    names = None
+    if data is not None:
+        data_nc, names = dataset_classes(data)
+        if nc is not None and nc != data_nc:
+            raise ValueError(f"--nc {nc} disagrees with {data} (nc={data_nc}); pass only one of them")
+        nc = data_nc
+    if nc is not None and nc < 1:
+        raise ValueError(f"--nc must be a positive class count, got {nc}")
+    model, ckpt, transferred = _load_target(into, nc)  # architecture and dtype of the target decide the fit
+    target_sd = model.state_dict()
+    check_backbone_fits(tensors, target_sd, weights, into)
+
+    with torch.no_grad():
+        for key, value in tensors.items():
+            target_sd[key].copy_(value)  # copy_ casts to the target dtype (fp16 in ultralytics .pt files)
+    expected = {k: v.to(target_sd[k].dtype) for k, v in tensors.items()}
+    cast_err = max((v.double() - expected[k].double()).abs().max().item() for k, v in tensors.items())
+    _verify(model.state_dict(), expected, "after injection")
+    model.names = names or model.names
+    model.args = _train_args(ckpt, model, into, None if data is None else str(data), transferred is not None)
+    model.criterion = None  # training-only state, stripped as ultralytics does
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    layers, n_target = sorted({layer_index(k) for k in tensors}), len(model.yaml["backbone"])
+    notes = [] if layers == list(range(n_target)) else [f"file has layers {layers}; target backbone: {n_target}"]
+    now = datetime.now().astimezone().isoformat(timespec="seconds")
+    provenance = {
+        "format": INJECT_FORMAT,
+        "injected": now,
+        "backbone_kd_version": __version__,
+        "backbone_file": str(weights.resolve()),
+        "backbone_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "into": into,
+        "nc": int(model.model[-1].nc),
+        "tensors_copied": len(tensors),
+        "layers": layers,
+        "head_rebuilt": transferred is not None,
+        "source": meta,
+    }
+    out_ckpt = {
+        "date": now,
+        "version": ul_version,
+        "license": "AGPL-3.0 License (https://ultralytics.com/license)",
+        **dict.fromkeys(("ema", "optimizer", "best_fitness", "updates", "modelopt")),
+        "epoch": -1,
+        "model": model,
+        "train_args": dict(model.args),
+        "backbone_kd": provenance,
+    }
+    with atomic_path(out, overwrite=True) as tmp:
+        torch.save(out_ckpt, tmp)
+        saved = torch.load(tmp, map_location="cpu", weights_only=False)  # verify what will be on disk, then rename
+        _verify(saved["model"].state_dict(), expected, f"in the written file {out}")
+
+    report = InjectReport(
+        out=out,
+        weights=weights,
+        into=into,
+        tensors_copied=len(tensors),
+        layers_touched=layers,
+        untouched_keys=[k for k in target_sd if k not in tensors],
+        source_metadata=meta,
+        nc=int(model.model[-1].nc),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        max_cast_error=cast_err,
+        transferred_into_new_head=transferred,
+        notes=notes,
+    )
+    if verbose:
+        print(report)
+    return report
+
+
+def _verify(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
+    for key, value in expected.items():
+        if key not in actual or not torch.equal(actual[key], value):
+            raise ValueError(f"verification failed {where}: tensor {key!r} differs from the backbone file")
+
+
+def _fmt(key: str, value: Any) -> str:
+    if key == "student_yaml" and isinstance(value, dict):
+        value = f"{value.get('yaml_file', '?')} (scale {value.get('scale', '?')}, nc {value.get('nc', '?')})"
+    elif isinstance(value, (dict, list)):
+        value = json.dumps(value)
+    return f"  {key}: {value}"
+
+
+def describe(path: str | Path) -> str:
+    """Provenance of a backbone file (``.safetensors``) or of a checkpoint written by :func:`inject_backbone`."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        tensors, meta = read_backbone_file(path)
+        return "\n".join(
+            [f"{path}: backbone export, {len(tensors)} tensors"] + [_fmt(k, v) for k, v in sorted(meta.items())]
+        )
+    if path.suffix != ".pt" or not path.is_file():
+        raise FileNotFoundError(f"--info {path}: pass an existing backbone .safetensors or a .pt checkpoint")
+    from ultralytics.nn.tasks import torch_safe_load
+
+    ckpt, _ = torch_safe_load(path)
+    model = ckpt.get("ema") or ckpt.get("model")
+    yaml_file, nc = getattr(model, "yaml", {}).get("yaml_file", "?"), getattr(model, "yaml", {}).get("nc", "?")
+    head = [f"{path}: ultralytics {ckpt.get('version', '?')} checkpoint, model {yaml_file}, nc {nc}"]
+    prov = ckpt.get("backbone_kd")
+    if not prov:
+        return "\n".join([*head, "  no backbone_kd provenance (no backbone was injected by backbone_kd)"])
+    source = prov.get("source", {})
+    lines = [*head, "backbone_kd provenance:"] + [_fmt(k, v) for k, v in prov.items() if k != "source"]
+    return "\n".join([*lines, "source backbone metadata:"] + [_fmt(k, v) for k, v in source.items()])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``inject-backbone`` / ``bkd inject``."""
+    parser = argparse.ArgumentParser(prog="inject-backbone", description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", help="backbone.safetensors from bkd pretrain")
+    parser.add_argument("--into", help="ultralytics .pt (release or training checkpoint) or model .yaml")
+    parser.add_argument("--out", help="output .pt (default: <into stem>-distilled.pt beside --weights)")
+    parser.add_argument("--nc", type=int, help="class count of the head (rebuilds the head if it differs)")
+    parser.add_argument("--data", help="dataset yaml: take nc and names from it")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    parser.add_argument("--info", metavar="FILE", help="show the provenance stored in a .pt or backbone file and exit")
+    args = parser.parse_args(argv)
+    try:
+        if args.info:
+            print(describe(args.info))
+            return 0
+        if not args.weights or not args.into:
+            parser.error("--weights and --into are required (or use --info FILE)")
+        inject_backbone(args.weights, args.into, args.out, nc=args.nc, data=args.data, force=args.force)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"inject-backbone: error: {e}", file=sys.stderr)
+        return 1
+    return 0
