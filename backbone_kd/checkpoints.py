@@ -82,7 +82,8 @@ def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise FileNotFoundError(
-                f"--resume: no checkpoint in {run_dir}/checkpoints; pass --name of the run to resume or a checkpoint path"
+                f"--resume: no checkpoint in {run_dir}/checkpoints; "
+                "pass --name of the run to resume or a checkpoint path"
             )
         return ckpt
     path = Path(str(resume))

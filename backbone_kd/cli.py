@@ -11,7 +11,10 @@ import sys
 
 # name -> (module, one-line help). Each module exposes ``main(argv: list[str] | None = None) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "pretrain": ("backbone_kd.pretrain_cli", "stage 1: distil a ViT/CNN teacher into a YOLO backbone on unlabeled images"),
+    "pretrain": (
+        "backbone_kd.pretrain_cli",
+        "stage 1: distil a ViT/CNN teacher into a YOLO backbone on unlabeled images",
+    ),
     "inject": ("backbone_kd.inject", "write a distilled backbone into a YOLO .pt/.yaml model (verified)"),
     "finetune": ("backbone_kd.finetune", "ordinary ultralytics fine-tuning from an injected model"),
     "demo": ("backbone_kd.demo", "pretrain -> inject -> fine-tune on a small bundled image set (install check)"),

@@ -52,8 +52,9 @@ def make_shapes_dataset(root: Path, n_train: int = 32, n_val: int = 8, size: int
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; ``--out`` (default ``runs/demo``) receives every artifact."""
-    parser = argparse.ArgumentParser(prog="bkd demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bkd demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="runs/demo", help="folder for the dataset, weights and runs")
     parser.add_argument("--steps", type=int, default=20, help="stage-1 optimizer steps")
     parser.add_argument("--imgsz", type=int, default=128, help="image size for both stages (multiple of 32)")
@@ -67,33 +68,64 @@ def main(argv: list[str] | None = None) -> int:
     online = not args.offline and hub_reachable()
     overrides = {"teacher": "vit_small_patch14_dinov2.lvd142m", "teacher_pretrained": online}
     if not online:
-        print(f"\n{BANNER}\nOFFLINE: the model hub is unreachable, so the teacher is a RANDOM-INIT ViT-S/14.\n"
-              "This run is an install check of every code path; its backbone is NOT useful. For real pretraining\n"
-              "pass --teacher-weights dinov2_vits14_pretrain.pth to `bkd pretrain`.\n" + BANNER + "\n")
+        print(
+            f"\n{BANNER}\nOFFLINE: the model hub is unreachable, so the teacher is a RANDOM-INIT ViT-S/14.\n"
+            "This run is an install check of every code path; its backbone is NOT useful. For real pretraining\n"
+            "pass --teacher-weights dinov2_vits14_pretrain.pth to `bkd pretrain`.\n" + BANNER + "\n"
+        )
     from backbone_kd.config import build_config
     from backbone_kd.pretrain import pretrain
 
-    cfg = build_config([], unlabeled=[str(out / "shapes" / "images" / "train")], output=str(out), name="pretrain",
-                       exist_ok=True, image_size=args.imgsz, batch_size=8, steps=args.steps, workers=0,
-                       log_every=5, save_every=0, warmup_steps=2, **overrides)
+    cfg = build_config(
+        [],
+        unlabeled=[str(out / "shapes" / "images" / "train")],
+        output=str(out),
+        name="pretrain",
+        exist_ok=True,
+        image_size=args.imgsz,
+        batch_size=8,
+        steps=args.steps,
+        workers=0,
+        log_every=5,
+        save_every=0,
+        warmup_steps=2,
+        **overrides,
+    )
     run_dir = pretrain(cfg)
     print(f"[1/3] stage 1 done: {run_dir / 'backbone.safetensors'}")
 
     from backbone_kd.inject import inject_backbone
 
     injected = out / "yolov8n-distilled.pt"
-    report = inject_backbone(run_dir / "backbone.safetensors", "yolov8n.yaml", out=injected, data=str(data_yaml),
-                             force=True, verbose=False)
+    report = inject_backbone(
+        run_dir / "backbone.safetensors", "yolov8n.yaml", out=injected, data=str(data_yaml), force=True, verbose=False
+    )
     print(f"[2/3] injected: {report.tensors_copied} tensors -> {injected}")
 
     from backbone_kd.finetune import finetune
 
-    finetune(str(injected), data=str(data_yaml), epochs=args.epochs, imgsz=args.imgsz, batch=8, workers=0,
-             device="cpu", project=str(out / "finetune"), name="train", exist_ok=True, plots=False,
-             optimizer="AdamW", lr0=1e-3, nbs=8, verbose=False)
+    finetune(
+        str(injected),
+        data=str(data_yaml),
+        epochs=args.epochs,
+        imgsz=args.imgsz,
+        batch=8,
+        workers=0,
+        device="cpu",
+        project=str(out / "finetune"),
+        name="train",
+        exist_ok=True,
+        plots=False,
+        optimizer="AdamW",
+        lr0=1e-3,
+        nbs=8,
+        verbose=False,
+    )
     print(f"[3/3] fine-tuned: {out / 'finetune' / 'train' / 'weights' / 'last.pt'}")
-    print(f"\nartifacts under {out}:\n  stage 1 run     {run_dir}\n  injected model  {injected}\n"
-          f"  fine-tune run   {out / 'finetune' / 'train'}")
+    print(
+        f"\nartifacts under {out}:\n  stage 1 run     {run_dir}\n  injected model  {injected}\n"
+        f"  fine-tune run   {out / 'finetune' / 'train'}"
+    )
     if not online:
         print("reminder: the teacher was random-init (offline); see the banner above.")
     return 0

@@ -31,7 +31,9 @@ def pair_levels(student_strides: list[int], teacher_strides: list[int]) -> list[
     )
 
 
-def align(student: torch.Tensor, teacher: torch.Tensor, mode: str = "student_to_teacher") -> tuple[torch.Tensor, torch.Tensor]:
+def align(
+    student: torch.Tensor, teacher: torch.Tensor, mode: str = "student_to_teacher"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize one map so both share a grid (bilinear).
 
     Args:
@@ -112,7 +114,8 @@ class DistillationLoss(nn.Module):
         """Args: projected student maps [(B, D, h_i, w_i)], teacher maps [(B, D, h, w)], globals (B, D_g).
 
         Returns:
-            (scalar loss, detached per-term logs: ``loss_<level>``, ``cos_<level>``, ``l1_<level>``, ``loss_global``, ``loss``).
+            (scalar loss, detached per-term logs: ``loss_<level>``, ``cos_<level>``, ``l1_<level>``,
+            ``loss_global``, ``loss``).
         """
         total = student[0].new_zeros((), dtype=torch.float32)
         logs: dict[str, torch.Tensor] = {}

@@ -79,7 +79,9 @@ def _read_manifest(path: Path) -> list[str]:
     elif isinstance(data, list):
         entries, base = data, path.parent
     if entries is None:
-        raise ValueError(f"{path}: a manifest needs a list under one of the keys {MANIFEST_KEYS}, e.g. 'unlabeled: [imgs/]'")
+        raise ValueError(
+            f"{path}: a manifest needs a list under one of the keys {MANIFEST_KEYS}, e.g. 'unlabeled: [imgs/]'"
+        )
     if isinstance(entries, str):
         entries = [entries]
     base = base if base.is_absolute() else path.parent / base
@@ -103,7 +105,9 @@ def _expand(source: str, depth: int) -> list[str]:
     if glob.has_magic(source):
         matches = sorted(glob.glob(os.path.expanduser(source), recursive=True))
         return [p for m in matches for p in (_walk_images(Path(m)) if Path(m).is_dir() else [m])]
-    raise FileNotFoundError(f"unlabeled source {source!r} does not exist (give a folder, image, glob, .txt list or .yaml)")
+    raise FileNotFoundError(
+        f"unlabeled source {source!r} does not exist (give a folder, image, glob, .txt list or .yaml)"
+    )
 
 
 def resolve_image_sources(sources: str | Sequence[str]) -> PathList:

@@ -27,7 +27,9 @@ def load_yolo_model(spec: str | Path, nc: int | None = None, verbose: bool = Fal
     spec = str(spec)
     if spec.endswith(".pt"):
         if not Path(spec).is_file():
-            raise FileNotFoundError(f"student checkpoint {spec} not found; give a .pt path or a model yaml like yolov8n.yaml")
+            raise FileNotFoundError(
+                f"student checkpoint {spec} not found; give a .pt path or a model yaml like yolov8n.yaml"
+            )
         model, _ = load_checkpoint(spec)
     elif spec.endswith((".yaml", ".yml")):
         model = DetectionModel(spec, nc=nc, verbose=verbose)

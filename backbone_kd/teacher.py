@@ -154,7 +154,13 @@ def build_teacher(
         return _named(ViTTeacher(model, last_k=last_k, indices=indices), name)
     out_indices = tuple(indices) if indices else (-3, -2, -1)
     model = create_timm_model(
-        name, weights=weights, pretrained=pretrained, image_size=None, features_only=True, out_indices=out_indices, **kwargs
+        name,
+        weights=weights,
+        pretrained=pretrained,
+        image_size=None,
+        features_only=True,
+        out_indices=out_indices,
+        **kwargs,
     )
     return _named(TimmCNNTeacher(model), name)
 

@@ -68,11 +68,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_teacher_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local weights file into ``model`` and fail loudly if any backbone tensor is missing or mismatched."""
     state = read_state_dict(path)
-    filter_fn = getattr(__import__(type(model).__module__, fromlist=["checkpoint_filter_fn"]), "checkpoint_filter_fn", None)
+    filter_fn = getattr(
+        __import__(type(model).__module__, fromlist=["checkpoint_filter_fn"]), "checkpoint_filter_fn", None
+    )
     if filter_fn is not None:
         state = filter_fn(state, model)  # timm's own converter: official DINOv2 layout, pos-embed resampling
     own = model.state_dict()
-    shape_errors = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and own[k].shape != v.shape]
+    shape_errors = [
+        (k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and own[k].shape != v.shape
+    ]
     if shape_errors:
         k, got, want = shape_errors[0]
         raise ValueError(f"{path}: tensor {k} has shape {got} but the teacher expects {want}; wrong --teacher model?")
@@ -85,7 +89,9 @@ def load_teacher_weights(model: nn.Module, path: str | Path) -> None:
         )
     unexpected = [k for k in result.unexpected_keys if not k.startswith(IGNORABLE_PREFIXES)]
     if unexpected:
-        LOGGER.warning("%s: ignored %d tensors the teacher does not use (first: %s)", path, len(unexpected), unexpected[0])
+        LOGGER.warning(
+            "%s: ignored %d tensors the teacher does not use (first: %s)", path, len(unexpected), unexpected[0]
+        )
 
 
 def create_timm_model(

@@ -28,7 +28,9 @@ def shared() -> Path:
     return path
 
 
-def make_images(folder: Path, n: int, size: tuple[int, int] = (96, 72), seed: int = 0, suffix: str = ".jpg") -> list[Path]:
+def make_images(
+    folder: Path, n: int, size: tuple[int, int] = (96, 72), seed: int = 0, suffix: str = ".jpg"
+) -> list[Path]:
     """Write ``n`` random RGB images (w, h = size, slightly varying) into ``folder``."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -52,9 +54,17 @@ def image_dir(tmp_path: Path) -> Path:
 def tiny_pretrain_args(image_dir: Path, output: Path, **extra) -> list[str]:
     """CLI arguments for a fast CPU pretraining run with the tiny ViT teacher and a real yolov8n.yaml student."""
     args = {
-        "unlabeled": str(image_dir), "output": str(output), "teacher": TINY_VIT, "teacher_pretrained": "false",
-        "teacher_kwargs": "{depth: 2, embed_dim: 48, num_heads: 2}", "image_size": 64, "batch_size": 4,
-        "workers": 0, "log_every": 1, "tensorboard": "false", "steps": 3,
+        "unlabeled": str(image_dir),
+        "output": str(output),
+        "teacher": TINY_VIT,
+        "teacher_pretrained": "false",
+        "teacher_kwargs": "{depth: 2, embed_dim: 48, num_heads: 2}",
+        "image_size": 64,
+        "batch_size": 4,
+        "workers": 0,
+        "log_every": 1,
+        "tensorboard": "false",
+        "steps": 3,
     }
     args.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in args.items()]

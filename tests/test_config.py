@@ -10,8 +10,22 @@ def test_precedence_and_syntaxes(tmp_path) -> None:
     base.write_text("image_size: 448\nlr: 0.002\n")
     child = tmp_path / "child.yaml"
     child.write_text("_base_: base.yaml\nbatch_size: 8\n")
-    cfg = build_config(["--config", str(child), "lr=0.01", "--unlabeled", "a", "b", "--cpu",
-                        "--taps=[4,6,9]", "--level-weights", "1", "2", "3"])
+    cfg = build_config(
+        [
+            "--config",
+            str(child),
+            "lr=0.01",
+            "--unlabeled",
+            "a",
+            "b",
+            "--cpu",
+            "--taps=[4,6,9]",
+            "--level-weights",
+            "1",
+            "2",
+            "3",
+        ]
+    )
     assert (cfg.image_size, cfg.batch_size, cfg.lr, cfg.cpu) == (448, 8, 0.01, True)
     assert cfg.unlabeled == ["a", "b"] and cfg.taps == [4, 6, 9] and cfg.level_weights == [1, 2, 3]
     assert build_config(["--unlabeled", "x"], image_size=96).image_size == 96

@@ -38,7 +38,9 @@ def test_pairing() -> None:
 
 def test_distillation_loss_levels_weights_and_terms() -> None:
     t = [torch.randn(2, 12, 4, 4)]
-    crit = DistillationLoss([1, 1, 2], [0, 0, 0], smooth_l1_weight=0.5, global_weight=1.0, level_names=["p3", "p4", "p5"])
+    crit = DistillationLoss(
+        [1, 1, 2], [0, 0, 0], smooth_l1_weight=0.5, global_weight=1.0, level_names=["p3", "p4", "p5"]
+    )
     student = [torch.randn(2, 12, 16, 16, requires_grad=True), torch.randn(2, 12, 8, 8), torch.randn(2, 12, 4, 4)]
     g = torch.randn(2, 12)
     total, logs = crit(student, t, g, g)

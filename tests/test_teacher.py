@@ -68,7 +68,8 @@ def test_official_dinov2_checkpoint_layout_loads(tmp_path, name: str) -> None:
     assert torch.allclose(t.encode(x)[0][0], ref, atol=1e-5)
     # The same file also serves other resolutions (position embeddings resampled once at load).
     assert build_teacher(name, weights=str(path), image_size=112, model_kwargs=TINY_VIT_KWARGS).encode(
-        torch.rand(1, 3, 112, 112))[0][0].shape == (1, 48, 8, 8)
+        torch.rand(1, 3, 112, 112)
+    )[0][0].shape == (1, 48, 8, 8)
 
 
 def test_giant_swiglu_keys_and_safetensors(tmp_path) -> None:
@@ -81,7 +82,9 @@ def test_giant_swiglu_keys_and_safetensors(tmp_path) -> None:
     x = torch.rand(1, 3, 28, 28)
     assert torch.allclose(t.encode(x)[0][0], ViTTeacher(src.eval()).encode(x)[0][0], atol=1e-5)
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "g.safetensors"))
-    t2 = build_teacher("vit_giant_patch14_dinov2", weights=str(tmp_path / "g.safetensors"), image_size=28, model_kwargs=kw)
+    t2 = build_teacher(
+        "vit_giant_patch14_dinov2", weights=str(tmp_path / "g.safetensors"), image_size=28, model_kwargs=kw
+    )
     assert torch.allclose(t2.encode(x)[0][0], t.encode(x)[0][0], atol=1e-5)
 
 
@@ -93,8 +96,12 @@ def test_wrong_weights_are_refused(tmp_path) -> None:
         build_teacher(TINY_VIT, weights=str(tmp_path / "partial.pth"), image_size=56, model_kwargs=TINY_VIT_KWARGS)
     torch.save(state, tmp_path / "full.pth")
     with pytest.raises(ValueError, match="shape"):
-        build_teacher(TINY_VIT, weights=str(tmp_path / "full.pth"), image_size=56,
-                      model_kwargs={**TINY_VIT_KWARGS, "embed_dim": 64})
+        build_teacher(
+            TINY_VIT,
+            weights=str(tmp_path / "full.pth"),
+            image_size=56,
+            model_kwargs={**TINY_VIT_KWARGS, "embed_dim": 64},
+        )
     with pytest.raises(FileNotFoundError):
         build_teacher(TINY_VIT, weights=str(tmp_path / "nope.pth"), image_size=56)
 

@@ -1,0 +1,90 @@
+"""``bkd distill-classify``: ultralytics-style ``key=value`` arguments; every ultralytics train argument passes through.
+
+Example:
+    bkd distill-classify model=yolo11n-cls.yaml teacher=teacher-cls.pt data=path/to/folder epochs=30 imgsz=64
+    bkd distill-classify model=yolo11n-cls.yaml teacher=timm:resnet18 teacher_weights=r18_ft.pth \
+        teacher_classes=names.txt data=path/to/folder feat_weight=1 at_weight=1
+    bkd distill-classify resume=runs/classify/train/weights/last.pt   # teacher/config come from kd_state.pt
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import yaml
+
+USAGE = """usage: bkd distill-classify model=STUDENT teacher=TEACHER data=FOLDER [key=value ...]
+
+KD keys (everything else goes to ultralytics' trainer, e.g. epochs= imgsz= batch= optimizer= lr0= amp= device=):
+  teacher=PATH|timm:NAME  frozen teacher: YOLO -cls .pt (same classes), *-cls.yaml (random, mechanics only),
+                          or any timm classifier (needs teacher_classes=)
+  teacher_weights=FILE    timm: local checkpoint (.pth/.safetensors) trained on the dataset's classes
+  teacher_pretrained=B    timm: fetch timm's pretrained weights (default true; offline -> clear error); false = random
+  teacher_classes=F|N     timm: names file (one per line, teacher output order; or YAML 'names') or class count
+  teacher_imgsz=N         resize batches to N for the teacher (default: student size; ViTs need their own size)
+  alpha=1 beta=1 T=4      loss = beta*CE + alpha*T^2*KL(teacher/T || student/T) + feat + at
+  feat_weight=0 feat_loss=mse|cosine   feature distillation through learned 1x1 adapters (0 = off)
+  at_weight=0             attention transfer (spatial attention maps) on the same layer pairs (0 = off)
+  student_layers=4,6 teacher_layers=4,6   layer pairs (timm: module names or feature_info indices);
+                          default: last backbone layer of each
+  resume=LAST.pt          resume; teacher/KD config/adapters come from weights/kd_state.pt
+"""
+
+RAW_KEYS = {"model", "data", "teacher", "teacher_weights", "project", "name", "resume"}
+
+
+def parse_args(argv: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` tokens (values with YAML rules, paths kept as text); a bare ``resume`` means True."""
+    out: dict[str, Any] = {}
+    for tok in argv:
+        if "=" not in tok:
+            if tok == "resume":
+                out["resume"] = True
+                continue
+            raise ValueError(f"argument {tok!r} is not key=value; see bkd distill-classify --help")
+        key, value = (s.strip() for s in tok.split("=", 1))
+        if key == "resume" and value.lower() in {"true", "false"}:
+            out[key] = value.lower() == "true"  # resume=True: ultralytics picks the latest run's last.pt
+            continue
+        if key in RAW_KEYS:
+            out[key] = value
+            continue
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run KD training from command-line tokens; returns an exit code (2 for usage errors)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(USAGE)
+        return 0
+    try:
+        args = parse_args(argv)
+    except ValueError as e:
+        print(f"bkd distill-classify: {e}", file=sys.stderr)
+        return 2
+    resume = args.get("resume")
+    if "model" not in args and not resume:
+        print("bkd distill-classify: model= is required (student .pt or -cls.yaml)\n\n" + USAGE, file=sys.stderr)
+        return 2
+    if isinstance(resume, str) and "model" not in args:
+        args["model"] = resume
+    from backbone_kd.clskd.trainer import DistillationClassificationTrainer
+
+    try:
+        trainer = DistillationClassificationTrainer(overrides={"mode": "train", **args})
+    except (ValueError, FileNotFoundError) as e:
+        print(f"bkd distill-classify: {e}", file=sys.stderr)
+        return 2
+    trainer.train()
+    print(f"results: {trainer.save_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
