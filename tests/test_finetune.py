@@ -152,3 +152,19 @@ def test_main_end_to_end(setup):
     argv = [f"model={setup['out']}", f"data={setup['data']}", f"project={project}", "name=main"]
     assert main(argv + [f"{k}={v}" for k, v in TRAIN.items()] + ["--freeze-backbone", "1"]) == 0
     assert (project / "main" / "weights" / "last.pt").is_file()
+
+
+def test_injected_model_exports_to_onnx(setup):
+    """The last step of the README path: an injected model exports to ONNX and runs in onnxruntime."""
+    pytest.importorskip("onnx", reason="pip install -e '.[export]'")
+    ort = pytest.importorskip("onnxruntime", reason="pip install -e '.[export]'")
+    from ultralytics import YOLO
+
+    model_pt = setup["root"] / "export" / "injected.pt"
+    model_pt.parent.mkdir(exist_ok=True)
+    shutil.copy(setup["out"], model_pt)  # export writes beside its input: keep the shared fixture file clean
+    onnx_file = Path(YOLO(str(model_pt)).export(format="onnx", imgsz=64, simplify=False, verbose=False))
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, 64, 64), np.float32)})
+    # (1, 4 box + nc, anchors): 8x8 + 4x4 + 2x2 anchors at strides 8/16/32 for a 64 px input, nc = 2.
+    assert out.shape == (1, 4 + 2, 84)
