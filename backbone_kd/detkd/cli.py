@@ -1,0 +1,69 @@
+"""``bkd distill-detect``: ultralytics-style ``key=value`` arguments; every ultralytics train argument passes through.
+
+Example:
+    bkd distill-detect model=student.pt teacher=yolov8m_ft.pt data=coco128.yaml epochs=100 kd=cls,dfl,cwd
+    bkd distill-detect model=yolov8n.yaml teacher=t.pt data=d.yaml recipe=response_pseudo recipe.losses.pseudo.conf=0.3
+    bkd distill-detect resume=runs/detect/train/weights/last.pt      # teacher/recipe come from kd_state.pt
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: bkd distill-detect model=STUDENT teacher=TEACHER.pt data=DATA.yaml [key=value ...]
+
+KD keys (everything else goes to ultralytics' trainer, e.g. epochs= imgsz= batch= optimizer= lr0= freeze= amp=):
+  teacher=PATH         frozen YOLO teacher (.pt, same classes and strides as the student)
+  recipe=NAME|PATH     configs/detkd/<NAME>.yaml or any YAML (default: built-in default recipe)
+  kd=cls,dfl,cwd       enabled terms: cls dfl box pseudo (response), cos l2 cwd mgd at (features); kd=none: off
+  kd_weight=F det_weight=F kd_warmup=EPOCHS kd_anchors=teacher|student|all|uniform kd_max_norm=F
+  recipe.a.b.c=VALUE   any recipe field, e.g. recipe.losses.cls.temperature=2
+  resume=LAST.pt       resume; teacher/recipe/adapters come from weights/kd_state.pt
+"""
+
+# paths and names stay verbatim: YAML would turn name=001 into 1 or a file named "yes" into True
+STRING_KEYS = frozenset({"kd", "teacher", "model", "data", "recipe", "name", "project"})
+
+
+def parse_args(argv: list[str]) -> dict:
+    """Parse ``key=value`` tokens (values with YAML rules); ``resume`` alone means resume=True."""
+    from backbone_kd.detkd.recipe import parse_value
+
+    out: dict = {}
+    for tok in argv:
+        if "=" not in tok:
+            if tok == "resume":
+                out["resume"] = True
+                continue
+            raise ValueError(f"argument {tok!r} is not key=value; see bkd distill-detect --help")
+        k, v = tok.split("=", 1)
+        out[k.strip()] = v if k.strip() in STRING_KEYS else parse_value(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run KD fine-tuning from command-line tokens; returns an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(USAGE)
+        return 0
+    try:
+        args = parse_args(argv)
+    except ValueError as e:
+        print(f"bkd distill-detect: {e}", file=sys.stderr)
+        return 2
+    from backbone_kd.detkd.trainer import DistillationDetectionTrainer
+
+    if "model" not in args and not args.get("resume"):
+        print("bkd distill-detect: model= is required (student .pt or .yaml)\n\n" + USAGE, file=sys.stderr)
+        return 2
+    if isinstance(args.get("resume"), str) and "model" not in args:
+        args["model"] = args["resume"]
+    trainer = DistillationDetectionTrainer(overrides={"task": "detect", "mode": "train", **args})
+    trainer.train()
+    print(f"results: {trainer.save_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The student's loss: ultralytics' detection loss plus every enabled KD term, each its own loss item / column."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils.loss import v8DetectionLoss
+from ultralytics.utils.metrics import bbox_iou
+from ultralytics.utils.nms import non_max_suppression
+from ultralytics.utils.ops import xyxy2xywh
+from ultralytics.utils.tal import make_anchors
+
+from backbone_kd.detkd import losses_feature as lf
+from backbone_kd.detkd import losses_response as lr
+from backbone_kd.detkd.recipe import FEATURE_LOSSES
+from backbone_kd.detkd.teacher import KDLink, detect_head, head_dict
+
+# column name(s) of each term in the progress bar and results.csv (<= 11 characters, the bar's column width)
+COLUMNS = {
+    "cls": ("kd_cls",),
+    "dfl": ("kd_dfl",),
+    "box": ("kd_box",),
+    "pseudo": ("pl_ciou", "pl_kl"),
+    "cos": ("f_cos",),
+    "l2": ("f_l2",),
+    "cwd": ("f_cwd",),
+    "mgd": ("f_mgd",),
+    "at": ("f_at",),
+}
+
+
+class KDDetectionLoss:
+    """Detection loss (v8 / end-to-end, unchanged) + weighted KD terms from the teacher reached through ``link``.
+
+    Returns ``(loss, items)`` like ultralytics criteria: ``loss`` is the vector [det terms · det_weight, KD terms] times
+    batch size (summed by the trainer); ``items`` maps each column name to its detached value (detection items as
+    ultralytics reports them, KD items after their weights and warmup scale).
+    """
+
+    def __init__(self, model: DetectionModel, link: KDLink) -> None:
+        self.det = DetectionModel.init_criterion(model)  # ultralytics' own criterion for this head
+        self.helper = self.det if isinstance(self.det, v8DetectionLoss) else v8DetectionLoss(model)
+        self.link = link
+        self.recipe = link.recipe
+        self.reg_max = detect_head(model).reg_max
+        self.names = [c for k in self.recipe["enabled"] for c in COLUMNS[k]]
+
+    def update(self) -> None:
+        """Per-epoch hook the trainer calls (end-to-end heads decay their one-to-many weight)."""
+        if hasattr(self.det, "update"):
+            self.det.update()
+
+    # ultralytics' resume sets ``criterion.updates = start_epoch - 1`` before calling update() on end-to-end heads;
+    # the counter must reach the wrapped E2ELoss or its one-to-many decay would restart from epoch 0
+    @property
+    def updates(self) -> int:
+        """Epoch counter of the wrapped end-to-end criterion (0 for plain v8 heads)."""
+        return getattr(self.det, "updates", 0)
+
+    @updates.setter
+    def updates(self, value: int) -> None:
+        if hasattr(self.det, "updates"):
+            self.det.updates = value
+
+    def __call__(self, preds: Any, batch: dict, distill: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Compute detection + KD losses; ``distill=False`` (validation) fills KD items with zeros."""
+        det_loss, items = self.det(preds, batch)
+        det_loss = det_loss * self.recipe["det_weight"]
+        kd = None
+        if distill and self.names and self.link.scale > 0:
+            kd = self.kd_terms(head_dict(preds), batch) * (self.recipe["kd_weight"] * self.link.scale)
+        if kd is None:
+            kd = torch.zeros(len(self.names), device=det_loss.device)
+        items = {**items, **dict(zip(self.names, kd.detach()))}
+        return torch.cat([det_loss, kd * batch["img"].shape[0]]), items
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _assign(
+        self,
+        scores: torch.Tensor,
+        boxes_grid: torch.Tensor,
+        gt_labels: torch.Tensor,
+        gt_bboxes: torch.Tensor,
+        mask_gt: torch.Tensor,
+        anchor_points: torch.Tensor,
+        stride_tensor: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """TaskAlignedAssigner on (B, A, nc) logits and (B, A, 4) grid-unit xyxy boxes against (B, M, 1) labels,
+        (B, M, 4) pixel xyxy boxes and (B, M, 1) validity; anchors (A, 2) grid units, strides (A, 1).
+
+        Returns:
+            Target boxes (B, A, 4) in pixels, target scores (B, A, nc), foreground mask (B, A) bool.
+        """
+        _, t_bboxes, t_scores, fg, _ = self.helper.assigner(
+            scores.detach().float().sigmoid(),
+            (boxes_grid.detach() * stride_tensor).to(gt_bboxes.dtype),
+            anchor_points * stride_tensor,
+            gt_labels,
+            gt_bboxes,
+            mask_gt,
+        )
+        return t_bboxes, t_scores, fg
+
+    def kd_terms(self, s: dict, batch: dict) -> torch.Tensor:
+        """All enabled KD terms (weighted, before kd_weight/warmup), in ``self.names`` order; shape (n_terms,)."""
+        rc, losses = self.recipe, self.recipe["losses"]
+        t = self.link.teacher_forward(batch["img"])
+        s_scores, t_scores = s["scores"].permute(0, 2, 1), t["scores"].permute(0, 2, 1).float()  # (B, A, nc)
+        s_dist, t_dist = s["boxes"].permute(0, 2, 1), t["boxes"].permute(0, 2, 1).float()  # (B, A, 4*reg_max)
+        if s_scores.shape != t_scores.shape:
+            raise ValueError(
+                f"student scores {tuple(s_scores.shape)} vs teacher {tuple(t_scores.shape)}: anchors/classes differ; "
+                "student and teacher need equal strides and class count"
+            )
+        bs = s_scores.shape[0]
+        anchor_points, stride_tensor = make_anchors(s["feats"], self.helper.stride, 0.5)
+        t_reg_max = t_dist.shape[-1] // 4
+        s_boxes = lr.decode_boxes(s_dist, anchor_points, self.reg_max)
+        t_boxes = lr.decode_boxes(t_dist, anchor_points, t_reg_max)
+
+        # ground truth in pixels, exactly as v8DetectionLoss prepares it
+        imgsz = torch.tensor(s["feats"][0].shape[2:], device=s_scores.device) * self.helper.stride[0]
+        targets = torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1), batch["bboxes"]), 1)
+        targets = self.helper.preprocess(targets.to(s_scores.device), bs, scale_tensor=imgsz[[1, 0, 1, 0]].float())
+        gt_labels, gt_bboxes = targets.split((1, 4), 2)
+        mask_gt = gt_bboxes.sum(2, keepdim=True).gt_(0.0)
+
+        cache: dict[str, torch.Tensor] = {}
+
+        def anchor_weights(mode: str) -> torch.Tensor:
+            if mode not in cache:
+                if mode == "uniform":
+                    cache[mode] = torch.ones_like(s_scores[..., 0])
+                elif mode == "all":
+                    cache[mode] = t_scores.sigmoid().amax(-1)
+                else:
+                    sc, bx = (t_scores, t_boxes) if mode == "teacher" else (s_scores, s_boxes)
+                    cache[mode] = self._assign(sc, bx, gt_labels, gt_bboxes, mask_gt, anchor_points, stride_tensor)[
+                        2
+                    ].float()
+            return cache[mode]
+
+        out: list[torch.Tensor] = []
+        for name in rc["enabled"]:
+            opt = losses[name]
+            w = float(opt.get("weight", 1.0))
+            if name == "cls":
+                aw = anchor_weights(opt.get("anchors", rc["anchors"]))
+                T = opt.get("temperature", 1.0)
+                per = (
+                    lr.cls_bce_kd(s_scores, t_scores, T, opt.get("qfl_beta", 0.0))
+                    if opt.get("type", "bce") == "bce"
+                    else lr.cls_kl_kd(s_scores, t_scores, T)
+                )
+                # normalise by the teacher's probability mass on the selected anchors, the KD analogue of
+                # ultralytics' target_scores_sum: a per-anchor mean would be ~0 on background-dominated images
+                mass = (aw * t_scores.sigmoid().sum(-1)).sum().clamp(min=1.0)
+                out.append(w * (per * aw).sum() / mass)
+            elif name == "dfl":
+                aw = anchor_weights(opt.get("anchors", rc["anchors"]))
+                per = lr.dfl_kd(s_dist, t_dist, self.reg_max, opt.get("temperature", 1.0))
+                out.append(w * lr.weighted_mean(per, aw))
+            elif name == "box":
+                aw = anchor_weights(opt.get("anchors", rc["anchors"]))
+                out.append(w * lr.weighted_mean(lr.box_kd(s_boxes, t_boxes, opt.get("type", "ciou")), aw))
+            elif name == "pseudo":
+                out.extend(
+                    x * w for x in self._pseudo(opt, s_scores, s_boxes, t_scores, t_boxes, anchor_points, stride_tensor)
+                )
+        feature_names = [n for n in rc["enabled"] if n in FEATURE_LOSSES]
+        if feature_names:
+            out.extend(self._features(feature_names, s["feats"], t["feats"], t_scores, batch))
+        return torch.stack([x.float() for x in out])
+
+    def _pseudo(
+        self,
+        opt: dict,
+        s_scores: torch.Tensor,
+        s_boxes: torch.Tensor,
+        t_scores: torch.Tensor,
+        t_boxes: torch.Tensor,
+        anchor_points: torch.Tensor,
+        stride_tensor: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher detections after NMS as extra targets: CIoU to the assigned pseudo box + class KL at its anchors.
+
+        Args:
+            opt: The recipe's ``losses.pseudo`` block (conf, iou, ciou, kl, temperature).
+            s_scores: (B, A, nc) student logits; t_scores the teacher's.
+            s_boxes: (B, A, 4) student xyxy boxes in grid units; t_boxes the teacher's.
+            anchor_points: (A, 2) anchor centres in grid units.
+            stride_tensor: (A, 1) stride of each anchor.
+
+        Returns:
+            (CIoU term, class-KL term), scalars already multiplied by their ``ciou`` / ``kl`` weights.
+        """
+        pred = torch.cat([xyxy2xywh(t_boxes * stride_tensor), t_scores.sigmoid()], -1).permute(0, 2, 1)
+        dets = non_max_suppression(pred, conf_thres=opt.get("conf", 0.25), iou_thres=opt.get("iou", 0.7))
+        n = max(max(len(d) for d in dets), 1)
+        bs = len(dets)
+        gt_bboxes = s_scores.new_zeros(bs, n, 4, dtype=torch.float)
+        gt_labels = s_scores.new_zeros(bs, n, 1, dtype=torch.float)
+        mask_gt = s_scores.new_zeros(bs, n, 1, dtype=torch.float)
+        for i, d in enumerate(dets):
+            gt_bboxes[i, : len(d)], gt_labels[i, : len(d), 0], mask_gt[i, : len(d)] = d[:, :4], d[:, 5], 1.0
+        tb, ts, fg = self._assign(s_scores, s_boxes, gt_labels, gt_bboxes, mask_gt, anchor_points, stride_tensor)
+        ts_sum = ts.sum().clamp(min=1.0)
+        stride = stride_tensor.expand(bs, -1, -1)
+        if fg.any():
+            iou = bbox_iou(s_boxes[fg].float(), (tb / stride)[fg], xywh=False, CIoU=True).squeeze(-1)
+            ciou = ((1.0 - iou) * ts.sum(-1)[fg]).sum() / ts_sum
+        else:
+            ciou = s_boxes.sum() * 0.0  # stays in the graph, finite
+        kl = lr.weighted_mean(lr.softmax_kl(s_scores, t_scores, opt.get("temperature", 2.0)), fg.float())
+        return opt.get("ciou", 1.0) * ciou, opt.get("kl", 1.0) * kl
+
+    def _features(
+        self,
+        names: list[str],
+        s_feats: list[torch.Tensor],
+        t_feats: list[torch.Tensor],
+        t_scores: torch.Tensor,
+        batch: dict,
+    ) -> list[torch.Tensor]:
+        """Feature terms summed over neck levels with per-level weights; one scalar per name."""
+        adapters: nn.Module | None = self.link.adapters
+        if adapters is None:
+            raise ValueError("feature KD is enabled but no adapters were built; use DistillationDetectionTrainer")
+        losses, levels = self.recipe["losses"], self.recipe["features"]["levels"]
+        if len(levels) != len(s_feats):
+            raise ValueError(f"features.levels has {len(levels)} weights but the model has {len(s_feats)} levels")
+        proj = adapters(list(s_feats))  # autocast picks the dtype under AMP
+        shapes = [tuple(f.shape[2:]) for f in s_feats]
+        masks: dict[str, list] = {"none": [None] * len(shapes)}
+        out = []
+        for name in names:
+            opt = losses[name]
+            mode = opt.get("mask", "none")
+            if mode not in masks:
+                masks[mode] = (
+                    lf.gt_masks(batch, shapes, s_feats[0].shape[0])
+                    if mode == "gt"
+                    else lf.teacher_masks(t_scores, shapes)
+                )
+            total = proj[0].new_zeros((), dtype=torch.float)
+            for i, (ps, tf) in enumerate(zip(proj, t_feats)):
+                m = masks[mode][i]
+                if name == "cos":
+                    v = lf.feat_cosine(ps, tf, m)
+                elif name == "l2":
+                    v = lf.feat_l2(ps, tf, m)
+                elif name == "cwd":
+                    v = lf.feat_cwd(ps, tf, opt.get("temperature", 1.0))
+                elif name == "mgd":
+                    v = lf.feat_mgd(ps, tf, adapters.generators[i], opt.get("mask_ratio", 0.65), m)
+                else:
+                    v = lf.feat_at(ps, tf, opt.get("mode", "both"), m)
+                total = total + levels[i] * v
+            out.append(float(opt.get("weight", 1.0)) * total)
+        return out

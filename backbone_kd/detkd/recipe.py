@@ -1,0 +1,168 @@
+"""KD recipes for detection fine-tuning: which loss terms are on, their weights and options.
+
+A recipe is a plain dict (loadable from ``configs/detkd/*.yaml``). Every term under ``losses`` is off unless it is
+listed in ``enabled`` (or selected with ``kd=cls,dfl,...`` on the command line); its block only holds its options.
+The default recipe (class BCE + DFL KL + channel-wise feature distillation, 1-epoch KD warmup) is a sensible starting
+point, not "everything on".
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RESPONSE_LOSSES = ("cls", "dfl", "box", "pseudo")
+FEATURE_LOSSES = ("cos", "l2", "cwd", "mgd", "at")
+ALL_LOSSES = RESPONSE_LOSSES + FEATURE_LOSSES
+ANCHOR_MODES = ("teacher", "student", "all", "uniform")
+MASK_MODES = ("none", "gt", "teacher")
+
+DEFAULT_RECIPE: dict[str, Any] = {
+    "enabled": ["cls", "dfl", "cwd"],
+    "det_weight": 1.0,  # lambda_detection: multiplies the ultralytics box/cls/dfl losses
+    "kd_weight": 1.0,  # lambda_distillation: multiplies every KD term
+    "warmup_epochs": 1.0,  # KD weights ramp linearly 0 -> 1 so KD does not swamp detection early
+    "anchors": "teacher",  # default anchor selection for response losses that do not set their own
+    "max_grad_norm": 10.0,  # gradient clipping (ultralytics' own value)
+    "teacher_half": False,  # cast teacher weights to fp16 on CUDA (autocast already runs it in low precision)
+    "losses": {
+        # BCE against sigmoid(teacher/T) fits YOLO's independent-sigmoid head; "kl" (softmax over classes) is kept
+        # as an option but treats classes as mutually exclusive, which the head never assumed.
+        "cls": {"weight": 0.5, "type": "bce", "temperature": 1.0, "qfl_beta": 0.0, "anchors": "uniform"},
+        "dfl": {"weight": 0.5, "temperature": 2.0, "anchors": "teacher"},
+        "box": {"weight": 1.0, "type": "ciou", "anchors": "teacher"},
+        "pseudo": {"weight": 1.0, "conf": 0.25, "iou": 0.7, "ciou": 1.0, "kl": 2.0, "temperature": 2.0},
+        "cos": {"weight": 1.0, "mask": "gt"},
+        "l2": {"weight": 1.0, "mask": "teacher"},  # mask=teacher reproduces ultralytics' score-weighted L2
+        "cwd": {"weight": 1.0, "temperature": 1.0},
+        "mgd": {"weight": 1.0, "mask_ratio": 0.65, "mask": "none"},
+        "at": {"weight": 1.0, "mode": "both", "mask": "none"},
+    },
+    "features": {"levels": [1.0, 1.0, 1.0]},  # per-level weights for P3, P4, P5
+}
+
+# per-term options that must be numbers (checked so a typo fails at load time, not mid-epoch)
+NUMERIC_OPTIONS = ("weight", "temperature", "qfl_beta", "conf", "iou", "ciou", "kl", "mask_ratio")
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "detkd"
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """Recursively merge ``update`` into a copy of ``base`` (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def resolve_recipe_path(name: str | Path) -> Path:
+    """Map a recipe name (``default``, ``response_pseudo``) or a path to an existing YAML file."""
+    p = Path(name)
+    candidates = [p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    shipped = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise FileNotFoundError(f"KD recipe {name!r} not found; pass a YAML path or one of the shipped recipes {shipped}")
+
+
+# YAML 1.1 (PyYAML) reads exponent floats without a dot ("1e-3", "5E4") as strings; so would a user's recipe file
+_EXP_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _numbers(value: Any) -> Any:
+    """Recursively turn exponent-notation strings (``"1e-3"``) into floats; everything else is returned unchanged."""
+    if isinstance(value, str) and _EXP_FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value with YAML rules plus exponent floats (``1e-3`` -> 0.001, ``a,b`` stays a string)."""
+    try:
+        return _numbers(yaml.safe_load(text))
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(recipe: dict, dotted: str, value: Any) -> None:
+    """Set ``recipe[a][b][c] = value`` for ``dotted='a.b.c'``, creating intermediate dicts."""
+    keys = dotted.split(".")
+    node = recipe
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"recipe key {dotted!r}: {k!r} is not a section; use e.g. recipe.losses.cls.weight=0.5")
+    node[keys[-1]] = value
+
+
+def load_recipe(recipe: str | Path | dict | None = None, enabled: str | list[str] | None = None) -> dict:
+    """Build a validated recipe dict.
+
+    Args:
+        recipe: None (default recipe), a recipe name/path to a YAML file, or a dict merged over the defaults.
+        enabled: Optional override of the enabled terms, e.g. ``"cls,dfl,cwd"`` or ``["box"]``; ``"none"`` turns KD
+            off entirely (plain fine-tuning through the same trainer, useful as a baseline).
+
+    Returns:
+        The full recipe dict (defaults filled in).
+    """
+    user: dict = {}
+    if isinstance(recipe, dict):
+        user = recipe
+    elif recipe is not None:
+        user = yaml.safe_load(resolve_recipe_path(recipe).read_text(encoding="utf-8")) or {}
+        if not isinstance(user, dict):
+            raise ValueError(f"KD recipe {recipe!r} must be a YAML mapping (see configs/detkd/default.yaml)")
+    out = _merge(DEFAULT_RECIPE, _numbers(user))
+    if enabled is not None:
+        if isinstance(enabled, str):
+            enabled = [] if enabled.strip().lower() in {"", "none", "off"} else enabled.split(",")
+        out["enabled"] = [e.strip() for e in enabled if e.strip()]
+    validate_recipe(out)
+    return out
+
+
+def validate_recipe(recipe: dict) -> None:
+    """Raise ValueError with the fix when a recipe names unknown losses, modes or bad weights."""
+    unknown = [e for e in recipe["enabled"] if e not in ALL_LOSSES]
+    if unknown:
+        raise ValueError(f"unknown KD loss(es) {unknown}; choose from {list(ALL_LOSSES)} (e.g. kd=cls,dfl,cwd)")
+    unknown = [k for k in recipe["losses"] if k not in ALL_LOSSES]
+    if unknown:
+        raise ValueError(f"recipe 'losses' has unknown section(s) {unknown}; valid: {list(ALL_LOSSES)}")
+    for k in ("det_weight", "kd_weight", "warmup_epochs", "max_grad_norm"):
+        if not isinstance(recipe[k], (int, float)) or recipe[k] < 0:
+            raise ValueError(f"recipe {k}={recipe[k]!r} must be a number >= 0")
+    modes = [recipe["anchors"]] + [recipe["losses"][k].get("anchors", recipe["anchors"]) for k in ("cls", "dfl", "box")]
+    if any(m not in ANCHOR_MODES for m in modes):
+        raise ValueError(f"anchor mode must be one of {ANCHOR_MODES}, got {modes}")
+    for name in FEATURE_LOSSES:
+        mask = recipe["losses"][name].get("mask", "none")
+        if mask not in MASK_MODES:
+            raise ValueError(f"losses.{name}.mask={mask!r} must be one of {MASK_MODES}")
+    cls = recipe["losses"]["cls"]
+    if cls["type"] not in {"bce", "kl"}:
+        raise ValueError(f"losses.cls.type={cls['type']!r} must be 'bce' (recommended for YOLO) or 'kl'")
+    if recipe["losses"]["box"]["type"] not in {"ciou", "l1"}:
+        raise ValueError(f"losses.box.type={recipe['losses']['box']['type']!r} must be 'ciou' or 'l1'")
+    if recipe["losses"]["at"]["mode"] not in {"spatial", "channel", "both"}:
+        raise ValueError("losses.at.mode must be 'spatial', 'channel' or 'both'")
+    for name in ALL_LOSSES:
+        block = recipe["losses"][name]
+        for key, value in block.items():
+            if key in NUMERIC_OPTIONS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"losses.{name}.{key}={value!r} must be a number, e.g. recipe.losses.{name}.{key}=1.0")
+        if block.get("temperature", 1.0) <= 0 or block.get("weight", 1.0) < 0:
+            raise ValueError(f"losses.{name}: temperature must be > 0 and weight >= 0")
+    levels = recipe["features"]["levels"]
+    if not isinstance(levels, list) or not levels or not all(isinstance(x, (int, float)) for x in levels):
+        raise ValueError("features.levels needs one number per neck level, e.g. [1.0, 1.0, 1.0]")

@@ -1,0 +1,294 @@
+"""``DistillationDetectionTrainer``: ultralytics' DetectionTrainer with a frozen YOLO teacher guiding the student.
+
+Everything ultralytics does (AMP, EMA, DDP, resume, validation, plots, export) stays in ultralytics' hands; this class
+only (1) builds the teacher, adapters and KD criterion before the optimizer, (2) adds the adapters to the optimizer,
+(3) clips gradients over student + adapters and skips non-finite steps, (4) ramps KD weights in, and (5) writes
+checkpoints as plain ``DetectionModel`` s with a ``weights/kd_state.pt`` side file (recipe, teacher path, adapters)
+that resume reads back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import distributed as dist
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
+from ultralytics.utils.torch_utils import unwrap_model
+
+from backbone_kd.detkd.adapters import FeatureAdapters, neck_widths
+from backbone_kd.detkd.criterion import COLUMNS
+from backbone_kd.detkd.model import KDDetectionModel, as_kd_model, as_plain_detection_model
+from backbone_kd.detkd.recipe import FEATURE_LOSSES, load_recipe, parse_value, set_dotted
+from backbone_kd.detkd.teacher import KDLink, check_pair, load_teacher
+from backbone_kd.io_utils import atomic_torch_save
+
+# keys consumed here, never passed to ultralytics' argument checker
+KD_KEYS = ("teacher", "recipe", "kd", "kd_weight", "det_weight", "kd_warmup", "kd_anchors", "kd_max_norm")
+SHORTCUTS = {
+    "kd_weight": "kd_weight",
+    "det_weight": "det_weight",
+    "kd_warmup": "warmup_epochs",
+    "kd_anchors": "anchors",
+    "kd_max_norm": "max_grad_norm",
+}
+
+
+class _KDConfig:
+    """Picklable no-op callback carrying the KD config into DDP workers (which rebuild trainers from args only)."""
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+
+    def __call__(self, trainer: Any) -> None:
+        pass
+
+
+def split_kd_overrides(overrides: dict) -> tuple[dict, dict]:
+    """Split ``overrides`` into (ultralytics args, KD args); KD args are KD_KEYS and ``recipe.<dotted>`` keys."""
+    train, kd = {}, {}
+    for k, v in overrides.items():
+        (kd if k in KD_KEYS or k.startswith("recipe.") else train)[k] = v
+    return train, kd
+
+
+def build_recipe(kd: dict, base: dict | None = None) -> dict:
+    """Recipe from KD args: ``recipe`` file/dict (or ``base``), ``kd=`` selection, shortcuts, dotted overrides."""
+    recipe = load_recipe(kd.get("recipe", base), enabled=kd.get("kd"))
+    for key, target in SHORTCUTS.items():
+        if kd.get(key) is not None:
+            recipe[target] = parse_value(str(kd[key])) if isinstance(kd[key], str) else kd[key]
+    for k, v in kd.items():
+        if k.startswith("recipe."):
+            set_dotted(recipe, k[len("recipe.") :], parse_value(v) if isinstance(v, str) else v)
+    return load_recipe(recipe)  # re-validate after overrides
+
+
+class DistillationDetectionTrainer(DetectionTrainer):
+    """Detection fine-tuning with KD from a frozen YOLO teacher.
+
+    Args:
+        cfg: ultralytics default config.
+        overrides: ultralytics train args plus KD args (``teacher``, ``recipe``, ``kd``, ``kd_weight``, ``det_weight``,
+            ``kd_warmup``, ``kd_anchors``, ``kd_max_norm``, ``recipe.<dotted.key>``).
+        _callbacks: ultralytics callbacks.
+        teacher: Teacher ``.pt`` path or an ultralytics DetectionModel (overrides ``overrides['teacher']``).
+        recipe: Recipe name/path/dict (overrides ``overrides['recipe']``).
+
+    Example:
+        >>> trainer = DistillationDetectionTrainer(
+        ...     overrides={"model": "yolov8n.yaml", "data": "coco128.yaml", "teacher": "yolov8m_ft.pt", "kd": "cls,dfl"}
+        ... )
+        >>> trainer.train()
+    """
+
+    def __init__(
+        self,
+        cfg: Any = DEFAULT_CFG,
+        overrides: dict | None = None,
+        _callbacks: dict | None = None,
+        teacher: str | Path | torch.nn.Module | None = None,
+        recipe: str | Path | dict | None = None,
+    ) -> None:
+        train_args, kd = split_kd_overrides(dict(overrides or {}))
+        if teacher is not None:
+            kd["teacher"] = teacher
+        if recipe is not None:
+            kd["recipe"] = recipe
+        if train_args.get("distill_model") is not None:
+            raise ValueError(
+                "distill_model= is ultralytics' built-in KD and cannot be combined with this trainer; pass "
+                "teacher=path/to/teacher.pt (and kd=/recipe= for the loss terms) instead"
+            )
+        if train_args.get("resume") is True and str(train_args.get("model", "")).endswith(".pt"):
+            # resume=True with model=last.pt means "resume that run" (as YOLO(last).train(resume=True) does);
+            # left as True, ultralytics would resume the newest last.pt found under the current directory instead
+            train_args["resume"] = str(train_args["model"])
+        carried = [c for cbs in (_callbacks or {}).values() for c in cbs if isinstance(c, _KDConfig)]
+        super().__init__(cfg, train_args, _callbacks)
+        if self.args.distill_model is not None:  # e.g. carried over from a resumed ultralytics checkpoint
+            raise ValueError("distill_model= is ultralytics' built-in KD; with this trainer pass teacher= instead")
+        state = self._read_kd_state() if self.resume else {}
+        if carried and "teacher" not in kd:  # DDP worker: the launcher's config rides in the callbacks
+            kd = dict(carried[0].config)
+        elif state.get("recipe") is not None:
+            # resume continues the saved recipe: other terms would change the loss columns, the adapters and the
+            # optimizer's parameter groups that the checkpoint's optimizer state must match
+            given = {k: v for k, v in kd.items() if k != "teacher"}
+            if given and build_recipe(given) != load_recipe(state["recipe"]):  # same recipe again: nothing to say
+                LOGGER.warning(
+                    f"KD resume ignores {sorted(given)}; the run's saved recipe is used. Start a new run to change."
+                )
+            kd = {"teacher": kd["teacher"]} if "teacher" in kd else {}
+        self.teacher_source = kd.get("teacher", state.get("teacher"))
+        if self.teacher_source is None:
+            raise ValueError(
+                "no teacher given; pass teacher=path/to/teacher.pt (a YOLO detector with the same classes)"
+            )
+        if self.ddp and isinstance(self.teacher_source, torch.nn.Module):
+            raise ValueError(
+                "multi-GPU workers rebuild the trainer from its arguments and cannot receive a teacher module; "
+                "pass teacher=path/to/teacher.pt"
+            )
+        self.recipe = build_recipe(kd, base=state.get("recipe"))
+        if not isinstance(self.teacher_source, torch.nn.Module):
+            self.add_callback("on_pretrain_routine_start", _KDConfig({**kd, "recipe": self.recipe}))
+        self.kd_link: KDLink | None = None
+        self.kd_skipped = 0
+        self._kd_state = state
+        self._kd_batch = 0
+
+    # -- setup ------------------------------------------------------------------------------------------------------
+    def _read_kd_state(self) -> dict:
+        """Load ``kd_state.pt`` beside the resumed checkpoint (recipe, teacher path, adapter weights)."""
+        f = Path(str(self.args.model)).with_name("kd_state.pt")
+        if not f.is_file():
+            LOGGER.warning(f"KD resume: {f} not found; adapters restart from scratch and teacher= must be given")
+            return {}
+        return torch.load(f, map_location="cpu", weights_only=False)
+
+    def get_model(self, cfg: str | dict | None = None, weights: Any = None, verbose: bool = True) -> KDDetectionModel:
+        """Build the student as a KDDetectionModel (same weights/layers as ultralytics' DetectionModel)."""
+        model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+        model.__class__ = KDDetectionModel
+        return model
+
+    def set_model_attributes(self) -> None:
+        """ultralytics hook run after the model is on its device and before freezing/optimizer: build the KD side."""
+        super().set_model_attributes()
+        model = unwrap_model(self.model)
+        if self.kd_link is None:
+            teacher = load_teacher(self.teacher_source, self.device)
+            check_pair(model, teacher, self.recipe)
+            adapters = None
+            if any(n in FEATURE_LOSSES for n in self.recipe["enabled"]):
+                adapters = FeatureAdapters(
+                    neck_widths(model), neck_widths(teacher), mgd="mgd" in self.recipe["enabled"]
+                ).to(self.device)
+                if self._kd_state.get("adapters"):
+                    adapters.load_state_dict(self._kd_state["adapters"])
+            self.kd_link = KDLink(teacher, adapters, self.recipe)
+            use_half = self.recipe.get("teacher_half") and self.device.type == "cuda" and self.args.amp
+            if use_half:
+                teacher.half()
+                self.kd_link.teacher_half = True
+            self.kd_skipped = int(self._kd_state.get("skipped", 0))
+        as_kd_model(model, self.kd_link)
+
+    def build_optimizer(
+        self,
+        model: torch.nn.Module,
+        name: str = "auto",
+        lr: float = 0.001,
+        momentum: float = 0.9,
+        decay: float = 1e-5,
+        iterations: float = 1e5,
+    ) -> torch.optim.Optimizer:
+        """ultralytics' optimizer plus the adapters (weights with decay, biases without), same lr/momentum rules."""
+        optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
+        adapters = self.kd_link.adapters if self.kd_link else None
+        if adapters is not None:
+            groups = {g.get("param_group"): g for g in optimizer.param_groups}
+            weights = [p for n, p in adapters.named_parameters() if not n.endswith("bias")]
+            biases = [p for n, p in adapters.named_parameters() if n.endswith("bias")]
+            for params, kind in ((weights, "weight"), (biases, "bias")):
+                template = groups.get(kind) or optimizer.param_groups[0]
+                opts = {k: v for k, v in template.items() if k not in {"params", "initial_lr"}}
+                optimizer.add_param_group({**opts, "params": params, "param_group": kind})
+            LOGGER.info(f"KD: {sum(p.numel() for p in adapters.parameters())} adapter parameters added to optimizer")
+        return optimizer
+
+    # -- training loop hooks -----------------------------------------------------------------------------------
+    def _model_train(self) -> None:
+        """Epoch start (ultralytics calls this once per epoch): reset the batch counter used by the KD warmup."""
+        super()._model_train()
+        self._kd_batch = 0
+
+    def preprocess_batch(self, batch: dict) -> dict:
+        """ultralytics preprocessing, plus the KD weight warmup scale for this batch (linear over warmup_epochs)."""
+        batch = super().preprocess_batch(batch)
+        if self.kd_link is not None:
+            nb = max(len(getattr(self, "train_loader", [])), 1)
+            progress = getattr(self, "epoch", 0) + self._kd_batch / nb
+            warm = self.recipe["warmup_epochs"]
+            self.kd_link.scale = 1.0 if warm <= 0 else min(1.0, progress / warm)
+            self._kd_batch += 1
+        return batch
+
+    def optimizer_step(self) -> None:
+        """Clip gradients of student + adapters together; skip (and count) steps whose gradients are not finite."""
+        self._sync_adapter_grads()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=self.recipe["max_grad_norm"] or float("inf"))
+        if not torch.isfinite(norm):
+            self.kd_skipped += 1
+            LOGGER.warning(f"KD: non-finite gradients, optimizer step skipped ({self.kd_skipped} so far)")
+            self.scaler.update()  # lets an AMP scaler lower its scale; no-op without AMP
+            self.optimizer.zero_grad()
+            return
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        if self.ema:
+            self.ema.update(self.model)
+
+    def _sync_adapter_grads(self) -> None:
+        """Average adapter gradients over DDP ranks.
+
+        DDP all-reduces only the wrapped student's gradients; the adapters live outside it, so without this every rank
+        would step its own copy and they would drift apart (and the skip decision below could differ per rank).
+        """
+        adapters = self.kd_link.adapters if self.kd_link is not None else None
+        if adapters is None or self.world_size <= 1 or not dist.is_available() or not dist.is_initialized():
+            return
+        for p in adapters.parameters():
+            if p.grad is None:  # same on every rank: the KD scale and enabled terms are identical everywhere
+                continue
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)  # SUM then divide: gloo has no AVG
+            p.grad.div_(self.world_size)
+
+    def label_loss_items(self, loss_items: dict | None = None, prefix: str = "train") -> dict | list[str]:
+        """ultralytics' loss labels, minus the KD terms for ``val/``: validation runs the student alone (no teacher
+        forward), so those columns would only ever hold zeros."""
+        out = super().label_loss_items(loss_items, prefix)
+        if prefix != "val" or self.kd_link is None:
+            return out
+        drop = {f"{prefix}/{c}" for k in self.recipe["enabled"] for c in COLUMNS[k]}
+        return (
+            {k: v for k, v in out.items() if k not in drop}
+            if isinstance(out, dict)
+            else [k for k in out if k not in drop]
+        )
+
+    def save_metrics(self, metrics: dict) -> None:
+        """results.csv gets a ``kd/skipped_steps`` column next to ultralytics' metrics and per-term losses."""
+        super().save_metrics({**metrics, "kd/skipped_steps": self.kd_skipped})
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def save_model(self) -> bool:
+        """Save through ultralytics with the EMA shown as a plain DetectionModel; then write ``kd_state.pt``."""
+        kd_ema = self.ema.ema
+        self.ema.ema = as_plain_detection_model(kd_ema)
+        try:
+            saved = super().save_model()
+        finally:
+            self.ema.ema = kd_ema
+        if RANK in {-1, 0} and self.kd_link is not None:
+            adapters = self.kd_link.adapters
+            state = {
+                "teacher": None if isinstance(self.teacher_source, torch.nn.Module) else str(self.teacher_source),
+                "recipe": self.recipe,
+                "adapters": adapters.state_dict() if adapters is not None else None,
+                "skipped": self.kd_skipped,
+                "epoch": self.epoch,
+            }
+            atomic_torch_save(state, self.wdir / "kd_state.pt")
+        return saved
+
+    def final_eval(self) -> None:
+        """ultralytics' final validation of best.pt, then a one-line KD summary."""
+        super().final_eval()
+        LOGGER.info(f"KD: terms {self.recipe['enabled']}, {self.kd_skipped} non-finite step(s) skipped")
