@@ -25,46 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
+from bench_data import mirror_dataset, shared_dir
 
 from backbone_kd.backbone_file import backbone_layer_count, write_backbone_file
 from backbone_kd.inject import inject_backbone
 from backbone_kd.io_utils import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def shared_dir() -> Path:
-    """``$BKD_SHARED`` or ``<repo>/../shared``."""
-    return Path(os.environ.get("BKD_SHARED", REPO.parent / "shared"))
-
-
-def mirror_dataset(data: Path, root: Path) -> Path:
-    """Dataset yaml whose images/labels are symlinked under ``root``, one tree per split.
-
-    Ultralytics writes its label cache beside the label folder; the mirror keeps it out of the read-only shared folder
-    and gives train and val their own cache (both splits of coco128-split live in one ``train2017`` folder).
-    """
-    cfg = yaml.safe_load(data.read_text(encoding="utf-8"))
-    base = Path(cfg.get("path") or data.parent)
-    base = base if base.is_absolute() else (data.parent / base)
-    out = {"names": cfg["names"], "nc": cfg.get("nc", len(cfg["names"]))}
-    for split in ("train", "val"):
-        src, tree = base / cfg[split], root / split
-        if src.suffix != ".txt":
-            out[split] = str(src)  # a folder: nothing to mirror
-            continue
-        lines = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        rel = [Path(ln[2:] if ln.startswith("./") else ln) for ln in lines]
-        for sub in sorted({p.parent for p in rel}):  # e.g. images/train2017 -> labels/train2017
-            for kind in ("images", "labels"):
-                link = tree / Path(*[kind if part == "images" else part for part in sub.parts])
-                if not link.exists():
-                    link.parent.mkdir(parents=True, exist_ok=True)
-                    link.symlink_to((base / link.relative_to(tree)).resolve(), target_is_directory=True)
-        atomic_write_text("\n".join(str(tree / p) for p in rel) + "\n", tree / f"{split}.txt")
-        out[split] = str(tree / f"{split}.txt")
-    return atomic_write_text(yaml.safe_dump(out, sort_keys=False), root / "data.yaml")
 
 
 def prepare_variants(args: argparse.Namespace, work: Path) -> dict[str, Path]:
