@@ -39,6 +39,12 @@ class PretrainConfig:
     teacher_indices: Any = _f(None, "explicit ViT block indices / CNN out_indices / YOLO teacher taps")
     teacher_kwargs: dict = _f({}, "extra timm.create_model kwargs (e.g. {depth: 2} for tiny test teachers)")
     teacher_dtype: str = _f("auto", "teacher compute dtype: auto (= mixed_precision, fp32 on CPU), fp32, bf16, fp16")
+    teacher_cache: Any = _f(
+        None,
+        "null: run the teacher every step; auto: precompute its features once into <output>/teacher_cache/<key> "
+        "(reused by later runs on the same teacher and data); or a cache folder. No colour jitter in the targets",
+    )
+    teacher_cache_size: Any = _f(None, "square full-image resize the cache is encoded at (default image_size)")
     # student
     student: str = _f("yolov8n.yaml", "ultralytics model yaml or .pt whose backbone is trained in place")
     nc: int = _f(80, "classes of a yaml-built student's head (kept in student.pt)")

@@ -6,6 +6,9 @@ Design decisions:
   (persistent workers never see attribute changes made in the main process).
 - A file that cannot be decoded is replaced by the next readable one and reported in the batch's ``"bad"`` list, so
   batches keep a fixed size (needed for fixed-shape compilation and for DDP ranks to stay in lock-step).
+- Every sample also reports *where* its view came from (the index of the file actually used, the crop box in
+  normalised coordinates of that image, and the flip flag), so a teacher-feature cache
+  (:mod:`backbone_kd.teacher_cache`) can cut the teacher's grid in step with the student's crop.
 """
 
 from __future__ import annotations
@@ -13,14 +16,15 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset, Sampler
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop, v2
+from torchvision.transforms.v2 import functional as TF
 
 LOGGER = logging.getLogger("backbone_kd")
 # PIL's own decompression-bomb threshold: larger images are refused before their pixels are decoded.
@@ -55,6 +59,50 @@ def build_transform(image_size: int, aug: AugmentConfig) -> v2.Compose:
         s = aug.color_jitter
         ops.append(v2.RandomApply([v2.ColorJitter(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s)], p=0.8))
     return v2.Compose([v2.PILToTensor(), *ops, v2.ToDtype(torch.float32, scale=True)])
+
+
+class ViewTransform:
+    """The augmentation of :func:`build_transform`, done step by step so the crop box and flip can be reported.
+
+    It draws from the global torch RNG in exactly the order ``build_transform``'s ``Compose`` does (crop params, flip
+    coin, jitter), so for the same seed both give bit-identical images: switching to it changed no online run.
+
+    ``__call__(image)`` returns ``(view, box, flipped)``: ``view`` (3, S, S) float32 in [0, 1]; ``box`` (4,) float32,
+    the crop ``[x0, y0, x1, y1]`` as fractions of the loaded image's width/height (before the flip); ``flipped`` a
+    bool tensor (the view was mirrored after cropping).
+    """
+
+    RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range
+
+    def __init__(self, image_size: int, aug: AugmentConfig) -> None:
+        self.size, self.aug = image_size, aug
+        self.jitter = None
+        if aug.color_jitter > 0:
+            s = aug.color_jitter
+            self.jitter = v2.RandomApply([v2.ColorJitter(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s)], p=0.8)
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = TF.pil_to_tensor(image)  # (3, H, W) uint8: resampling uint8 exactly like the Compose pipeline does
+        height, width = x.shape[-2:]
+        size = self.size
+        if self.aug.crop_scale is None:
+            x = TF.resize(x, [size], antialias=True)  # shorter side -> size, like v2.Resize(size)
+            rh, rw = x.shape[-2:]
+            top, left = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))  # v2.CenterCrop's rounding
+            x = TF.crop(x, top, left, size, size)
+            box = (left / rw, top / rh, (left + size) / rw, (top + size) / rh)
+        else:
+            top, left, h, w = RandomResizedCrop.get_params(x, list(self.aug.crop_scale), list(self.RATIO))
+            x = TF.resized_crop(x, top, left, h, w, [size, size], antialias=True)
+            box = (left / width, top / height, (left + w) / width, (top + h) / height)
+        flipped = False
+        if self.aug.hflip > 0:  # no coin is drawn when flips are off, as in the Compose pipeline
+            flipped = bool(torch.rand(1) < self.aug.hflip)
+            if flipped:
+                x = x.flip(-1)
+        if self.jitter is not None:
+            x = self.jitter(x)
+        return TF.to_dtype(x, torch.float32, scale=True), torch.tensor(box, dtype=torch.float32), torch.tensor(flipped)
 
 
 def _pil_open():
@@ -108,7 +156,13 @@ class UnlabeledImages(Dataset):
     """Images without labels, as [0, 1] tensors of shape (3, S, S).
 
     Keys are ``epoch * len(paths) + index`` (see :class:`ShardedInfiniteSampler`); ``__getitem__`` returns a dict with
-    ``image`` (3, S, S) float32 and ``bad``: paths that failed and were replaced by the next readable file.
+    ``image`` (3, S, S) float32, ``bad``: paths that failed and were replaced by the next readable file, ``index``: the
+    file actually used (0-dim int64), ``box`` (4,) and ``flip`` (0-dim bool): the view's crop and flip
+    (see :class:`ViewTransform`).
+
+    Args:
+        exclude: Indices to treat as unreadable without opening them (files a teacher cache could not read, so the
+            replacement file is one the cache holds).
     """
 
     def __init__(
@@ -119,10 +173,12 @@ class UnlabeledImages(Dataset):
         seed: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_retries: int = 32,
+        exclude: Collection[int] = (),
     ) -> None:
         self.paths = paths
         self.image_size = image_size
-        self.transform = build_transform(image_size, aug or AugmentConfig())
+        self.transform = ViewTransform(image_size, aug or AugmentConfig())
+        self.exclude = frozenset(int(i) for i in exclude)
         self.seed = seed
         self.max_pixels = max_pixels
         self.max_retries = max_retries
@@ -136,7 +192,11 @@ class UnlabeledImages(Dataset):
         epoch, index = divmod(int(key), n)
         bad: list[str] = []
         for attempt in range(min(self.max_retries, n)):
-            path = self.paths[(index + attempt) % n]
+            used = (index + attempt) % n
+            path = self.paths[used]
+            if used in self.exclude:
+                bad.append(path)
+                continue
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # PIL's EXIF/profile chatter; real failures raise
@@ -150,8 +210,8 @@ class UnlabeledImages(Dataset):
             # Seed from (seed, epoch, index): identical augmentation regardless of workers or resume.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
-                tensor = self.transform(image)
-            return {"image": tensor, "bad": bad}
+                tensor, box, flip = self.transform(image)
+            return {"image": tensor, "bad": bad, "index": torch.tensor(used), "box": box, "flip": flip}
         raise RuntimeError(
             f"{len(bad)} consecutive images around index {index} could not be read (e.g. {bad[:3]}); "
             "check the --unlabeled sources"
@@ -159,11 +219,20 @@ class UnlabeledImages(Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack images to (B, 3, S, S) and concatenate the lists of unreadable paths."""
-    return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "bad": [p for s in samples for p in s["bad"]],
-    }
+    """Stack images to (B, 3, S, S), concatenate the lists of unreadable paths, and stack every other field.
+
+    Tensor fields become (B, ...) tensors (``index`` (B,), ``box`` (B, 4), ``flip`` (B,)); list-of-tensor fields
+    (per-level cached teacher rows) become lists of stacked tensors.
+    """
+    out: dict = {"bad": [p for s in samples for p in s["bad"]]}
+    for key, first in samples[0].items():
+        if key == "bad":
+            continue
+        if isinstance(first, list | tuple):
+            out[key] = [torch.stack([s[key][i] for s in samples]) for i in range(len(first))]
+        else:
+            out[key] = torch.stack([s[key] for s in samples])
+    return out
 
 
 class ShardedInfiniteSampler(Sampler[int]):
@@ -174,8 +243,9 @@ class ShardedInfiniteSampler(Sampler[int]):
     ``start_batch`` skips that many micro-batches without touching data, which is how resume reproduces the order.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0) -> None:
+    def __init__(
+        self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, start_batch: int = 0
+    ) -> None:
         if n <= 0:
             raise ValueError("the dataset is empty")
         self.n, self.batch_size, self.seed = n, batch_size, seed

@@ -1,11 +1,14 @@
 """Stage 1: the training loop (build -> ``accelerator.prepare`` -> accumulate/backward -> ``save_state``).
 
 Only the trainable module (student backbone + projectors) is prepared, saved and synchronised; the frozen teacher
-lives beside it on the same device, in its own dtype, and is rebuilt (not restored) on resume.
+lives beside it on the same device, in its own dtype, and is rebuilt (not restored) on resume. With ``teacher_cache``
+the teacher only encodes the data set once (:mod:`backbone_kd.teacher_cache`) and is then freed; each step crops its
+targets out of the cached grids with the student's crop box and flip.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -34,6 +37,7 @@ from backbone_kd.projector import DistillStudent, Projectors
 from backbone_kd.sources import resolve_image_sources
 from backbone_kd.student import YoloBackbone, load_yolo_model
 from backbone_kd.teacher import build_teacher
+from backbone_kd.teacher_cache import OFF, CachedTargets, prepare_teacher_cache
 
 LOGGER = logging.getLogger("backbone_kd")
 
@@ -53,25 +57,46 @@ def pretrain(cfg: PretrainConfig) -> Path:
     # --- build: frozen teacher (never prepared), live YOLO backbone slice, projection heads ---
     t_dtype = teacher_dtype(cfg, device)
     teacher = build_teacher(
-        cfg.teacher, weights=cfg.teacher_weights, pretrained=cfg.teacher_pretrained, image_size=cfg.image_size,
-        last_k=cfg.teacher_last_k, indices=cfg.teacher_indices, model_kwargs=cfg.teacher_kwargs,
+        cfg.teacher,
+        weights=cfg.teacher_weights,
+        pretrained=cfg.teacher_pretrained,
+        image_size=cfg.image_size,
+        last_k=cfg.teacher_last_k,
+        indices=cfg.teacher_indices,
+        model_kwargs=cfg.teacher_kwargs,
     ).to(device=device, dtype=t_dtype)
+    cache = None
+    if cfg.teacher_cache not in OFF:
+        cache = prepare_teacher_cache(cfg, teacher, paths, accelerator, run_dir, t_dtype)
+        teacher = cache  # from here on only the contract (name, channels, strides, global_dim) is needed
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     yolo = load_yolo_model(cfg.student, nc=cfg.nc)
     backbone = YoloBackbone(yolo, cfg.taps)
     pairing = pair_levels(backbone.strides, teacher.strides)
     projectors = Projectors(
-        backbone.channels, [teacher.channels[j] for j in pairing], cfg.projector, cfg.projector_hidden,
+        backbone.channels,
+        [teacher.channels[j] for j in pairing],
+        cfg.projector,
+        cfg.projector_hidden,
         global_dim=teacher.global_dim if cfg.global_weight > 0 else None,
     )
     module = DistillStudent(backbone, projectors)
     if cfg.channels_last:
         module = module.to(memory_format=torch.channels_last)
     criterion = DistillationLoss(
-        cfg.level_weights or [1.0] * len(backbone.taps), pairing, cfg.align, cfg.smooth_l1_weight, cfg.global_weight,
+        cfg.level_weights or [1.0] * len(backbone.taps),
+        pairing,
+        cfg.align,
+        cfg.smooth_l1_weight,
+        cfg.global_weight,
         level_names=[f"p{int(math.log2(s))}" for s in backbone.strides],
     )
-    steps = cfg.steps or max(1, round(cfg.epochs * len(paths) / (cfg.batch_size * accelerator.num_processes
-                                                                 * cfg.gradient_accumulation_steps)))
+    steps = cfg.steps or max(
+        1,
+        round(cfg.epochs * len(paths) / (cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps)),
+    )
     optimizer = build_optimizer(module, cfg, device)
     scheduler = build_scheduler(optimizer, cfg, steps)
     module, optimizer = accelerator.prepare(module, optimizer)
@@ -82,20 +107,44 @@ def pretrain(cfg: PretrainConfig) -> Path:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     if cfg.compile:
-        teacher = torch.compile(teacher)  # type: ignore[assignment]
+        if cache is None:
+            teacher = torch.compile(teacher)  # type: ignore[assignment]
         module = torch.compile(module)  # type: ignore[assignment]
 
     # --- data: resumable sharded order; workers only decode/augment ---
-    dataset = UnlabeledImages(paths, cfg.image_size, AugmentConfig(cfg.crop_scale, cfg.hflip, cfg.color_jitter),
-                              seed=cfg.seed, max_pixels=cfg.max_image_pixels)
-    sampler = ShardedInfiniteSampler(len(paths), cfg.batch_size, cfg.seed, accelerator.process_index,
-                                     accelerator.num_processes, start_batch=state.micro_step)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
-                        persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers > 0 else None)
+    dataset = UnlabeledImages(
+        paths,
+        cfg.image_size,
+        AugmentConfig(cfg.crop_scale, cfg.hflip, cfg.color_jitter),
+        seed=cfg.seed,
+        max_pixels=cfg.max_image_pixels,
+        exclude=cache.bad if cache else (),
+    )
+    if cache is not None:
+        dataset = CachedTargets(dataset, cache)  # cached rows are read in the workers, beside image decoding
+    sampler = ShardedInfiniteSampler(
+        len(paths),
+        cfg.batch_size,
+        cfg.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        start_batch=state.micro_step,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers > 0 else None,
+    )
 
-    metrics = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.tensorboard,
-                            resume_step=state.step if resume_from is not None else None)
+    metrics = MetricsLogger(
+        run_dir, enabled=main, tensorboard=cfg.tensorboard, resume_step=state.step if resume_from is not None else None
+    )
     stop = StopFlag()
     bad_images = set(state.bad_images)
     sums: dict[str, torch.Tensor] = {}
@@ -111,8 +160,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
         x = batch["image"].to(device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            t_feats, t_global = teacher.encode(teacher_input(x, teacher, t_dtype))
+        if cache is not None:
+            t_feats, t_global = cache.targets(batch, device)
+        else:
+            with torch.no_grad():
+                t_feats, t_global = teacher.encode(teacher_input(x, teacher, t_dtype))
         with accelerator.accumulate(module):
             with accelerator.autocast():
                 s_feats, s_global = module(x)
@@ -164,7 +216,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if bad_images:
         accelerator.print(f"skipped {len(bad_images)} unreadable images (listed in run_summary.json)")
     if main:
-        export_outputs(accelerator.unwrap_model(module), cfg, run_dir, state, metrics.rows, teacher_name=teacher.name)
+        export_outputs(
+            accelerator.unwrap_model(module),
+            cfg,
+            run_dir,
+            state,
+            metrics.rows,
+            teacher_name=teacher.name,
+            teacher_cache=str(cache.folder) if cache else None,
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
@@ -193,9 +253,14 @@ def _log_row(accelerator, state, sums, n, seen, t0, scheduler, n_bad) -> dict:
     stacked = accelerator.reduce(torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]), "mean")
     values = (stacked / max(n, 1)).tolist()
     elapsed = max(time.perf_counter() - t0, 1e-9)
-    row = {"step": state.step, **dict(zip(keys, values)), "lr": scheduler.get_last_lr()[0],
-           "img_per_s": seen * accelerator.num_processes / elapsed, "nonfinite_steps": state.nonfinite_steps,
-           "bad_images": n_bad}
+    row = {
+        "step": state.step,
+        **dict(zip(keys, values)),
+        "lr": scheduler.get_last_lr()[0],
+        "img_per_s": seen * accelerator.num_processes / elapsed,
+        "nonfinite_steps": state.nonfinite_steps,
+        "bad_images": n_bad,
+    }
     return row
 
 

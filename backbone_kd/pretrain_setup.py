@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -27,8 +28,9 @@ def make_accelerator(cfg: PretrainConfig):
     from accelerate.utils import set_seed
 
     mp = os.environ.get("ACCELERATE_MIXED_PRECISION") or cfg.mixed_precision
-    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              cpu=cfg.cpu)
+    accelerator = Accelerator(
+        mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=cfg.cpu
+    )
     set_seed(cfg.seed)
     return accelerator
 
@@ -109,10 +111,9 @@ class StopFlag:
         self.flag = False
         self._previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            # ValueError: not the main thread (e.g. a notebook worker): rely on default handling
+            with contextlib.suppress(ValueError):
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. a notebook worker): rely on default handling
-                pass
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         if self.flag:  # second Ctrl-C: give up immediately
@@ -131,9 +132,19 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def export_outputs(module: nn.Module, cfg: PretrainConfig, run_dir: Path, state, rows: list[dict[str, Any]],
-                   teacher_name: str) -> None:
-    """Write ``backbone.safetensors``, ``projector.safetensors``, ``student.pt`` and ``run_summary.json``."""
+def export_outputs(
+    module: nn.Module,
+    cfg: PretrainConfig,
+    run_dir: Path,
+    state,
+    rows: list[dict[str, Any]],
+    teacher_name: str,
+    teacher_cache: str | None = None,
+) -> None:
+    """Write ``backbone.safetensors``, ``projector.safetensors``, ``student.pt`` and ``run_summary.json``.
+
+    ``teacher_cache``: the cache folder the targets came from (None: online teacher), recorded for provenance.
+    """
     from backbone_kd import __version__
     from backbone_kd.backbone_file import write_backbone_file
     from backbone_kd.inject import inject_backbone
@@ -141,16 +152,32 @@ def export_outputs(module: nn.Module, cfg: PretrainConfig, run_dir: Path, state,
     backbone = module.backbone
     final = rows[-1] if rows else {}
     meta = {
-        "teacher": teacher_name, "teacher_weights": cfg.teacher_weights, "teacher_pretrained": cfg.teacher_pretrained,
-        "student": cfg.student, "taps": backbone.taps, "image_size": cfg.image_size, "steps": state.step,
-        "final_loss": final.get("loss"), "final_metrics": final, "source_run": str(run_dir.resolve()),
+        "teacher": teacher_name,
+        "teacher_weights": cfg.teacher_weights,
+        "teacher_pretrained": cfg.teacher_pretrained,
+        "student": cfg.student,
+        "taps": backbone.taps,
+        "image_size": cfg.image_size,
+        "steps": state.step,
+        "final_loss": final.get("loss"),
+        "final_metrics": final,
+        "source_run": str(run_dir.resolve()),
+        "teacher_cache": teacher_cache,
     }
     bb_path = write_backbone_file(backbone.yolo, run_dir / "backbone.safetensors", metadata=meta)
-    proj_meta = {"student_channels": json.dumps(backbone.channels), "student_strides": json.dumps(backbone.strides),
-                 "teacher": teacher_name, "backbone_kd_version": __version__}
+    proj_meta = {
+        "student_channels": json.dumps(backbone.channels),
+        "student_strides": json.dumps(backbone.strides),
+        "teacher": teacher_name,
+        "backbone_kd_version": __version__,
+    }
     atomic_save_safetensors(module.projectors.state_dict(), run_dir / "projector.safetensors", metadata=proj_meta)
     nc = cfg.nc if not str(cfg.student).endswith(".pt") else None
     inject_backbone(bb_path, cfg.student, out=run_dir / "student.pt", nc=nc, force=True, verbose=False)
-    summary = {**meta, "nonfinite_steps": state.nonfinite_steps, "bad_images": state.bad_images,
-               "outputs": {k: str(run_dir / k) for k in ("backbone.safetensors", "student.pt", "projector.safetensors")}}
+    summary = {
+        **meta,
+        "nonfinite_steps": state.nonfinite_steps,
+        "bad_images": state.bad_images,
+        "outputs": {k: str(run_dir / k) for k in ("backbone.safetensors", "student.pt", "projector.safetensors")},
+    }
     atomic_write_text(json.dumps(summary, indent=2, default=str), run_dir / "run_summary.json")

@@ -27,7 +27,7 @@ def test_broken_files_are_skipped_and_reported(tmp_path) -> None:
     for i in range(len(paths)):
         item = ds[i]
         assert item["image"].shape == (3, 32, 32)
-        assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+        assert item["image"].min() >= 0.0 and item["image"].max() <= 1.0
         bad.update(item["bad"])
     assert {p.split("/")[-1] for p in bad} == {"zero.jpg", "text.png", "truncated.jpg"}
     batch = collate([ds[i] for i in range(len(paths))])
@@ -75,6 +75,6 @@ def test_sampler_epochs_sharding_and_resume() -> None:
     assert sorted(i % 10 for i in full[:10]) == list(range(10)) and {i // 10 for i in full[10:]} == {1}
     assert full[:10] != [i - 10 for i in full[10:]]  # reshuffled each epoch
     r0, r1 = take(ShardedInfiniteSampler(10, 2, 3, 0, 2), 10), take(ShardedInfiniteSampler(10, 2, 3, 1, 2), 10)
-    merged = [x for k in range(5) for x in r0[2 * k: 2 * k + 2] + r1[2 * k: 2 * k + 2]]
+    merged = [x for k in range(5) for x in r0[2 * k : 2 * k + 2] + r1[2 * k : 2 * k + 2]]
     assert merged == full  # two ranks together walk the single-process stream
     assert take(ShardedInfiniteSampler(10, 2, seed=3, start_batch=3), 6) == full[6:12]

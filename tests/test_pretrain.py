@@ -37,7 +37,9 @@ def test_cli_three_steps_and_outputs(image_dir, tmp_path) -> None:
     from ultralytics import YOLO
 
     sd = YOLO(str(run / "student.pt")).model.state_dict()
-    assert all(torch.allclose(sd[k].float(), tensors[k].float(), atol=1e-2) for k in tensors if tensors[k].is_floating_point())
+    assert all(
+        torch.allclose(sd[k].float(), tensors[k].float(), atol=1e-2) for k in tensors if tensors[k].is_floating_point()
+    )
     assert set(load_file(str(run / "projector.safetensors"))) and (run / "config.yaml").is_file()
     # A second run with the same name does not overwrite the first.
     assert main(tiny_pretrain_args(image_dir, tmp_path / "w", name="run", steps=1)) == 0
@@ -82,10 +84,22 @@ def test_resume_matches_uninterrupted_run(image_dir, tmp_path, monkeypatch) -> N
 def test_two_process_accelerate_launch(image_dir, tmp_path) -> None:
     # `accelerate launch --cpu` alone starts ONE process (its multi-CPU mode needs MPI); torchrun-style
     # `--multi_gpu` on a GPU-less machine gives 2 gloo CPU processes, and cpu=true keeps them on CPU anywhere.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "scripts" / "pretrain.py"),
-           *tiny_pretrain_args(image_dir, tmp_path / "w", batch_size=2, steps=2, save_every=1, cpu="true")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "scripts" / "pretrain.py"),
+        *tiny_pretrain_args(image_dir, tmp_path / "w", batch_size=2, steps=2, save_every=1, cpu="true"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

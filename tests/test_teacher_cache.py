@@ -1,0 +1,162 @@
+"""Teacher-feature cache: cached targets match the online teacher, lookups follow the crop/flip, staleness, reuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.ops import roi_align
+from torchvision.transforms.v2 import functional as TF
+
+from backbone_kd.config import build_config
+from backbone_kd.data import AugmentConfig, UnlabeledImages, ViewTransform, build_transform, collate, load_rgb
+from backbone_kd.loss import DistillationLoss, pair_levels
+from backbone_kd.pretrain_cli import main
+from backbone_kd.pretrain_setup import teacher_input
+from backbone_kd.projector import DistillStudent, Projectors
+from backbone_kd.student import YoloBackbone, load_yolo_model
+from backbone_kd.teacher import build_teacher
+from backbone_kd.teacher_cache import CachedTargets, crop_grids, prepare_teacher_cache
+from tests.conftest import TINY_VIT, TINY_VIT_KWARGS, make_images, tiny_pretrain_args
+
+NO_AUG = {"crop_scale": "null", "hflip": 0, "color_jitter": 0}
+ACCEL = SimpleNamespace(  # a single-process stand-in for accelerate.Accelerator (all the cache builder touches)
+    process_index=0, num_processes=1, is_main_process=True, device=torch.device("cpu"), print=print,
+    wait_for_everyone=lambda: None,
+)  # fmt: skip
+
+
+def _square_images(folder: Path, n: int) -> list[str]:
+    """Square images: resize + centre crop of the student path is then the cache's full-image squash resize."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray((rng.random((80, 80, 3)) * 255).astype(np.uint8)).save(folder / f"sq_{i:02d}.png")
+    return sorted(str(p) for p in folder.iterdir())
+
+
+def _setup(tmp_path: Path, paths: list[str], seed: int = 0, **extra):
+    cfg = build_config(tiny_pretrain_args(tmp_path, tmp_path / "w", teacher_cache=tmp_path / "cache", **extra))
+    torch.manual_seed(seed)
+    teacher = build_teacher(TINY_VIT, pretrained=False, image_size=64, model_kwargs=TINY_VIT_KWARGS)
+    return cfg, teacher, prepare_teacher_cache(cfg, teacher, paths, ACCEL, tmp_path / "run", torch.float32)
+
+
+def test_view_transform_reproduces_the_online_pipeline(tmp_path) -> None:
+    images = [load_rgb(str(p)) for p in make_images(tmp_path, 3)]
+    for aug in (AugmentConfig(), AugmentConfig(None, 0.5, 0.5), AugmentConfig((0.08, 1.0), 0.0, 0.0)):
+        reference, explicit = build_transform(48, aug), ViewTransform(48, aug)
+        for seed in range(6):
+            for image in images:
+                torch.manual_seed(seed)
+                expected = reference(image)
+                torch.manual_seed(seed)
+                assert torch.equal(explicit(image)[0], expected)  # bit-identical: online runs are unchanged
+
+
+def test_cached_targets_and_loss_match_online_teacher(tmp_path) -> None:
+    paths = _square_images(tmp_path / "sq", 6)
+    cfg, teacher, cache = _setup(tmp_path, paths, **NO_AUG)
+    data = CachedTargets(UnlabeledImages(paths, 64, AugmentConfig(None, 0.0, 0.0)), cache)
+    batch = collate([data[i] for i in range(4)])
+    online, online_cls = teacher.encode(teacher_input(batch["image"], teacher, torch.float32))
+    cached, cached_cls = cache.targets(batch, torch.device("cpu"))
+    assert [c.shape for c in cached] == [o.shape for o in online] == [(4, 48, 5, 5)]
+    for c, o in zip([*cached, cached_cls], [*online, online_cls]):
+        assert torch.allclose(c, o, rtol=2e-3, atol=2e-3 * float(o.abs().max()))  # fp16 storage only
+    torch.manual_seed(0)
+    backbone = YoloBackbone(load_yolo_model("yolov8n.yaml"), None)
+    pairing = pair_levels(backbone.strides, teacher.strides)
+    student = DistillStudent(backbone, Projectors(backbone.channels, [48] * 3, global_dim=48)).eval()
+    criterion = DistillationLoss([1.0] * 3, pairing, global_weight=0.5, smooth_l1_weight=0.5)
+    with torch.no_grad():
+        s_feats, s_global = student(batch["image"])
+        loss_online, _ = criterion(s_feats, online, s_global, online_cls)
+        loss_cached, _ = criterion(s_feats, cached, s_global, cached_cls)
+    assert torch.allclose(loss_cached, loss_online, rtol=1e-2), (loss_cached, loss_online)
+
+
+def test_crop_and_flip_lookup_is_roi_align_of_the_full_image_grid(tmp_path) -> None:
+    paths = [str(p) for p in make_images(tmp_path / "imgs", 5)]  # non-square, so boxes are not trivial
+    _, teacher, cache = _setup(tmp_path, paths)
+    aug = AugmentConfig((0.2, 0.6), 0.5, 0.0)
+    batch = collate([CachedTargets(UnlabeledImages(paths, 64, aug, seed=3), cache)[k] for k in range(5)])
+    assert batch["flip"].any() and not batch["flip"].all()
+    # The reported box and flip reproduce the student's view from the full image.
+    for b in range(5):
+        full = TF.pil_to_tensor(load_rgb(paths[int(batch["index"][b])]))
+        x0, y0, x1, y1 = (batch["box"][b] * torch.tensor(full.shape[-1:-3:-1] * 2)).round().int().tolist()
+        view = TF.resized_crop(full, y0, x0, y1 - y0, x1 - x0, [64, 64], antialias=True)
+        view = TF.to_dtype(view.flip(-1) if batch["flip"][b] else view, torch.float32, scale=True)
+        assert torch.equal(view, batch["image"][b])
+    # The target is roi_align (pixel-centre convention) of the online teacher's grid of the squash-resized image.
+    full_views = torch.stack(
+        [TF.to_dtype(TF.resize(TF.pil_to_tensor(load_rgb(paths[int(i)])), [64, 64]), torch.float32, scale=True)
+         for i in batch["index"]]
+    )  # fmt: skip
+    grid = teacher.encode(teacher_input(full_views, teacher, torch.float32))[0][0]  # (5, 48, 5, 5)
+    rois = torch.cat([torch.arange(5.0)[:, None], batch["box"] * 5.0], dim=1)
+    expected = roi_align(grid, rois, (5, 5), sampling_ratio=-1, aligned=True)
+    expected = torch.where(batch["flip"].view(-1, 1, 1, 1), expected.flip(-1), expected)
+    cached = cache.targets(batch, torch.device("cpu"))[0][0]
+    assert torch.allclose(cached, expected, rtol=2e-3, atol=2e-3 * float(expected.abs().max()))
+    # Flips commute: mirroring the grid and the box equals flipping the crop.
+    mirrored = batch["box"][:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1.0, -1.0, 1.0]) + torch.tensor([1.0, 0, 1.0, 0])
+    no_flip = torch.zeros(5, dtype=torch.bool)
+    a = crop_grids([grid.flip(-1)], mirrored, no_flip, [(4, 6)])[0]
+    b = crop_grids([grid], batch["box"], torch.ones(5, dtype=torch.bool), [(4, 6)])[0]
+    assert torch.allclose(a, b, atol=1e-5)
+    # A cache encoded at another size (7x7 grid) still yields the online grid size for image_size (5x5).
+    cfg = build_config(tiny_pretrain_args(tmp_path, tmp_path / "w", teacher_cache=tmp_path / "c96"))
+    cfg.teacher_cache_size = 96
+    big = prepare_teacher_cache(cfg, teacher, paths, ACCEL, tmp_path / "run", torch.float32)
+    assert big.meta["grid_sizes"] == [[7, 7]] and big.targets(batch, torch.device("cpu"))[0][0].shape == (5, 48, 5, 5)
+
+
+def test_stale_cache_is_refused_or_rebuilt(tmp_path) -> None:
+    paths = [str(p) for p in make_images(tmp_path / "imgs", 4)]
+    cfg, teacher, cache = _setup(tmp_path, paths)
+    assert (tmp_path / "cache" / "meta.json").is_file() and not list(tmp_path.glob(".tmp_*"))
+    with pytest.raises(ValueError, match="weights_digest"):  # same name, other weights
+        _setup(tmp_path, paths, seed=1)
+    with pytest.raises(ValueError, match="files"):  # other file list
+        prepare_teacher_cache(cfg, teacher, paths[:3], ACCEL, tmp_path / "run", torch.float32)
+    with pytest.raises(ValueError, match="cache_size"):
+        _setup(tmp_path, paths, teacher_cache_size=96)
+    # auto: the key folder follows the fingerprint; a damaged one is rebuilt, a matching one reused.
+    auto = build_config(tiny_pretrain_args(tmp_path, tmp_path / "w", teacher_cache="auto"))
+    first = prepare_teacher_cache(auto, teacher, paths, ACCEL, tmp_path / "run", torch.float32).folder
+    meta = json.loads((first / "meta.json").read_text())
+    (first / "meta.json").write_text(json.dumps({**meta, "n_images": 99}))
+    again = prepare_teacher_cache(auto, teacher, paths, ACCEL, tmp_path / "run", torch.float32).folder
+    assert again == first and json.loads((first / "meta.json").read_text()) == meta
+    other = prepare_teacher_cache(auto, teacher, paths[:3], ACCEL, tmp_path / "run", torch.float32).folder
+    assert other.parent == first.parent and other != first
+
+
+def test_cli_cached_run_matches_online_and_reuses_cache(tmp_path, capsys) -> None:
+    folder = tmp_path / "sq"
+    _square_images(folder, 8)
+    out = tmp_path / "w"
+    common = {**NO_AUG, "steps": 2, "save_every": 0}
+    assert main(tiny_pretrain_args(folder, out, name="online", **common)) == 0
+    assert main(tiny_pretrain_args(folder, out, name="cached", teacher_cache="auto", **common)) == 0
+    assert "teacher cache: building" in capsys.readouterr().out
+    rows = {
+        n: [json.loads(x) for x in (out / n / "metrics.jsonl").read_text().splitlines()] for n in ("online", "cached")
+    }
+    for a, b in zip(rows["online"], rows["cached"]):  # same batches, same init: the same loss, step after step
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-2)
+    summary = json.loads((out / "cached" / "run_summary.json").read_text())
+    assert (out / "cached" / "student.pt").is_file() and Path(summary["teacher_cache"]).parent == out / "teacher_cache"
+    cache = Path(summary["teacher_cache"])
+    stamp = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert main(tiny_pretrain_args(folder, out, name="cached", teacher_cache="auto", **{**common, "steps": 1})) == 0
+    assert "teacher cache: reusing" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamp  # not rebuilt
+    assert (out / "cached2" / "backbone.safetensors").is_file()
