@@ -38,7 +38,7 @@ class PretrainConfig:
     teacher_last_k: int = _f(1, "ViT: concatenate patch tokens of the last k blocks")
     teacher_indices: Any = _f(None, "explicit ViT block indices / CNN out_indices / YOLO teacher taps")
     teacher_kwargs: dict = _f({}, "extra timm.create_model kwargs (e.g. {depth: 2} for tiny test teachers)")
-    teacher_dtype: str = _f("auto", "teacher compute dtype: auto (= mixed_precision, fp32 on CPU), fp32, bf16, fp16")
+    teacher_dtype: str = _f("auto", "teacher dtype: auto (= mixed_precision; CPU: bf16 or fp32), fp32, bf16, fp16")
     teacher_cache: Any = _f(
         None,
         "null: run the teacher every step; auto: precompute its features once into <output>/teacher_cache/<key> "

@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work-dir", default=None, help="run folders and the cache (default: a temp dir)")
     parser.add_argument("--json", default=None, help="write results here")
     args, rest = parser.parse_known_args(argv)
-    paths = list(resolve_image_sources([args.unlabeled]))
+    # Absolute: train.txt lives in the work dir, and list entries resolve relative to the list's own folder.
+    paths = [str(Path(p).resolve()) for p in resolve_image_sources([args.unlabeled])]
     held, train = paths[:: args.holdout], [p for i, p in enumerate(paths) if i % args.holdout]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bkd_teacher_cache_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -107,3 +107,32 @@ def test_two_process_accelerate_launch(image_dir, tmp_path) -> None:
     assert "2 process(es)" in cfg_text
     _, meta = read_backbone_file(tmp_path / "w" / "pretrain" / "backbone.safetensors")
     assert meta["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("mixed", "device", "expected"),
+    [
+        ("no", "cpu", torch.float32),
+        ("bf16", "cpu", torch.bfloat16),  # native bf16 on AVX512-BF16/AMX CPUs: the teacher is most of a step
+        ("fp16", "cpu", torch.float32),  # CPU fp16 matmuls are emulated
+        ("fp16", "cuda", torch.float16),
+        ("bf16", "cuda", torch.bfloat16),
+    ],
+)
+def test_teacher_dtype_follows_mixed_precision(mixed, device, expected, monkeypatch) -> None:
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    cfg = build_config(unlabeled=["x"], mixed_precision=mixed)
+    assert pretrain_setup.teacher_dtype(cfg, torch.device(device)) == expected
+    cfg.teacher_dtype = "fp32"  # an explicit dtype always wins
+    assert pretrain_setup.teacher_dtype(cfg, torch.device(device)) == torch.float32
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # `accelerate launch --mixed_precision bf16`
+    cfg.teacher_dtype = "auto"
+    assert pretrain_setup.teacher_dtype(cfg, torch.device("cpu")) == torch.bfloat16
+
+
+def test_bf16_cpu_run_is_finite(image_dir, tmp_path) -> None:
+    run = pretrain(
+        build_config(tiny_pretrain_args(image_dir, tmp_path / "w", steps=2, save_every=0, mixed_precision="bf16"))
+    )
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(0.0 < r["loss"] < 4.0 for r in rows) and rows[-1]["nonfinite_steps"] == 0

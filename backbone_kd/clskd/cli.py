@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import yaml
+from backbone_kd.kv_args import parse_kv_args
 
 USAGE = """usage: bkd distill-classify model=STUDENT teacher=TEACHER data=FOLDER [key=value ...]
 
@@ -36,25 +36,7 @@ RAW_KEYS = {"model", "data", "teacher", "teacher_weights", "project", "name", "r
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
     """Parse ``key=value`` tokens (values with YAML rules, paths kept as text); a bare ``resume`` means True."""
-    out: dict[str, Any] = {}
-    for tok in argv:
-        if "=" not in tok:
-            if tok == "resume":
-                out["resume"] = True
-                continue
-            raise ValueError(f"argument {tok!r} is not key=value; see bkd distill-classify --help")
-        key, value = (s.strip() for s in tok.split("=", 1))
-        if key == "resume" and value.lower() in {"true", "false"}:
-            out[key] = value.lower() == "true"  # resume=True: ultralytics picks the latest run's last.pt
-            continue
-        if key in RAW_KEYS:
-            out[key] = value
-            continue
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[key] = value
-    return out
+    return parse_kv_args(argv, "bkd distill-classify", RAW_KEYS)
 
 
 def main(argv: list[str] | None = None) -> int:

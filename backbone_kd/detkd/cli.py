@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 
+from backbone_kd.kv_args import parse_kv_args
+
 USAGE = """usage: bkd distill-detect model=STUDENT teacher=TEACHER.pt data=DATA.yaml [key=value ...]
 
 KD keys (everything else goes to ultralytics' trainer, e.g. epochs= imgsz= batch= optimizer= lr0= freeze= amp=):
@@ -27,18 +29,7 @@ STRING_KEYS = frozenset({"kd", "teacher", "model", "data", "recipe", "name", "pr
 
 def parse_args(argv: list[str]) -> dict:
     """Parse ``key=value`` tokens (values with YAML rules); ``resume`` alone means resume=True."""
-    from backbone_kd.detkd.recipe import parse_value
-
-    out: dict = {}
-    for tok in argv:
-        if "=" not in tok:
-            if tok == "resume":
-                out["resume"] = True
-                continue
-            raise ValueError(f"argument {tok!r} is not key=value; see bkd distill-detect --help")
-        k, v = tok.split("=", 1)
-        out[k.strip()] = v if k.strip() in STRING_KEYS else parse_value(v)
-    return out
+    return parse_kv_args(argv, "bkd distill-detect", STRING_KEYS)
 
 
 def main(argv: list[str] | None = None) -> int:

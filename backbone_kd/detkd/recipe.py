@@ -9,11 +9,12 @@ point, not "everything on".
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from backbone_kd.kv_args import coerce_numbers
 
 RESPONSE_LOSSES = ("cls", "dfl", "box", "pseudo")
 FEATURE_LOSSES = ("cos", "l2", "cwd", "mgd", "at")
@@ -71,28 +72,6 @@ def resolve_recipe_path(name: str | Path) -> Path:
 
 
 # YAML 1.1 (PyYAML) reads exponent floats without a dot ("1e-3", "5E4") as strings; so would a user's recipe file
-_EXP_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-
-
-def _numbers(value: Any) -> Any:
-    """Recursively turn exponent-notation strings (``"1e-3"``) into floats; everything else is returned unchanged."""
-    if isinstance(value, str) and _EXP_FLOAT.match(value.strip()):
-        return float(value)
-    if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_numbers(v) for v in value]
-    return value
-
-
-def parse_value(text: str) -> Any:
-    """Parse a command-line value with YAML rules plus exponent floats (``1e-3`` -> 0.001, ``a,b`` stays a string)."""
-    try:
-        return _numbers(yaml.safe_load(text))
-    except yaml.YAMLError:
-        return text
-
-
 def set_dotted(recipe: dict, dotted: str, value: Any) -> None:
     """Set ``recipe[a][b][c] = value`` for ``dotted='a.b.c'``, creating intermediate dicts."""
     keys = dotted.split(".")
@@ -122,7 +101,7 @@ def load_recipe(recipe: str | Path | dict | None = None, enabled: str | list[str
         user = yaml.safe_load(resolve_recipe_path(recipe).read_text(encoding="utf-8")) or {}
         if not isinstance(user, dict):
             raise ValueError(f"KD recipe {recipe!r} must be a YAML mapping (see configs/detkd/default.yaml)")
-    out = _merge(DEFAULT_RECIPE, _numbers(user))
+    out = _merge(DEFAULT_RECIPE, coerce_numbers(user))
     if enabled is not None:
         if isinstance(enabled, str):
             enabled = [] if enabled.strip().lower() in {"", "none", "off"} else enabled.split(",")

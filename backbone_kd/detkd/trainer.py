@@ -21,9 +21,10 @@ from ultralytics.utils.torch_utils import unwrap_model
 from backbone_kd.detkd.adapters import FeatureAdapters, neck_widths
 from backbone_kd.detkd.criterion import COLUMNS
 from backbone_kd.detkd.model import KDDetectionModel, as_kd_model, as_plain_detection_model
-from backbone_kd.detkd.recipe import FEATURE_LOSSES, load_recipe, parse_value, set_dotted
+from backbone_kd.detkd.recipe import FEATURE_LOSSES, load_recipe, set_dotted
 from backbone_kd.detkd.teacher import KDLink, check_pair, load_teacher
 from backbone_kd.io_utils import atomic_torch_save
+from backbone_kd.kv_args import parse_value
 
 # keys consumed here, never passed to ultralytics' argument checker
 KD_KEYS = ("teacher", "recipe", "kd", "kd_weight", "det_weight", "kd_warmup", "kd_anchors", "kd_max_norm")
