@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+OFF = (None, False, "", "none", "null", "false", "off")  # values that switch an optional feature off
+
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 — mirrors argparse's vocabulary
     if isinstance(default, list | dict | tuple):
@@ -58,6 +60,11 @@ class PretrainConfig:
     global_weight: float = _f(0.0, "weight of 1-cos(pooled last student level, teacher CLS)")
     # data
     image_size: int = _f(224, "square training size; a multiple of the teacher patch size and 32")
+    image_size_schedule: Any = _f(
+        None,
+        "resolution switches [[fraction_of_steps, size], ...], e.g. [[0.8, 448]]: image_size until 80% of the steps, "
+        "then 448 (features that hold at YOLO's 640 fine-tuning size); same batch size",
+    )
     batch_size: int = _f(32, "images per process per micro-batch")
     workers: int = _f(4, "DataLoader worker processes per training process (0 = load in the main process)")
     crop_scale: Any = _f([0.25, 1.0], "RandomResizedCrop area range; null = resize + center crop")
@@ -214,6 +221,37 @@ def validate(cfg: PretrainConfig) -> None:
         raise ValueError(f"teacher_dtype must be auto, fp32, bf16 or fp16, got {cfg.teacher_dtype!r}")
     if cfg.steps is not None and int(cfg.steps) < 1:
         raise ValueError("steps must be >= 1")
+    if cfg.image_size_schedule:
+        resolution_switches(cfg)  # raises with the fix
+        if cfg.teacher_cache not in OFF:
+            raise ValueError(
+                "teacher_cache holds one grid size per image; it cannot serve image_size_schedule. Drop one of them "
+                "(e.g. run the low-resolution phase with the cache, then resume a second run at the high resolution)"
+            )
+
+
+def resolution_switches(cfg: PretrainConfig) -> list[tuple[float, int]]:
+    """``image_size_schedule`` as sorted ``(fraction, size)`` pairs (empty: one resolution).
+
+    Raises:
+        ValueError: Not a list of ``[fraction, size]`` pairs with fractions increasing in (0, 1) and sizes that are
+            multiples of 32.
+    """
+    raw = cfg.image_size_schedule or []
+    usage = "write image_size_schedule as [[fraction_of_steps, size], ...], e.g. [[0.8, 448]]"
+    if not isinstance(raw, list | tuple):
+        raise ValueError(f"image_size_schedule={raw!r}: {usage}")
+    out: list[tuple[float, int]] = []
+    for item in raw:
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            raise ValueError(f"image_size_schedule entry {item!r}: {usage}")
+        frac, size = float(item[0]), int(item[1])
+        if not 0.0 < frac < 1.0 or (out and frac <= out[-1][0]):
+            raise ValueError(f"image_size_schedule fractions must increase within (0, 1), got {frac}; {usage}")
+        if size % 32 or size < 32:
+            raise ValueError(f"image_size_schedule size {size} must be a positive multiple of 32")
+        out.append((frac, size))
+    return out
 
 
 def help_text() -> str:

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from backbone_kd.checkpoints import TrainState, resolve_resume, save_checkpoint
-from backbone_kd.config import PretrainConfig
+from backbone_kd.config import OFF, PretrainConfig, resolution_switches
 from backbone_kd.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate
 from backbone_kd.loss import DistillationLoss, pair_levels
 from backbone_kd.metrics import MetricsLogger
@@ -37,7 +37,7 @@ from backbone_kd.projector import DistillStudent, Projectors
 from backbone_kd.sources import resolve_image_sources
 from backbone_kd.student import YoloBackbone, load_yolo_model
 from backbone_kd.teacher import build_teacher
-from backbone_kd.teacher_cache import OFF, CachedTargets, prepare_teacher_cache
+from backbone_kd.teacher_cache import CachedTargets, prepare_teacher_cache
 
 LOGGER = logging.getLogger("backbone_kd")
 
@@ -112,35 +112,43 @@ def pretrain(cfg: PretrainConfig) -> Path:
         module = torch.compile(module)  # type: ignore[assignment]
 
     # --- data: resumable sharded order; workers only decode/augment ---
-    dataset = UnlabeledImages(
-        paths,
-        cfg.image_size,
-        AugmentConfig(cfg.crop_scale, cfg.hflip, cfg.color_jitter),
-        seed=cfg.seed,
-        max_pixels=cfg.max_image_pixels,
-        exclude=cache.bad if cache else (),
-    )
-    if cache is not None:
-        dataset = CachedTargets(dataset, cache)  # cached rows are read in the workers, beside image decoding
-    sampler = ShardedInfiniteSampler(
-        len(paths),
-        cfg.batch_size,
-        cfg.seed,
-        accelerator.process_index,
-        accelerator.num_processes,
-        start_batch=state.micro_step,
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=cfg.workers,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-        persistent_workers=cfg.workers > 0,
-        prefetch_factor=4 if cfg.workers > 0 else None,
-    )
+    switches = resolution_switches(cfg)
+
+    def size_at(step: int) -> int:
+        """Training resolution at an optimizer step: image_size, then each image_size_schedule switch."""
+        return next((size for frac, size in reversed(switches) if step >= frac * steps), cfg.image_size)
+
+    def make_loader(size: int) -> DataLoader:
+        """A loader at ``size`` that continues the sample order at the current micro-step (also after resume)."""
+        dataset = UnlabeledImages(
+            paths,
+            size,
+            AugmentConfig(cfg.crop_scale, cfg.hflip, cfg.color_jitter),
+            seed=cfg.seed,
+            max_pixels=cfg.max_image_pixels,
+            exclude=cache.bad if cache else (),
+        )
+        if cache is not None:
+            dataset = CachedTargets(dataset, cache)  # cached rows are read in the workers, beside image decoding
+        sampler = ShardedInfiniteSampler(
+            len(paths),
+            cfg.batch_size,
+            cfg.seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+            start_batch=state.micro_step,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            num_workers=cfg.workers,
+            collate_fn=collate,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+            persistent_workers=cfg.workers > 0,
+            prefetch_factor=4 if cfg.workers > 0 else None,
+        )
 
     metrics = MetricsLogger(
         run_dir, enabled=main, tensorboard=cfg.tensorboard, resume_step=state.step if resume_from is not None else None
@@ -152,8 +160,14 @@ def pretrain(cfg: PretrainConfig) -> Path:
     progress = _progress(main, steps, state.step)
     params = [p for p in module.parameters() if p.requires_grad]
     module.train()
-    data_iter = iter(loader)
+    size, data_iter = None, None
     while state.step < steps:
+        if size_at(state.step) != size:  # only changes right after an optimizer step (state.step moves on sync)
+            size = size_at(state.step)
+            del data_iter  # shuts the previous phase's workers down
+            data_iter = iter(make_loader(size))
+            if switches:
+                accelerator.print(f"step {state.step}: training at {size} px")
         batch = next(data_iter)
         state.micro_step += 1
         bad_images.update(batch["bad"])

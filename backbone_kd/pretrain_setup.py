@@ -167,6 +167,7 @@ def export_outputs(
         "student": cfg.student,
         "taps": backbone.taps,
         "image_size": cfg.image_size,
+        "image_size_schedule": cfg.image_size_schedule,
         "steps": state.step,
         "final_loss": final.get("loss"),
         "final_metrics": final,

@@ -39,7 +39,6 @@ from backbone_kd.data import load_rgb
 from backbone_kd.pretrain_setup import teacher_input
 
 FORMAT_VERSION = 1
-OFF = (None, False, "", "none", "null", "false", "off")
 
 
 def weights_digest(module: torch.nn.Module) -> str:

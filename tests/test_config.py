@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from backbone_kd.config import build_config, help_text, parse_overrides
+from backbone_kd.config import build_config, help_text, parse_overrides, resolution_switches
 
 
 def test_precedence_and_syntaxes(tmp_path) -> None:
@@ -52,3 +52,25 @@ def test_validation(tmp_path) -> None:
     with pytest.raises(ValueError, match="teacher_wieghts"):
         build_config(["--config", str(bad)])
     assert "--teacher-weights" in help_text()
+
+
+@pytest.mark.parametrize(
+    ("schedule", "match"),
+    [
+        ("448", "write image_size_schedule as"),
+        ("[[0.8]]", "entry"),
+        ("[[0.0, 448]]", "increase within"),
+        ("[[0.5, 256], [0.4, 448]]", "increase within"),
+        ("[[0.5, 450]]", "multiple of 32"),
+    ],
+)
+def test_bad_image_size_schedule_is_refused(schedule, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_config([f"image_size_schedule={schedule}", "unlabeled=x"])
+
+
+def test_image_size_schedule_parses_and_refuses_the_teacher_cache() -> None:
+    cfg = build_config(["image_size_schedule=[[0.5, 256], [0.9, 448]]", "unlabeled=x"])
+    assert resolution_switches(cfg) == [(0.5, 256), (0.9, 448)]
+    with pytest.raises(ValueError, match="cannot serve image_size_schedule"):
+        build_config(["image_size_schedule=[[0.5, 256]]", "teacher_cache=auto", "unlabeled=x"])

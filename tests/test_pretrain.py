@@ -53,8 +53,11 @@ def test_bad_input_fails_before_models_load(tmp_path, capsys) -> None:
     assert main(["--unlabeled", str(tmp_path), "--imgsz", "64"]) == 2
 
 
-def test_resume_matches_uninterrupted_run(image_dir, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("schedule", [None, "[[0.5, 96]]"], ids=["one_size", "size_switch_at_resume"])
+def test_resume_matches_uninterrupted_run(image_dir, tmp_path, monkeypatch, capsys, schedule) -> None:
     common = {"steps": 6, "gradient_accumulation_steps": 2, "batch_size": 2}
+    if schedule:  # 64 px for steps 1-3, 96 px for 4-6: the resumed run must start in the second phase
+        common["image_size_schedule"] = schedule
     straight = pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "a", **common)))
 
     calls = {"n": 0}
@@ -78,6 +81,9 @@ def test_resume_matches_uninterrupted_run(image_dir, tmp_path, monkeypatch) -> N
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
     rows = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2, 3, 4, 5, 6]
+    if schedule:
+        out = capsys.readouterr().out
+        assert out.count("step 0: training at 64 px") == 2 and out.count("step 3: training at 96 px") == 2
 
 
 @pytest.mark.slow
@@ -130,7 +136,18 @@ def test_teacher_dtype_follows_mixed_precision(mixed, device, expected, monkeypa
     assert pretrain_setup.teacher_dtype(cfg, torch.device("cpu")) == torch.bfloat16
 
 
-def test_bf16_cpu_run_is_finite(image_dir, tmp_path) -> None:
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed-precision setting per process (by design: it asks for a restart to change it); tests
+    that change it run in a fresh state and leave one behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_bf16_cpu_run_is_finite(image_dir, tmp_path, fresh_accelerate_state) -> None:
     run = pretrain(
         build_config(tiny_pretrain_args(image_dir, tmp_path / "w", steps=2, save_every=0, mixed_precision="bf16"))
     )
