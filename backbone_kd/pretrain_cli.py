@@ -6,6 +6,7 @@ Works the same under ``python`` and ``accelerate launch`` (one process per devic
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from backbone_kd.config import build_config, help_text
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    print(f"outputs in {run_dir}: backbone.safetensors, student.pt, projector.safetensors, metrics.csv")
+    if int(os.environ.get("RANK", "0")) == 0:  # once per launch, not once per DDP process
+        print(f"outputs in {run_dir}: backbone.safetensors, student.pt, projector.safetensors, metrics.csv")
     return 0
 
 

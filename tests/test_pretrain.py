@@ -87,7 +87,8 @@ def test_resume_matches_uninterrupted_run(image_dir, tmp_path, monkeypatch, caps
 
 
 @pytest.mark.slow
-def test_two_process_accelerate_launch(image_dir, tmp_path) -> None:
+@pytest.mark.parametrize("cache", ["null", "auto"], ids=["online_teacher", "sharded_teacher_cache"])
+def test_two_process_accelerate_launch(image_dir, tmp_path, cache) -> None:
     # `accelerate launch --cpu` alone starts ONE process (its multi-CPU mode needs MPI); torchrun-style
     # `--multi_gpu` on a GPU-less machine gives 2 gloo CPU processes, and cpu=true keeps them on CPU anywhere.
     cmd = [
@@ -104,7 +105,9 @@ def test_two_process_accelerate_launch(image_dir, tmp_path) -> None:
         "--dynamo_backend",
         "no",
         str(REPO / "scripts" / "pretrain.py"),
-        *tiny_pretrain_args(image_dir, tmp_path / "w", batch_size=2, steps=2, save_every=1, cpu="true"),
+        *tiny_pretrain_args(
+            image_dir, tmp_path / "w", batch_size=2, steps=2, save_every=1, cpu="true", teacher_cache=cache
+        ),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -113,6 +116,11 @@ def test_two_process_accelerate_launch(image_dir, tmp_path) -> None:
     assert "2 process(es)" in cfg_text
     _, meta = read_backbone_file(tmp_path / "w" / "pretrain" / "backbone.safetensors")
     assert meta["steps"] == 2
+    assert proc.stdout.count("outputs in") == 1  # printed by rank 0 only
+    if cache == "auto":  # both ranks encoded their shard into one cache; rank 0 finalised it
+        (folder,) = (tmp_path / "w" / "teacher_cache").iterdir()
+        assert meta["teacher_cache"] == str(folder) and not list(folder.parent.glob(".tmp_*"))
+        assert json.loads((folder / "meta.json").read_text())["bad"] == []
 
 
 @pytest.mark.parametrize(
