@@ -1,4 +1,4 @@
-"""Ultralytics-style ``key=value`` command-line tokens, parsed the same way by every ``bkd distill-*`` command.
+"""Ultralytics-style ``key=value`` command lines, parsed and run the same way by every ``bkd distill-*`` command.
 
 Values follow YAML rules (``3`` -> int, ``false`` -> bool, ``[1, 2]`` -> list) plus exponent floats (YAML 1.1 keeps
 ``1e-3`` a string; here it is 0.001). Keys naming paths or run names stay verbatim, because YAML would turn
@@ -8,7 +8,8 @@ Values follow YAML rules (``3`` -> int, ``false`` -> bool, ``[1, 2]`` -> list) p
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable
+import sys
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import yaml
@@ -62,3 +63,45 @@ def parse_kv_args(argv: Iterable[str], command: str, verbatim: Collection[str] =
         else:
             out[key] = value if key in verbatim else parse_value(value)
     return out
+
+
+def run_trainer_command(
+    argv: list[str] | None,
+    command: str,
+    usage: str,
+    verbatim: Collection[str],
+    model_hint: str,
+    build_trainer: Callable[[dict[str, Any]], Any],
+) -> int:
+    """The whole front end of a ``bkd distill-*`` command: help, parsing, checks, then ``build_trainer(args).train()``.
+
+    ``resume=PATH`` without ``model=`` resumes that checkpoint (ultralytics reads the model from it). Usage errors and
+    ``ValueError`` / ``FileNotFoundError`` raised while building the trainer (bad teacher, missing file) are printed
+    as ``<command>: <message>`` with exit code 2 instead of a traceback.
+
+    Returns:
+        0 after training (the run folder is printed), 2 for a usage or input error.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(usage)
+        return 0
+    try:
+        args = parse_kv_args(argv, command, verbatim)
+    except ValueError as e:
+        print(f"{command}: {e}", file=sys.stderr)
+        return 2
+    resume = args.get("resume")
+    if "model" not in args and not resume:
+        print(f"{command}: model= is required ({model_hint})\n\n{usage}", file=sys.stderr)
+        return 2
+    if isinstance(resume, str) and "model" not in args:
+        args["model"] = resume
+    try:
+        trainer = build_trainer(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{command}: {e}", file=sys.stderr)
+        return 2
+    trainer.train()
+    print(f"results: {trainer.save_dir}")
+    return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from backbone_kd.kv_args import parse_kv_args
+from backbone_kd.kv_args import parse_kv_args, run_trainer_command
 
 USAGE = """usage: bkd distill-classify model=STUDENT teacher=TEACHER data=FOLDER [key=value ...]
 
@@ -41,31 +41,13 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run KD training from command-line tokens; returns an exit code (2 for usage errors)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help", "help"}:
-        print(USAGE)
-        return 0
-    try:
-        args = parse_args(argv)
-    except ValueError as e:
-        print(f"bkd distill-classify: {e}", file=sys.stderr)
-        return 2
-    resume = args.get("resume")
-    if "model" not in args and not resume:
-        print("bkd distill-classify: model= is required (student .pt or -cls.yaml)\n\n" + USAGE, file=sys.stderr)
-        return 2
-    if isinstance(resume, str) and "model" not in args:
-        args["model"] = resume
-    from backbone_kd.clskd.trainer import DistillationClassificationTrainer
 
-    try:
-        trainer = DistillationClassificationTrainer(overrides={"mode": "train", **args})
-    except (ValueError, FileNotFoundError) as e:
-        print(f"bkd distill-classify: {e}", file=sys.stderr)
-        return 2
-    trainer.train()
-    print(f"results: {trainer.save_dir}")
-    return 0
+    def build(args: dict[str, Any]):
+        from backbone_kd.clskd.trainer import DistillationClassificationTrainer
+
+        return DistillationClassificationTrainer(overrides={"mode": "train", **args})
+
+    return run_trainer_command(argv, "bkd distill-classify", USAGE, RAW_KEYS, "student .pt or -cls.yaml", build)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from backbone_kd.kv_args import parse_kv_args
+from backbone_kd.kv_args import parse_kv_args, run_trainer_command
 
 USAGE = """usage: bkd distill-detect model=STUDENT teacher=TEACHER.pt data=DATA.yaml [key=value ...]
 
@@ -33,27 +33,14 @@ def parse_args(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run KD fine-tuning from command-line tokens; returns an exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help", "help"}:
-        print(USAGE)
-        return 0
-    try:
-        args = parse_args(argv)
-    except ValueError as e:
-        print(f"bkd distill-detect: {e}", file=sys.stderr)
-        return 2
-    from backbone_kd.detkd.trainer import DistillationDetectionTrainer
+    """Run KD fine-tuning from command-line tokens; returns an exit code (2 for usage errors)."""
 
-    if "model" not in args and not args.get("resume"):
-        print("bkd distill-detect: model= is required (student .pt or .yaml)\n\n" + USAGE, file=sys.stderr)
-        return 2
-    if isinstance(args.get("resume"), str) and "model" not in args:
-        args["model"] = args["resume"]
-    trainer = DistillationDetectionTrainer(overrides={"task": "detect", "mode": "train", **args})
-    trainer.train()
-    print(f"results: {trainer.save_dir}")
-    return 0
+    def build(args: dict):
+        from backbone_kd.detkd.trainer import DistillationDetectionTrainer
+
+        return DistillationDetectionTrainer(overrides={"task": "detect", "mode": "train", **args})
+
+    return run_trainer_command(argv, "bkd distill-detect", USAGE, STRING_KEYS, "student .pt or .yaml", build)
 
 
 if __name__ == "__main__":
