@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 from ultralytics.nn.tasks import DetectionModel
 
+from backbone_kd.demo import make_shapes_dataset
 from backbone_kd.detkd import DistillationDetectionTrainer, distill_detect
 from backbone_kd.detkd.adapters import FeatureAdapters
 from backbone_kd.detkd.cli import main as cli_main
@@ -26,30 +26,6 @@ from backbone_kd.detkd.recipe import ALL_LOSSES
 
 IMGSZ = 64
 NC = 2
-
-
-def _make_dataset(root: Path, n_train: int = 8, n_val: int = 4, seed: int = 0) -> Path:
-    """Write a YOLO-format set of dark images with 2 coloured boxes each (class = colour); return its data.yaml."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            img = (rng.random((IMGSZ, IMGSZ, 3)) * 60).astype(np.uint8)
-            lines = []
-            for _ in range(2):
-                c = int(rng.integers(NC))
-                w, h = rng.uniform(0.2, 0.5, 2)
-                x, y = rng.uniform(0.3, 0.7, 2)
-                x0, x1 = int((x - w / 2) * IMGSZ), int((x + w / 2) * IMGSZ)
-                y0, y1 = int((y - h / 2) * IMGSZ), int((y + h / 2) * IMGSZ)
-                img[y0:y1, x0:x1] = (230, 30, 30) if c == 0 else (30, 230, 30)
-                lines.append(f"{c} {x:.5f} {y:.5f} {w:.5f} {h:.5f}")
-            Image.fromarray(img).save(root / "images" / split / f"im{i}.jpg")
-            (root / "labels" / split / f"im{i}.txt").write_text("\n".join(lines) + "\n")
-    data = root / "data.yaml"
-    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: red\n  1: green\n")
-    return data
 
 
 def _make_teacher(path: Path, cfg: str = "yolov8n.yaml", nc: int = NC, seed: int = 1) -> Path:
@@ -75,7 +51,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("detkd")
     return {
         "root": root,
-        "data": _make_dataset(root / "data"),
+        "data": make_shapes_dataset(root / "data", n_train=8, n_val=4, size=IMGSZ),
         "t_v8n": _make_teacher(root / "t_v8n.pt"),
         "t_v8s": _make_teacher(root / "t_v8s.pt", "yolov8s.yaml"),  # wider neck than yolov8n: adapters must project
     }

@@ -9,33 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from backbone_kd.backbone_file import read_backbone_file, write_backbone_file
+from backbone_kd.demo import make_shapes_dataset
 from backbone_kd.finetune import finetune, main, parse_args
 from backbone_kd.inject import inject_backbone
 
 TRAIN = {"epochs": 1, "imgsz": 64, "batch": 4, "workers": 0, "device": "cpu", "plots": False, "exist_ok": True}
-
-
-def make_dataset(root: Path, n: int = 4, size: int = 64) -> Path:
-    """``n`` images of ``size`` px with one red and one green rectangle each (classes 0 and 1), YOLO format."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for i in range(n):
-            img, lines = (rng.random((size, size, 3)) * 60).astype(np.uint8), []
-            for cls, color in enumerate([(200, 40, 40), (40, 200, 40)]):
-                w, h = rng.integers(size // 4, size // 2, 2)
-                x0, y0 = rng.integers(0, size - w), rng.integers(0, size - h)
-                img[y0 : y0 + h, x0 : x0 + w] = color
-                lines.append(f"{cls} {(x0 + w / 2) / size:.4f} {(y0 + h / 2) / size:.4f} {w / size:.4f} {h / size:.4f}")
-            Image.fromarray(img).save(root / "images" / split / f"{i}.jpg")
-            (root / "labels" / split / f"{i}.txt").write_text("\n".join(lines) + "\n")
-    data = root / "data.yaml"
-    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: red\n  1: green\n")
-    return data
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +24,7 @@ def setup(tmp_path_factory):
     from ultralytics import YOLO
 
     root = tmp_path_factory.mktemp("finetune")
-    data = make_dataset(root / "data")
+    data = make_shapes_dataset(root / "data", n_train=4, n_val=4, size=64)
     torch.manual_seed(0)
     source = YOLO("yolov8n.yaml")
     with torch.no_grad():

@@ -6,22 +6,6 @@ Public API: :func:`convert_kitti` (KITTI 2D object labels -> YOLO boxes), :func:
 
 from __future__ import annotations
 
-from backbone_kd.convert.kitti import (
-    DEFAULT_KITTI_CLASSES,
-    ConversionReport,
-    KittiObject,
-    convert_kitti,
-    kitti_to_yolo_box,
-    parse_kitti_line,
-    split_of,
-)
-
-__all__ = [
-    "DEFAULT_KITTI_CLASSES",
-    "ConversionReport",
-    "KittiObject",
-    "convert_kitti",
-    "kitti_to_yolo_box",
-    "parse_kitti_line",
-    "split_of",
-]
+# The public API is kitti.__all__, listed once there.
+from backbone_kd.convert.kitti import *  # noqa: F403
+from backbone_kd.convert.kitti import __all__  # noqa: F401
