@@ -46,26 +46,13 @@ class AugmentConfig:
     color_jitter: float = 0.5
 
 
-def build_transform(image_size: int, aug: AugmentConfig) -> v2.Compose:
-    """PIL image -> float tensor (3, image_size, image_size) in [0, 1] (the student's input range)."""
-    ops: list = []
-    if aug.crop_scale is None:
-        ops += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-    else:
-        ops.append(v2.RandomResizedCrop(image_size, scale=tuple(aug.crop_scale), antialias=True))
-    if aug.hflip > 0:
-        ops.append(v2.RandomHorizontalFlip(aug.hflip))
-    if aug.color_jitter > 0:
-        s = aug.color_jitter
-        ops.append(v2.RandomApply([v2.ColorJitter(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s)], p=0.8))
-    return v2.Compose([v2.PILToTensor(), *ops, v2.ToDtype(torch.float32, scale=True)])
-
-
 class ViewTransform:
-    """The augmentation of :func:`build_transform`, done step by step so the crop box and flip can be reported.
+    """The standard torchvision augmentation, done step by step so the crop box and flip can be reported.
 
-    It draws from the global torch RNG in exactly the order ``build_transform``'s ``Compose`` does (crop params, flip
-    coin, jitter), so for the same seed both give bit-identical images: switching to it changed no online run.
+    Equivalent to ``v2.Compose([PILToTensor, RandomResizedCrop (or Resize + CenterCrop when crop_scale is None),
+    RandomHorizontalFlip, RandomApply([ColorJitter], p=0.8), ToDtype])``: it draws from the global torch RNG in the
+    same order (crop params, flip coin, jitter), so for the same seed both give bit-identical images
+    (tests/test_teacher_cache.py holds that Compose as the reference).
 
     ``__call__(image)`` returns ``(view, box, flipped)``: ``view`` (3, S, S) float32 in [0, 1]; ``box`` (4,) float32,
     the crop ``[x0, y0, x1, y1]`` as fractions of the loaded image's width/height (before the flip); ``flipped`` a

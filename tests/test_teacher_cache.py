@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 from torchvision.ops import roi_align
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from backbone_kd.config import build_config
-from backbone_kd.data import AugmentConfig, UnlabeledImages, ViewTransform, build_transform, collate, load_rgb
+from backbone_kd.data import AugmentConfig, UnlabeledImages, ViewTransform, collate, load_rgb
 from backbone_kd.loss import DistillationLoss, pair_levels
 from backbone_kd.pretrain_cli import main
 from backbone_kd.pretrain_setup import teacher_input
@@ -45,6 +46,21 @@ def _setup(tmp_path: Path, paths: list[str], seed: int = 0, **extra):
     torch.manual_seed(seed)
     teacher = build_teacher(TINY_VIT, pretrained=False, image_size=64, model_kwargs=TINY_VIT_KWARGS)
     return cfg, teacher, prepare_teacher_cache(cfg, teacher, paths, ACCEL, tmp_path / "run", torch.float32)
+
+
+def build_transform(image_size: int, aug: AugmentConfig) -> v2.Compose:
+    """The reference: torchvision's own Compose pipeline for the same augmentation."""
+    ops: list = []
+    if aug.crop_scale is None:
+        ops += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    else:
+        ops.append(v2.RandomResizedCrop(image_size, scale=tuple(aug.crop_scale), antialias=True))
+    if aug.hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(aug.hflip))
+    if aug.color_jitter > 0:
+        s = aug.color_jitter
+        ops.append(v2.RandomApply([v2.ColorJitter(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s)], p=0.8))
+    return v2.Compose([v2.PILToTensor(), *ops, v2.ToDtype(torch.float32, scale=True)])
 
 
 def test_view_transform_reproduces_the_online_pipeline(tmp_path) -> None:
