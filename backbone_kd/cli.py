@@ -12,7 +12,7 @@ import sys
 # name -> (module, one-line help). Each module exposes ``main(argv: list[str] | None = None) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": (
-        "backbone_kd.pretrain_cli",
+        "backbone_kd.pretrain.cli",
         "stage 1: distil a ViT/CNN teacher into a YOLO backbone on unlabeled images",
     ),
     "inject": ("backbone_kd.inject", "write a distilled backbone into a YOLO .pt/.yaml model (verified)"),

@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
-from backbone_kd.teacher_weights import hub_reachable
+from backbone_kd.pretrain.teacher_weights import hub_reachable
 
 NAMES = {0: "rectangle", 1: "ellipse"}
 BANNER = "!" * 100
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             "This run is an install check of every code path; its backbone is NOT useful. For real pretraining\n"
             "pass --teacher-weights dinov2_vits14_pretrain.pth to `bkd pretrain`.\n" + BANNER + "\n"
         )
-    from backbone_kd.config import build_config
-    from backbone_kd.pretrain import pretrain
+    from backbone_kd.pretrain.config import build_config
+    from backbone_kd.pretrain.loop import pretrain
 
     cfg = build_config(
         [],

@@ -50,8 +50,8 @@ def _side_report(spec: dict, step_ends: list[tuple[float, float]], t0: float, ex
 def _side_ours(spec: dict) -> None:
     """``bkd pretrain`` with the benchmark settings; timestamps each optimizer step via the progress bar."""
     t0 = time.perf_counter()
-    import backbone_kd.pretrain as pretrain_mod
-    from backbone_kd.config import build_config
+    import backbone_kd.pretrain.loop as pretrain_mod
+    from backbone_kd.pretrain.config import build_config
 
     step_ends: list[tuple[float, float]] = []
     make_progress = pretrain_mod._progress

@@ -35,7 +35,7 @@ DEFAULT_UNLABELED = REPO.parent / "shared" / "data" / "unlabeled" / "bsds500"
 
 def _train(cfg) -> tuple[Path, float, float]:
     """Run ``pretrain``; returns (run folder, cache build seconds or 0, mean step seconds after the first step)."""
-    from backbone_kd import pretrain as loop
+    from backbone_kd.pretrain import loop
 
     build = {"s": 0.0}
     original = loop.prepare_teacher_cache
@@ -64,11 +64,11 @@ def _heldout_cosine(cfg, run: Path, teacher, images: list[str]) -> dict[str, flo
     from safetensors.torch import load_file
     from torch.utils.data import DataLoader
 
-    from backbone_kd.data import AugmentConfig, UnlabeledImages, collate
-    from backbone_kd.loss import DistillationLoss, pair_levels
-    from backbone_kd.pretrain_setup import teacher_input
-    from backbone_kd.projector import DistillStudent, Projectors
-    from backbone_kd.student import YoloBackbone, load_yolo_model
+    from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, collate
+    from backbone_kd.pretrain.loss import DistillationLoss, pair_levels
+    from backbone_kd.pretrain.projector import DistillStudent, Projectors
+    from backbone_kd.pretrain.setup import teacher_input
+    from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
 
     backbone = YoloBackbone(load_yolo_model(str(run / "student.pt")), cfg.taps)
     pairing = pair_levels(backbone.strides, teacher.strides)
@@ -98,9 +98,9 @@ def _fidelity(cfg, cache, teacher, images: list[str], jitter: float, batches: in
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from backbone_kd.data import AugmentConfig, UnlabeledImages, collate
-    from backbone_kd.pretrain_setup import teacher_input
-    from backbone_kd.teacher_cache import CachedTargets
+    from backbone_kd.pretrain.cache import CachedTargets
+    from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, collate
+    from backbone_kd.pretrain.setup import teacher_input
 
     aug = AugmentConfig(cfg.crop_scale, cfg.hflip, jitter)
     data = CachedTargets(UnlabeledImages(images, cfg.image_size, aug, seed=cfg.seed), cache)
@@ -116,10 +116,10 @@ def _fidelity(cfg, cache, teacher, images: list[str], jitter: float, batches: in
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from backbone_kd.config import build_config
-    from backbone_kd.sources import resolve_image_sources
-    from backbone_kd.teacher import build_teacher
-    from backbone_kd.teacher_cache import TeacherCache, probe, weights_digest
+    from backbone_kd.pretrain.cache import TeacherCache, probe, weights_digest
+    from backbone_kd.pretrain.config import build_config
+    from backbone_kd.pretrain.sources import resolve_image_sources
+    from backbone_kd.pretrain.teacher import build_teacher
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--unlabeled", default=str(DEFAULT_UNLABELED))

@@ -73,14 +73,14 @@ def run(argv: list[str]) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from backbone_kd.config import build_config
-    from backbone_kd.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate
-    from backbone_kd.loss import DistillationLoss, pair_levels
-    from backbone_kd.pretrain_setup import build_optimizer, teacher_dtype, teacher_input
-    from backbone_kd.projector import DistillStudent, Projectors
-    from backbone_kd.sources import resolve_image_sources
-    from backbone_kd.student import YoloBackbone, load_yolo_model
-    from backbone_kd.teacher import build_teacher
+    from backbone_kd.pretrain.config import build_config
+    from backbone_kd.pretrain.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate
+    from backbone_kd.pretrain.loss import DistillationLoss, pair_levels
+    from backbone_kd.pretrain.projector import DistillStudent, Projectors
+    from backbone_kd.pretrain.setup import build_optimizer, teacher_dtype, teacher_input
+    from backbone_kd.pretrain.sources import resolve_image_sources
+    from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
+    from backbone_kd.pretrain.teacher import build_teacher
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=10)

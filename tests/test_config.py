@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from backbone_kd.config import build_config, help_text, parse_overrides, resolution_switches
+from backbone_kd.pretrain.config import build_config, help_text, parse_overrides, resolution_switches
 
 
 def test_precedence_and_syntaxes(tmp_path) -> None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from backbone_kd.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate, load_rgb
+from backbone_kd.pretrain.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate, load_rgb
 from tests.conftest import make_images
 
 

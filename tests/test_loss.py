@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backbone_kd.loss import DistillationLoss, align, cosine_token_loss, pair_levels, standardized_smooth_l1
+from backbone_kd.pretrain.loss import DistillationLoss, align, cosine_token_loss, pair_levels, standardized_smooth_l1
 
 
 def test_cosine_loss_properties() -> None:

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from backbone_kd import pretrain_setup
 from backbone_kd.backbone_file import read_backbone_file
-from backbone_kd.config import build_config
-from backbone_kd.pretrain import pretrain
-from backbone_kd.pretrain_cli import main
-from backbone_kd.student import load_yolo_model
+from backbone_kd.pretrain import setup as pretrain_setup
+from backbone_kd.pretrain.cli import main
+from backbone_kd.pretrain.config import build_config
+from backbone_kd.pretrain.loop import pretrain
+from backbone_kd.pretrain.student import load_yolo_model
 from tests.conftest import REPO, tiny_pretrain_args
 
 

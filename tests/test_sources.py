@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from backbone_kd.sources import PathList, resolve_image_sources
+from backbone_kd.pretrain.sources import PathList, resolve_image_sources
 from tests.conftest import make_images
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from backbone_kd.config import build_config
-from backbone_kd.pretrain import pretrain
+from backbone_kd.pretrain.config import build_config
+from backbone_kd.pretrain.loop import pretrain
 from tests.conftest import tiny_pretrain_args
 
 COMMON = {"steps": 2, "save_every": 0, "batch_size": 2}

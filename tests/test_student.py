@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backbone_kd.features import FeatureExtractor
-from backbone_kd.student import YoloBackbone, backbone_length, default_taps, load_yolo_model
+from backbone_kd.pretrain.features import FeatureExtractor
+from backbone_kd.pretrain.student import YoloBackbone, backbone_length, default_taps, load_yolo_model
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from backbone_kd import teacher_weights
-from backbone_kd.teacher import ViTTeacher, build_teacher
-from backbone_kd.teacher_weights import create_timm_model
+from backbone_kd.pretrain import teacher_weights
+from backbone_kd.pretrain.teacher import ViTTeacher, build_teacher
+from backbone_kd.pretrain.teacher_weights import create_timm_model
 from tests.conftest import TINY_VIT, TINY_VIT_KWARGS
 
 

@@ -14,15 +14,15 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from backbone_kd.config import build_config
-from backbone_kd.data import AugmentConfig, UnlabeledImages, ViewTransform, collate, load_rgb
-from backbone_kd.loss import DistillationLoss, pair_levels
-from backbone_kd.pretrain_cli import main
-from backbone_kd.pretrain_setup import teacher_input
-from backbone_kd.projector import DistillStudent, Projectors
-from backbone_kd.student import YoloBackbone, load_yolo_model
-from backbone_kd.teacher import build_teacher
-from backbone_kd.teacher_cache import CachedTargets, crop_grids, prepare_teacher_cache
+from backbone_kd.pretrain.cache import CachedTargets, crop_grids, prepare_teacher_cache
+from backbone_kd.pretrain.cli import main
+from backbone_kd.pretrain.config import build_config
+from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, ViewTransform, collate, load_rgb
+from backbone_kd.pretrain.loss import DistillationLoss, pair_levels
+from backbone_kd.pretrain.projector import DistillStudent, Projectors
+from backbone_kd.pretrain.setup import teacher_input
+from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
+from backbone_kd.pretrain.teacher import build_teacher
 from tests.conftest import TINY_VIT, TINY_VIT_KWARGS, make_images, tiny_pretrain_args
 
 NO_AUG = {"crop_scale": "null", "hflip": 0, "color_jitter": 0}

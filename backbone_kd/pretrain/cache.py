@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
-from backbone_kd.data import load_rgb
-from backbone_kd.pretrain_setup import teacher_input
+from backbone_kd.pretrain.data import load_rgb
+from backbone_kd.pretrain.setup import teacher_input
 
 FORMAT_VERSION = 1
 
@@ -134,7 +134,7 @@ class TeacherCache:
 
 
 class CachedTargets(Dataset):
-    """Wraps :class:`~backbone_kd.data.UnlabeledImages`: each sample also carries its image's cached teacher rows."""
+    """Wraps :class:`~backbone_kd.pretrain.data.UnlabeledImages`: each sample also carries its cached teacher rows."""
 
     def __init__(self, images: Dataset, cache: TeacherCache) -> None:
         self.images, self.cache = images, cache
@@ -202,7 +202,7 @@ def prepare_teacher_cache(cfg, teacher, paths, accelerator, run_dir: Path, dtype
     """Reuse the cache that matches this teacher and data, or build it (all ranks call this).
 
     Args:
-        cfg: The :class:`~backbone_kd.config.PretrainConfig` (``teacher_cache``, ``teacher_cache_size``, ...).
+        cfg: The :class:`~backbone_kd.pretrain.config.PretrainConfig` (``teacher_cache``, ``teacher_cache_size``, ...).
         teacher: The frozen teacher, already on the device in ``dtype``.
         paths: Ordered image paths (row i of the cache is ``paths[i]``).
         run_dir: This run's folder (names the temp folder, so concurrent runs never share one).

@@ -8,7 +8,7 @@ Design decisions:
   batches keep a fixed size (needed for fixed-shape compilation and for DDP ranks to stay in lock-step).
 - Every sample also reports *where* its view came from (the index of the file actually used, the crop box in
   normalised coordinates of that image, and the flip flag), so a teacher-feature cache
-  (:mod:`backbone_kd.teacher_cache`) can cut the teacher's grid in step with the student's crop.
+  (:mod:`backbone_kd.pretrain.cache`) can cut the teacher's grid in step with the student's crop.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backbone_kd.teacher_weights import create_timm_model, is_vit_name
+from backbone_kd.pretrain.teacher_weights import create_timm_model, is_vit_name
 
 Output = tuple[list[torch.Tensor], torch.Tensor | None]
 
@@ -114,7 +114,7 @@ class YoloTeacher(FrozenTeacher):
     """The backbone of an ultralytics ``.pt`` (e.g. a COCO-trained YOLO11n) as a CNN teacher; inputs stay [0, 1]."""
 
     def __init__(self, path: str, taps: list[int] | None = None) -> None:
-        from backbone_kd.student import YoloBackbone, load_yolo_model
+        from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
 
         super().__init__(None, None)
         self.backbone = YoloBackbone(load_yolo_model(path), taps)

@@ -2,7 +2,7 @@
 
 Only the trainable module (student backbone + projectors) is prepared, saved and synchronised; the frozen teacher
 lives beside it on the same device, in its own dtype, and is rebuilt (not restored) on resume. With ``teacher_cache``
-the teacher only encodes the data set once (:mod:`backbone_kd.teacher_cache`) and is then freed; each step crops its
+the teacher only encodes the data set once (:mod:`backbone_kd.pretrain.cache`) and is then freed; each step crops its
 targets out of the cached grids with the student's crop box and flip.
 """
 
@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from backbone_kd.checkpoints import TrainState, resolve_resume, save_checkpoint
-from backbone_kd.config import OFF, PretrainConfig, resolution_switches
-from backbone_kd.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate
-from backbone_kd.loss import DistillationLoss, pair_levels
-from backbone_kd.metrics import MetricsLogger
-from backbone_kd.pretrain_setup import (
+from backbone_kd.pretrain.cache import CachedTargets, prepare_teacher_cache
+from backbone_kd.pretrain.checkpoints import TrainState, resolve_resume, save_checkpoint
+from backbone_kd.pretrain.config import OFF, PretrainConfig, resolution_switches
+from backbone_kd.pretrain.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate
+from backbone_kd.pretrain.loss import DistillationLoss, pair_levels
+from backbone_kd.pretrain.metrics import MetricsLogger
+from backbone_kd.pretrain.projector import DistillStudent, Projectors
+from backbone_kd.pretrain.setup import (
     StopFlag,
     build_optimizer,
     build_scheduler,
@@ -33,11 +35,9 @@ from backbone_kd.pretrain_setup import (
     teacher_input,
     write_run_config,
 )
-from backbone_kd.projector import DistillStudent, Projectors
-from backbone_kd.sources import resolve_image_sources
-from backbone_kd.student import YoloBackbone, load_yolo_model
-from backbone_kd.teacher import build_teacher
-from backbone_kd.teacher_cache import CachedTargets, prepare_teacher_cache
+from backbone_kd.pretrain.sources import resolve_image_sources
+from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
+from backbone_kd.pretrain.teacher import build_teacher
 
 LOGGER = logging.getLogger("backbone_kd")
 

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from backbone_kd.config import build_config, help_text
+from backbone_kd.pretrain.config import build_config, help_text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("backbone_kd").setLevel(logging.INFO)
     try:
         cfg = build_config(argv)
-        from backbone_kd.pretrain import pretrain
+        from backbone_kd.pretrain.loop import pretrain
 
         run_dir = pretrain(cfg)
     except (ValueError, FileNotFoundError, FileExistsError) as err:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from backbone_kd.config import PretrainConfig
 from backbone_kd.io_utils import atomic_save_safetensors, atomic_write_text
+from backbone_kd.pretrain.config import PretrainConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from backbone_kd.features import probe_strides
+from backbone_kd.pretrain.features import probe_strides
 
 
 def load_yolo_model(spec: str | Path, nc: int | None = None, verbose: bool = False) -> nn.Module:
