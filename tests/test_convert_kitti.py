@@ -139,3 +139,107 @@ def test_cli_force_symlink_strict_and_max_samples(tmp_path: Path, capsys: pytest
     assert not list(out.glob("images/val/*"))  # --val-fraction 0: everything in train, stale val files removed
     assert yaml.safe_load((out / "data.yaml").read_text())["val"] == "images/train"
     assert convert_main(["kitti", "--src", str(tmp_path), "--out", str(tmp_path / "o2")]) == 2  # no image_2 there
+
+
+def _devkit_mapping(folder: Path, drives: list[str], seed: int = 0) -> Path:
+    """KITTI devkit ``mapping/``: ``train_mapping.txt`` (one raw frame per line) and ``train_rand.txt`` (1-based
+    line of each object-benchmark frame, a permutation). Frame i comes from ``drives[i]``."""
+    import random
+
+    folder.mkdir(parents=True)
+    order = list(range(len(drives)))
+    random.Random(seed).shuffle(order)  # mapping line of frame i is order[i]
+    lines = [""] * len(drives)
+    for frame, line in enumerate(order):
+        date = drives[frame][:10]
+        lines[line] = f"{date} {drives[frame]} {frame:010d}"
+    (folder / "train_mapping.txt").write_text("\n".join(lines) + "\n")
+    (folder / "train_rand.txt").write_text(",".join(str(line + 1) for line in order) + "\n")
+    return folder
+
+
+def _splits_by_stem(out: Path) -> dict[str, str]:
+    return {p.stem: p.parent.name for p in out.glob("labels/*/*.txt")}
+
+
+def test_split_by_drive_keeps_every_drive_in_one_split(tmp_path: Path) -> None:
+    """Frames of one drive are near-duplicates: hashing frames leaks them into both splits, splitting by drive not."""
+    src = make_kitti(tmp_path / "KITTI", n_extra=27)  # 30 frames
+    drives = [f"2011_09_26_drive_{i // 5:04d}_sync" for i in range(30)]  # 6 drives x 5 frames
+    mapping = _devkit_mapping(tmp_path / "devkit" / "mapping", drives)
+    drive_of = {f"{i:06d}": d for i, d in enumerate(drives)}
+
+    frame_out = tmp_path / "by_frame"
+    convert_kitti(src, frame_out, val_fraction=0.3)
+    by_frame = _splits_by_stem(frame_out)
+    assert any(len({by_frame[s] for s in by_frame if drive_of[s] == d}) == 2 for d in set(drives))  # the leak
+
+    for i, drive_map in enumerate((mapping, mapping / "train_rand.txt")):  # the folder or one of its files
+        out = tmp_path / f"by_drive{i}"
+        report = convert_kitti(src, out, val_fraction=0.3, split_by="drive", drive_map=drive_map)
+        splits = _splits_by_stem(out)
+        assert len(splits) == 30 and set(splits.values()) == {"train", "val"}
+        for d in set(drives):
+            assert len({splits[s] for s in splits if drive_of[s] == d}) == 1, d
+        assert report.split_by == "drive" and sum(report.split_groups.values()) == 6
+        assert "drives: train" in report.summary()
+
+    # a plain two-column file (frame stem, group) works too; frames it does not list are an error
+    plain = tmp_path / "groups.txt"
+    plain.write_text("# stem group\n" + "".join(f"{s} seq{int(s) % 4}\n" for s in sorted(drive_of)))
+    out = tmp_path / "by_group"
+    convert_kitti(src, out, val_fraction=0.5, split_by="drive", drive_map=plain)
+    splits = _splits_by_stem(out)
+    for g in range(4):
+        assert len({splits[s] for s in splits if int(s) % 4 == g}) == 1
+    plain.write_text("000000 seq0\n")
+    with pytest.raises(ValueError, match="29 frame"):
+        convert_kitti(src, tmp_path / "partial", split_by="drive", drive_map=plain)
+    with pytest.raises(ValueError, match="--drive-map"):
+        convert_kitti(src, tmp_path / "nomap", split_by="drive")
+    with pytest.raises(ValueError, match="split_by"):
+        convert_kitti(src, tmp_path / "badmode", split_by="sequence-ish")
+    assert not (tmp_path / "partial").exists() and not (tmp_path / "nomap").exists()  # refused before writing
+
+
+def test_split_lists_give_the_standard_split(tmp_path: Path) -> None:
+    """--split-lists train.txt,val.txt (e.g. the 3712/3769 ImageSets): exactly those frames, nothing else."""
+    src = make_kitti(tmp_path / "KITTI", n_extra=5)  # 000000..000007
+    lists = tmp_path / "ImageSets"
+    lists.mkdir()
+    (lists / "train.txt").write_text("000000\n000002\n000003\n000005\n")
+    (lists / "val.txt").write_text("000001\n000004\n000009\n\n")  # 000009 has no image; 000006/7 are unlisted
+    out = tmp_path / "yolo"
+    report = convert_kitti(src, out, split_lists=(lists / "train.txt", lists / "val.txt"))
+    assert _splits_by_stem(out) == {
+        "000000": "train",
+        "000002": "train",
+        "000003": "train",
+        "000005": "train",
+        "000001": "val",
+        "000004": "val",
+    }
+    assert report.split_by == "lists" and report.unlisted_images == ["000006.png", "000007.png"]
+    assert report.listed_missing == ["000009"]
+    assert yaml.safe_load((out / "data.yaml").read_text())["val"] == "images/val"
+    (lists / "val.txt").write_text("000001\n000002\n")
+    with pytest.raises(ValueError, match="000002"):  # a frame in both lists
+        convert_kitti(src, tmp_path / "both", split_lists=(lists / "train.txt", lists / "val.txt"))
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        convert_kitti(src, tmp_path / "missing", split_lists=(lists / "train.txt", lists / "nope.txt"))
+
+    out2 = tmp_path / "cli"
+    args = [
+        "kitti",
+        "--src",
+        str(src),
+        "--out",
+        str(out2),
+        "--split-lists",
+        f"{lists / 'train.txt'},{lists / 'val.txt'}",
+    ]
+    assert convert_main(args) == 2  # the overlapping lists: one-line error
+    (lists / "val.txt").write_text("000001\n")
+    assert convert_main(args) == 0 and _splits_by_stem(out2)["000001"] == "val"
+    assert convert_main(["kitti", "--src", str(src), "--out", str(tmp_path / "o3"), "--split-lists", "a.txt"]) == 2
+    assert convert_main(["kitti", "--src", str(src), "--out", str(tmp_path / "o4"), "--split-by", "drive"]) == 2

@@ -4,6 +4,8 @@ Example::
 
     bkd convert kitti --src KITTI/training --out datasets/kitti_yolo --classes Car,Pedestrian,Cyclist \\
         --merge Van=Car --val-fraction 0.1 --symlink
+    bkd convert kitti --src KITTI/training --out datasets/kitti_drives --drive-map devkit_object/mapping
+    bkd convert kitti --src KITTI/training --out datasets/kitti_3dop --split-lists ImageSets/train.txt,ImageSets/val.txt
 """
 
 from __future__ import annotations
@@ -31,6 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k.add_argument("--val-fraction", type=float, default=0.1, help="share of images in val, by stem hash (default 0.1)")
     k.add_argument("--seed", type=int, default=0, help="salt of the split hash (default 0)")
+    k.add_argument(
+        "--split-by",
+        choices=("frame", "drive"),
+        default=None,
+        help="hash each frame (default) or each drive, so no drive is in both splits (needs --drive-map)",
+    )
+    k.add_argument(
+        "--drive-map",
+        default=None,
+        help="frame -> drive: the KITTI devkit mapping/ folder (train_rand.txt, train_mapping.txt) or a "
+        "'<frame> <drive>' text file; implies --split-by drive",
+    )
+    k.add_argument(
+        "--split-lists",
+        default=None,
+        metavar="TRAIN,VAL",
+        help="fixed split from two frame-id lists, e.g. ImageSets/train.txt,ImageSets/val.txt (3712/3769)",
+    )
     k.add_argument("--max-samples", type=int, default=None, help="convert only the first N images (sorted by name)")
     k.add_argument("--symlink", action="store_true", help="symlink images instead of copying them")
     k.add_argument("--force", action="store_true", help="replace images/ and labels/ of a non-empty --out")
@@ -55,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             symlink=args.symlink,
             force=args.force,
             seed=args.seed,
+            split_by=args.split_by,
+            drive_map=args.drive_map,
+            split_lists=args.split_lists.split(",") if args.split_lists else None,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"bkd convert kitti: error: {e}", file=sys.stderr)

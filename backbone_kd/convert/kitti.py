@@ -7,7 +7,10 @@ Decisions (documented in the report too):
 - Boxes are clipped to the image; a box with no positive area left (fully outside / zero width or height) is dropped
   and listed with file and line, as is every malformed line. Nothing is dropped silently.
 - Images with no kept box stay as background images with an empty label file (they teach "nothing here").
-- The split hashes each stem (see :func:`split_of`), so it is deterministic and stable when images are added.
+- The split hashes each stem (see :func:`split_of`), so it is deterministic and stable when images are added. KITTI
+  frames come from a few dozen drives, and neighbouring frames of a drive are near-duplicates: ``split_by="drive"``
+  with the devkit's ``mapping/`` (or any frame -> sequence file) hashes whole drives instead, and ``split_lists``
+  takes a fixed split (e.g. the common 3712/3769 ``ImageSets/train.txt`` / ``val.txt``).
 """
 
 from __future__ import annotations
@@ -24,12 +27,17 @@ from PIL import Image
 
 from backbone_kd.convert.kitti_labels import (
     DEFAULT_KITTI_CLASSES,
+    SPLIT_MODES,
     KittiObject,
+    assign_group_splits,
     assign_splits,
     format_yolo_line,
+    frame_key,
     kitti_to_yolo_box,
     parse_kitti_line,
     parse_merge,
+    read_drive_map,
+    read_split_lists,
     split_of,
 )
 from backbone_kd.io_utils import atomic_write, atomic_write_text
@@ -41,6 +49,8 @@ __all__ = [
     "convert_kitti",
     "kitti_to_yolo_box",
     "parse_kitti_line",
+    "read_drive_map",
+    "read_split_lists",
     "split_of",
 ]
 
@@ -83,6 +93,10 @@ class ConversionReport:
     missing_labels: list[str] = field(default_factory=list)  # images without a label file (kept as background)
     missing_images: list[str] = field(default_factory=list)  # label files without an image (skipped)
     unreadable_images: list[str] = field(default_factory=list)
+    split_by: str = "frame"  # frame (stem hash) | drive (hash of each frame's drive) | lists (fixed id lists)
+    split_groups: Counter = field(default_factory=Counter)  # split -> drives (split_by="drive")
+    unlisted_images: list[str] = field(default_factory=list)  # images in neither split list (skipped)
+    listed_missing: list[str] = field(default_factory=list)  # ids in the split lists without an image
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -109,6 +123,16 @@ class ConversionReport:
         lines.append(
             f"images: train {im['train']} val {im['val']} (background, no kept box: {bg['train'] + bg['val']})"
         )
+        if self.split_by == "drive":
+            g = self.split_groups
+            lines.append(f"split by drive (drives: train {g['train']} val {g['val']}; no drive in both splits)")
+        elif self.split_by == "lists":
+            lines.append(
+                f"split from lists: {len(self.unlisted_images)} image(s) in neither list skipped, "
+                f"{len(self.listed_missing)} listed id(s) without an image"
+            )
+        else:
+            lines.append("split by frame (hash of the file stem)")
         if self.merged:
             lines.append("merged: " + ", ".join(f"{k} {v}" for k, v in sorted(self.merged.items())))
         if self.dropped:
@@ -123,6 +147,8 @@ class ConversionReport:
             ("images without label file (kept as background)", self.missing_labels),
             ("label files without image (skipped)", self.missing_images),
             ("unreadable images (skipped)", self.unreadable_images),
+            ("images in neither split list (skipped)", self.unlisted_images),
+            ("split-list ids without an image", self.listed_missing),
         ):
             if items:
                 lines.append(f"{title}: {len(items)}, e.g. {', '.join(items[:5])}")
@@ -182,6 +208,50 @@ def _convert_labels(
     return kept
 
 
+def _plan_splits(
+    stems: list[str],
+    images: dict[str, Path],
+    val_fraction: float,
+    seed: int,
+    split_by: str | None,
+    drive_map: str | Path | None,
+    split_lists: Sequence[str | Path] | None,
+    report: ConversionReport,
+) -> tuple[list[str], dict[str, str]]:
+    """Choose each stem's split (see :func:`convert_kitti`); returns the stems to convert and ``{stem: split}``."""
+    if split_by is None:
+        split_by = "drive" if drive_map is not None else "frame"
+    if split_by not in SPLIT_MODES:
+        raise ValueError(f"split_by must be one of {SPLIT_MODES}, got {split_by!r}; e.g. --split-by drive")
+    if split_lists is not None:
+        if split_by == "drive" or drive_map is not None:
+            raise ValueError("--split-lists fixes the split itself: drop --split-by drive / --drive-map")
+        if len(split_lists) != 2:
+            raise ValueError(
+                f"--split-lists needs two files TRAIN,VAL (frame ids, one a line), got {list(split_lists)}"
+            )
+        listed = read_split_lists(*split_lists)
+        report.split_by = "lists"
+        report.unlisted_images = [images[s].name for s in stems if frame_key(s) not in listed]
+        have = {frame_key(s) for s in images}
+        report.listed_missing = sorted(raw for key, (_, raw) in listed.items() if key not in have)
+        stems = [s for s in stems if frame_key(s) in listed]
+        if not stems:
+            raise ValueError(f"no image of {len(images)} is named in the split lists {list(map(str, split_lists))}")
+        return stems, {s: listed[frame_key(s)][0] for s in stems}
+    if split_by == "drive":
+        if drive_map is None:
+            raise ValueError(
+                "--split-by drive needs --drive-map: the KITTI devkit mapping/ folder (train_rand.txt, "
+                "train_mapping.txt) or a '<frame> <drive>' file"
+            )
+        splits, by_drive = assign_group_splits(stems, read_drive_map(drive_map), val_fraction, seed, str(drive_map))
+        report.split_by = "drive"
+        report.split_groups = Counter(by_drive.values())
+        return stems, splits
+    return stems, assign_splits(stems, val_fraction, seed)  # validates val_fraction before anything is written
+
+
 def convert_kitti(
     src: str | Path,
     out: str | Path,
@@ -192,6 +262,9 @@ def convert_kitti(
     symlink: bool = False,
     force: bool = False,
     seed: int = 0,
+    split_by: str | None = None,
+    drive_map: str | Path | None = None,
+    split_lists: Sequence[str | Path] | None = None,
 ) -> ConversionReport:
     """Convert a KITTI object training set to YOLO format and write ``data.yaml`` and ``conversion_report.json``.
 
@@ -205,6 +278,13 @@ def convert_kitti(
         symlink: Symlink images (absolute targets) instead of copying them.
         force: Replace the ``images/`` and ``labels/`` folders of a non-empty ``out``.
         seed: Salt of the split hash; change it for another deterministic split.
+        split_by: ``"frame"`` (hash each stem; the default without ``drive_map``) or ``"drive"`` (hash each frame's
+            drive so a drive never spans both splits; ``val_fraction`` is then the share of drives; the default with
+            ``drive_map``).
+        drive_map: Frame -> drive mapping for ``split_by="drive"``: the KITTI object devkit ``mapping/`` folder
+            (``train_rand.txt`` + ``train_mapping.txt``) or a text file of ``<frame stem> <drive>`` lines.
+        split_lists: ``(train_list, val_list)`` files of frame ids (one a line), e.g. the 3712/3769 split; images in
+            neither list are skipped (and reported); ``val_fraction``/``seed`` are unused.
 
     Returns:
         The report (also written as ``out/conversion_report.json``).
@@ -212,7 +292,8 @@ def convert_kitti(
     Raises:
         FileNotFoundError: ``src`` lacks ``image_2``/``label_2`` or holds no image.
         FileExistsError: ``out`` is not empty and ``force`` is False.
-        ValueError: Bad ``classes``, ``merge``, ``val_fraction`` or ``max_samples``.
+        ValueError: Bad ``classes``, ``merge``, ``val_fraction``, ``max_samples`` or split options; a frame without a
+            drive in ``drive_map``; a frame in both split lists. All are raised before anything is written.
     """
     classes = [c.strip() for c in classes if c.strip()]
     if not classes or len(set(classes)) != len(classes):
@@ -226,10 +307,10 @@ def convert_kitti(
     if not images:
         raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {image_dir}")
     stems = sorted(images)[:max_samples] if max_samples else sorted(images)
-    splits = assign_splits(stems, val_fraction, seed)  # validates val_fraction before anything is written
-    _prepare_out(out, force)
-
     report = ConversionReport(str(src), str(out), classes, merge_map, val_fraction, seed, symlink)
+    stems, splits = _plan_splits(stems, images, val_fraction, seed, split_by, drive_map, split_lists, report)
+    _prepare_out(out, force)  # only now: every split problem above is reported before anything is written
+
     report.boxes = {c: Counter() for c in classes}
     report.missing_images = sorted(p.name for p in label_dir.glob("*.txt") if p.stem not in images)
     class_ids = {c: i for i, c in enumerate(classes)}
@@ -262,7 +343,7 @@ def convert_kitti(
     data = {
         "path": str(out.resolve()),
         "train": "images/train",
-        "val": "images/val" if val_fraction > 0 else "images/train",
+        "val": "images/val" if report.images["val"] else "images/train",
         "names": dict(enumerate(classes)),
     }
     report.data_yaml = str(out / "data.yaml")

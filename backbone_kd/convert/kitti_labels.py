@@ -10,6 +10,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 # Every type the KITTI object devkit defines; ``DontCare`` marks regions that must not be counted as errors.
 KITTI_TYPES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc", "DontCare")
@@ -149,3 +150,129 @@ def assign_splits(stems: Iterable[str], val_fraction: float, seed: int = 0) -> d
         if "train" not in splits.values():
             splits[ranked[-1]] = "train"
     return splits
+
+
+# -- grouped and fixed splits ---------------------------------------------------------------------------------------
+SPLIT_MODES = ("frame", "drive")
+DEVKIT_FILES = ("train_rand.txt", "train_mapping.txt")
+
+
+def frame_key(stem: str) -> str:
+    """Key that matches a frame across files: ``"000042"``, ``"42"`` and ``"0042"`` are the same KITTI frame."""
+    stem = stem.strip()
+    return str(int(stem)) if stem.isdigit() else stem
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """Non-blank, non-comment lines of a text file with their 1-based numbers."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return [(i, ln.strip()) for i, ln in enumerate(text.splitlines(), 1) if ln.strip() and not ln.startswith("#")]
+
+
+def read_drive_map(path: str | Path) -> dict[str, str]:
+    """Which recording (drive / sequence) each frame comes from, as ``{frame_key: drive}``.
+
+    Args:
+        path: Either the KITTI object devkit ``mapping/`` folder (or the devkit root above it, or one of its two files)
+            holding ``train_rand.txt`` (the 1-based ``train_mapping.txt`` line of each frame, comma-separated, in frame
+            order) and ``train_mapping.txt`` (``date drive raw_frame`` per line); or any text file with lines
+            ``<frame stem> <group>`` (``#`` comments allowed).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist or a devkit folder lacks one of its files.
+        ValueError: A malformed line or an index outside ``train_mapping.txt``, with file and line.
+    """
+    p = Path(path)
+    if p.is_file() and p.name in DEVKIT_FILES:
+        p = p.parent
+    if p.is_dir():
+        folder = p / "mapping" if (p / "mapping" / DEVKIT_FILES[0]).is_file() else p
+        missing = [f for f in DEVKIT_FILES if not (folder / f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"drive map folder {p} lacks {missing}; pass the KITTI devkit mapping/ folder (train_rand.txt, "
+                "train_mapping.txt) or a text file with '<frame> <drive>' lines"
+            )
+        rand_text = (folder / "train_rand.txt").read_text(encoding="utf-8")
+        try:
+            rand = [int(x) for x in rand_text.replace("\n", ",").split(",") if x.strip()]
+        except ValueError as e:
+            raise ValueError(f"{folder / 'train_rand.txt'}: expected comma-separated integers ({e})") from None
+        mapping = [ln.split() for _, ln in _lines(folder / "train_mapping.txt")]
+        out: dict[str, str] = {}
+        for frame, line in enumerate(rand):
+            if not 1 <= line <= len(mapping):
+                raise ValueError(
+                    f"{folder / 'train_rand.txt'}: entry {frame + 1} points to line {line} but train_mapping.txt has "
+                    f"{len(mapping)} lines"
+                )
+            fields = mapping[line - 1]
+            out[str(frame)] = fields[1] if len(fields) > 1 else fields[0]  # "2011_09_26_drive_0005_sync"
+        return out
+    if not p.is_file():
+        raise FileNotFoundError(f"drive map {p} not found; pass the devkit mapping/ folder or a '<frame> <drive>' file")
+    out = {}
+    for lineno, ln in _lines(p):
+        fields = ln.split()
+        if len(fields) != 2:
+            raise ValueError(f"{p}:{lineno}: expected '<frame stem> <drive or sequence>', got {ln!r}")
+        out[frame_key(fields[0])] = fields[1]
+    return out
+
+
+def read_split_lists(train: str | Path, val: str | Path) -> dict[str, tuple[str, str]]:
+    """Fixed split from two frame-id lists (e.g. the 3712/3769 ``ImageSets/train.txt`` / ``val.txt``).
+
+    Returns:
+        ``{frame_key: (split, id as written in the list)}``.
+
+    Raises:
+        FileNotFoundError: A list file is missing.
+        ValueError: A frame appears in both lists (the first few are named).
+    """
+    out: dict[str, tuple[str, str]] = {}
+    both: list[str] = []
+    for split, f in (("train", Path(train)), ("val", Path(val))):
+        if not f.is_file():
+            raise FileNotFoundError(
+                f"split list {f} not found; pass --split-lists TRAIN.txt,VAL.txt (one frame id a line)"
+            )
+        for _, ln in _lines(f):
+            key = frame_key(ln.split()[0])
+            if key in out and out[key][0] != split:
+                both.append(ln.split()[0])
+            out[key] = (split, ln.split()[0])
+    if both:
+        raise ValueError(
+            f"{len(both)} frame(s) are in both {train} and {val}, e.g. {both[:5]}; a frame needs one split"
+        )
+    return out
+
+
+def assign_group_splits(
+    stems: Iterable[str], groups: dict[str, str], val_fraction: float, seed: int = 0, source: str = "the drive map"
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Split whole groups (drives): :func:`assign_splits` over group names, then each frame follows its group.
+
+    Args:
+        stems: Frame stems to place.
+        groups: ``{frame_key: group}`` (:func:`read_drive_map`).
+        val_fraction: Expected share of groups in val, in ``[0, 1)``.
+        seed: Salt of the hash.
+        source: Where ``groups`` came from, for the error message.
+
+    Returns:
+        ``({stem: split}, {group: split})``.
+
+    Raises:
+        ValueError: Some frames have no group (counted, first few named) or ``val_fraction`` is out of range.
+    """
+    stems = list(stems)
+    missing = [s for s in stems if frame_key(s) not in groups]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} frame(s) have no drive in {source}, e.g. {missing[:5]}; every converted frame needs one "
+            "(or convert fewer with --max-samples)"
+        )
+    by_group = assign_splits(sorted({groups[frame_key(s)] for s in stems}), val_fraction, seed)
+    return {s: by_group[groups[frame_key(s)]] for s in stems}, by_group
