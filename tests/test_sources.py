@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from backbone_kd.pretrain.sources import PathList, resolve_image_sources
@@ -39,3 +41,46 @@ def test_pathlist_is_compact_and_indexable() -> None:
     assert len(pl) == 1000 and pl[0] == paths[0] and pl[-1] == paths[-1] and list(pl) == paths
     with pytest.raises(IndexError):
         pl[1000]
+
+
+def test_symlink_loop_and_links_are_listed_once(tmp_path) -> None:
+    folder = tmp_path / "d"
+    good = make_images(folder, 3)
+    (folder / "loop").symlink_to(".")  # `ln -s . d/loop`: os.walk(followlinks) used to descend 40 levels
+    (folder / "sub").mkdir()
+    (folder / "sub" / "up").symlink_to("..")
+    (folder / "zz_link.jpg").symlink_to("img_000.jpg")  # a second name for a file already listed
+    paths = resolve_image_sources(str(folder))
+    assert list(paths) == [str(p) for p in good]
+    reasons = dict(paths.skipped)
+    assert set(reasons) == {str(folder / "loop"), str(folder / "sub" / "up")}
+    assert all("already listed" in r for r in reasons.values())
+    # The same folder given twice (or through a link) is listed once too.
+    (tmp_path / "alias").symlink_to(folder)
+    assert list(resolve_image_sources([str(folder), str(tmp_path / "alias")])) == [str(p) for p in good]
+
+
+def test_bad_utf8_names_and_dangling_links_are_skipped_and_counted(tmp_path) -> None:
+    folder = tmp_path / "d"
+    good = make_images(folder, 2)
+    try:
+        fd = os.open(os.fsencode(folder) + b"/bad\xff.jpg", os.O_WRONLY | os.O_CREAT)
+    except OSError:
+        pytest.skip("this filesystem refuses names that are not UTF-8")
+    os.write(fd, good[0].read_bytes())
+    os.close(fd)
+    (folder / "dangling.jpg").symlink_to("missing.jpg")
+    paths = resolve_image_sources(str(folder))
+    assert list(paths) == [str(p) for p in good]
+    reasons = {p: r for p, r in paths.skipped}
+    assert len(reasons) == 2 and reasons[str(folder / "dangling.jpg")].startswith("dangling link")
+    bad_name = str(folder / "bad\\xff.jpg")  # printable: JSON / logs can hold it
+    assert "not valid UTF-8" in reasons[bad_name]
+    # A list file with one undecodable line keeps its other entries.
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(str(good[0]).encode() + b"\n" + os.fsencode(folder) + b"/bad\xff.jpg\n")
+    paths = resolve_image_sources(str(lst))
+    assert list(paths) == [str(good[0])] and len(paths.skipped) == 1
+    # Everything skipped: the error says why.
+    with pytest.raises(FileNotFoundError, match="skipped"):
+        resolve_image_sources(str(folder / "dangling.jpg"))
