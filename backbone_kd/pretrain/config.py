@@ -3,19 +3,51 @@
 Precedence: dataclass defaults < ``--config`` YAML files (in order; a YAML may ``_base_`` another) < command line.
 Command-line overrides are ``key=value``, ``--key value``, ``--key=value`` or a bare ``--flag`` (= true); dashes and
 underscores are interchangeable; values are parsed as YAML (``[1,2]``, ``true``, ``1e-3``). Unknown keys are errors.
+
+Values are read with YAML 1.2 booleans (only ``true``/``false``): YAML 1.1 turns ``no``/``off``/``yes``/``on`` into
+booleans, which made the documented ``mixed_precision=no`` arrive as ``False``. String options take the text as
+written; boolean options and on/off switches (``teacher_cache``, ``resume``) still accept yes/no/on/off.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-OFF = (None, False, "", "none", "null", "false", "off")  # values that switch an optional feature off
+OFF = (None, False, "", "none", "null", "false", "off", "no")  # values that switch an optional feature off
+YAML11_BOOLS = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
+KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 scalars: only true/false are booleans, and ``1e-3`` is a float."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
+def yaml_error_line(err: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"not valid YAML ({problem}{where})"
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 — mirrors argparse's vocabulary
@@ -46,14 +78,14 @@ class PretrainConfig:
         "null: run the teacher every step; auto: precompute its features once into <output>/teacher_cache/<key> "
         "(reused by later runs on the same teacher and data); or a cache folder. No colour jitter in the targets",
     )
-    teacher_cache_size: Any = _f(None, "square full-image resize the cache is encoded at (default image_size)")
+    teacher_cache_size: int | None = _f(None, "square full-image resize the cache is encoded at (default image_size)")
     # student
     student: str = _f("yolov8n.yaml", "ultralytics model yaml or .pt whose backbone is trained in place")
     nc: int = _f(80, "classes of a yaml-built student's head (kept in student.pt)")
     taps: Any = _f(None, "backbone layer indices to distil (default: the layers the neck consumes, P3/P4/P5)")
     # heads, alignment, loss
     projector: str = _f("mlp", "mlp (conv1x1-BN-GELU-conv1x1) or linear (conv1x1)")
-    projector_hidden: Any = _f(None, "hidden width of mlp heads (default max(student, teacher) width)")
+    projector_hidden: int | None = _f(None, "hidden width of mlp heads (default max(student, teacher) width)")
     align: str = _f("student_to_teacher", "student_to_teacher (resize student maps) or teacher_to_student")
     level_weights: Any = _f(None, "loss weight per tapped level (default equal)")
     smooth_l1_weight: float = _f(0.0, "weight of smooth-L1 to per-channel standardised teacher features")
@@ -72,11 +104,11 @@ class PretrainConfig:
     color_jitter: float = _f(0.5, "colour jitter strength (0 = off)")
     max_image_pixels: int = _f(89_478_485, "refuse images with more pixels (decompression-bomb guard)")
     # optimisation
-    steps: Any = _f(None, "optimizer steps (overrides epochs)")
+    steps: int | None = _f(None, "optimizer steps (overrides epochs)")
     epochs: float = _f(10.0, "passes over the unlabeled set (used when steps is not given)")
     lr: float = _f(1e-3, "AdamW peak learning rate (for the global batch; not auto-scaled)")
     weight_decay: float = _f(0.05, "AdamW weight decay (not applied to norms and biases)")
-    warmup_steps: Any = _f(None, "linear warmup steps (default 5% of steps)")
+    warmup_steps: int | None = _f(None, "linear warmup steps (default 5% of steps)")
     min_lr_ratio: float = _f(0.01, "cosine decays to lr * min_lr_ratio")
     grad_clip: float = _f(3.0, "max global grad norm (0 = off)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
@@ -108,9 +140,26 @@ def _check_key(key: str, origin: str) -> str:
     return key
 
 
-def _scalar(text: str) -> Any:
-    """Parse one CLI value as YAML, also accepting numbers YAML 1.1 keeps as strings (``1e-3``)."""
-    value = yaml.safe_load(text) if text != "" else None
+def _kind(key: str) -> tuple[str, bool]:
+    """(scalar kind or the annotation, whether None is allowed) of an option: ``int | None`` -> ("int", True)."""
+    f = FIELDS[key]
+    kind = str(f.type).replace(" ", "")
+    optional = kind.endswith("|None") or f.default is None
+    return kind.removesuffix("|None"), optional
+
+
+def _scalar(text: str, key: str = "") -> Any:
+    """Parse one CLI value: YAML (1.2 booleans) for most options, the text itself for string options.
+
+    A string option keeps exactly what was typed (``name=1e3`` is the name "1e3", ``mixed_precision=no`` is "no");
+    ``null`` only means None for string options whose default is None.
+    """
+    if key in FIELDS and _kind(key)[0] == "str":
+        return None if text in ("", "null", "~") and FIELDS[key].default is None else text
+    try:
+        value = yaml.load(text, Loader=_Loader) if text != "" else None  # noqa: S506 — a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ValueError(f"option {key!r}: {yaml_error_line(err)} in {text!r}") from None
     if isinstance(value, str):
         for cast in (int, float):
             try:
@@ -121,25 +170,39 @@ def _scalar(text: str) -> Any:
 
 
 def _coerce(key: str, value: Any) -> Any:
-    """Cast a value to the field's declared scalar type, with an error that names the option."""
-    kind = FIELDS[key].type
-    try:
-        if value is None or kind not in ("int", "float", "bool", "str"):
-            return value
-        if kind == "bool":
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if not isinstance(value, bool | int):
-                raise ValueError
+    """Cast a value to the option's declared type, with an error that names the option and what it takes."""
+    kind, optional = _kind(key)
+    if kind not in KINDS:  # list / dict / Any: yes/no/on/off switch features on or off, as they always did
+        if isinstance(value, str) and value.lower() in YAML11_BOOLS and kind == "Any":
+            return YAML11_BOOLS[value.lower()]
+        return value
+    shown = "null" if value is None else repr(value)
+    error = ValueError(f"option {key!r} expects type {kind} ({KINDS[kind]}), got {shown}")
+    if value is None:
+        if optional:
+            return None
+        raise error
+    if kind == "bool":
+        if isinstance(value, str) and value.lower() in YAML11_BOOLS:
+            return YAML11_BOOLS[value.lower()]
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
             return bool(value)
-        if kind == "int":
-            as_float = float(value)
-            if as_float != int(as_float):
-                raise ValueError
-            return int(as_float)
-        return float(value) if kind == "float" else str(value)
+        raise error
+    if kind == "str":
+        if isinstance(value, list | dict):
+            raise error
+        return str(value)
+    if isinstance(value, bool):  # steps=true is a mistake, not 1
+        raise error
+    try:
+        number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"option {key!r} expects type {kind}, got {value!r}") from None
+        raise error from None
+    if kind == "float":
+        return number
+    if not math.isfinite(number) or number != int(number):
+        raise error
+    return int(value) if isinstance(value, int) else int(number)
 
 
 def load_yaml_config(path: str | Path, _depth: int = 0) -> dict[str, Any]:
@@ -147,7 +210,10 @@ def load_yaml_config(path: str | Path, _depth: int = 0) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}  # noqa: S506 — a SafeLoader
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: {yaml_error_line(err)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config must be a mapping of option: value")
     merged: dict[str, Any] = {}
@@ -183,7 +249,7 @@ def parse_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
             configs.extend(values)
             continue
         key = _check_key(key, "the command line")
-        parsed = [_scalar(v) for v in values]
+        parsed = [_scalar(v, key) for v in values]
         if key == "unlabeled":
             overrides[key] = [str(v) for v in values]
         elif not parsed:
@@ -208,8 +274,87 @@ def build_config(argv: list[str] | None = None, **overrides: Any) -> PretrainCon
     return cfg
 
 
+def _is_number(value: Any, whole: bool = False) -> bool:
+    """True for an int (or, unless ``whole``, a float) that is not a bool."""
+    return isinstance(value, int if whole else int | float) and not isinstance(value, bool)
+
+
+def _check_values(cfg: PretrainConfig) -> None:
+    """Range and shape of every stage-1 option, so a bad value fails in milliseconds, before any model is built."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    for key in ("lr", "epochs"):
+        value = getattr(cfg, key)
+        need(math.isfinite(value) and value > 0, f"{key}={value} must be a positive number")
+    for key in ("weight_decay", "grad_clip", "color_jitter", "smooth_l1_weight", "global_weight"):
+        value = getattr(cfg, key)
+        need(math.isfinite(value) and value >= 0, f"{key}={value} must be >= 0 (0 turns it off)")
+    need(0 <= cfg.min_lr_ratio <= 1, f"min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
+    need(0 <= cfg.hflip <= 1, f"hflip={cfg.hflip} is a probability: give a value in [0, 1]")
+    need(cfg.image_size >= 32, f"image_size={cfg.image_size} must be >= 32 (a positive multiple of 32)")
+    for key in ("batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints", "nc", "teacher_last_k"):
+        need(getattr(cfg, key) >= 1, f"{key}={getattr(cfg, key)} must be >= 1")
+    need(cfg.max_image_pixels >= 1, f"max_image_pixels={cfg.max_image_pixels} must be >= 1")
+    for key in ("workers", "save_every", "max_nonfinite_steps", "seed"):
+        need(getattr(cfg, key) >= 0, f"{key}={getattr(cfg, key)} must be >= 0")
+    for key in ("steps", "projector_hidden", "teacher_cache_size"):
+        value = getattr(cfg, key)
+        need(value is None or value >= 1, f"{key}={value} must be >= 1 (or null for the default)")
+    need(cfg.warmup_steps is None or cfg.warmup_steps >= 0, f"warmup_steps={cfg.warmup_steps} must be >= 0")
+    need(cfg.projector in ("mlp", "linear"), f"projector must be mlp or linear, got {cfg.projector!r}")
+    need(
+        cfg.align in ("student_to_teacher", "teacher_to_student"),
+        f"align must be student_to_teacher or teacher_to_student, got {cfg.align!r}",
+    )
+    for key in ("name", "output", "teacher", "student"):
+        need(bool(str(getattr(cfg, key)).strip()), f"{key} must not be empty")
+    need(
+        str(cfg.student).endswith((".yaml", ".yml", ".pt")),
+        f"student must be an ultralytics model .yaml (e.g. yolov8n.yaml) or .pt, got {cfg.student!r}",
+    )
+    for key in ("taps", "teacher_indices"):
+        value = getattr(cfg, key)
+        need(
+            value is None or (isinstance(value, list) and all(_is_number(i, whole=True) for i in value)),
+            f"{key}={value!r} must be a list of layer indices, e.g. [4, 6, 9] (or null for the default)",
+        )
+    weights = cfg.level_weights
+    need(
+        weights is None
+        or (
+            isinstance(weights, list)
+            and all(_is_number(w) and math.isfinite(w) and w >= 0 for w in weights)
+            and any(w > 0 for w in weights)
+        ),
+        f"level_weights={weights!r} must be a list of weights >= 0, one per tapped level, e.g. [1, 1, 2]",
+    )
+    scale = cfg.crop_scale
+    need(
+        scale is None
+        or (
+            isinstance(scale, list | tuple)
+            and len(scale) == 2
+            and all(_is_number(v) for v in scale)
+            and 0 < scale[0] <= scale[1] <= 1
+        ),
+        f"crop_scale={scale!r} must be [min, max] area fractions with 0 < min <= max <= 1, or null (no cropping)",
+    )
+    need(
+        cfg.teacher_kwargs is None or isinstance(cfg.teacher_kwargs, dict),
+        f"teacher_kwargs={cfg.teacher_kwargs!r} must be a mapping, e.g. {{depth: 2}}",
+    )
+    need(
+        cfg.teacher_cache is not True,
+        "teacher_cache=true is ambiguous: use teacher_cache=auto (a cache under <output>/teacher_cache) or a folder",
+    )
+
+
 def validate(cfg: PretrainConfig) -> None:
     """Raise ValueError for values that would fail later, with the fix in the message."""
+    _check_values(cfg)
     if cfg.image_size % 32:
         raise ValueError(f"image_size={cfg.image_size} must be a multiple of 32 (the student's largest stride)")
     for key in ("batch_size", "gradient_accumulation_steps", "log_every"):
