@@ -5,7 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from backbone_kd.pretrain.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate, load_rgb
+from backbone_kd.pretrain.data import (
+    AugmentConfig,
+    ShardedInfiniteSampler,
+    UnlabeledImages,
+    collate,
+    first_readable,
+    load_rgb,
+)
 from tests.conftest import make_images
 
 
@@ -78,3 +85,11 @@ def test_sampler_epochs_sharding_and_resume() -> None:
     merged = [x for k in range(5) for x in r0[2 * k : 2 * k + 2] + r1[2 * k : 2 * k + 2]]
     assert merged == full  # two ranks together walk the single-process stream
     assert take(ShardedInfiniteSampler(10, 2, seed=3, start_batch=3), 6) == full[6:12]
+
+
+def test_first_readable_skips_broken_files_and_refuses_an_all_bad_list(tmp_path) -> None:
+    folder, good = _broken_folder(tmp_path)
+    bad = [str(folder / n) for n in ("zero.jpg", "text.png", "truncated.jpg")]
+    assert first_readable([*bad, str(good[1])]) == 3
+    with pytest.raises(ValueError, match=r"none of the 3 listed files is a readable image \(e\.g\. .*zero\.jpg"):
+        first_readable(bad)

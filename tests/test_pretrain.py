@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +164,70 @@ def test_bf16_cpu_run_is_finite(image_dir, tmp_path, fresh_accelerate_state) -> 
     )
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(0.0 < r["loss"] < 4.0 for r in rows) and rows[-1]["nonfinite_steps"] == 0
+
+
+def test_failed_start_leaves_no_run_folder(image_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "w"
+    for bad in ({"teacher": "no_such_timm_model"}, {"lr": -1}, {"student": str(tmp_path / "missing.pt")}):
+        assert main(tiny_pretrain_args(image_dir, out, name="run", **bad)) == 2, bad
+        assert "bkd pretrain: error:" in capsys.readouterr().err
+        assert not (out / "run").exists(), bad  # else the corrected rerun would go to run2
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        pretrain(build_config(tiny_pretrain_args(image_dir, out, name="run", resume="true")))
+    assert main(tiny_pretrain_args(image_dir, out, name="run", steps=1)) == 0
+    assert (out / "run" / "backbone.safetensors").is_file() and not (out / "run2").exists()
+
+
+def test_fp16_on_cpu_says_it_runs_in_fp32_and_records_it(image_dir, tmp_path, caplog, fresh_accelerate_state) -> None:
+    import yaml
+
+    args = tiny_pretrain_args(image_dir, tmp_path / "w", steps=1, mixed_precision="fp16", cpu="true")
+    with caplog.at_level(logging.WARNING, logger="backbone_kd"):
+        run = pretrain(build_config(args))
+    assert "mixed_precision=fp16 needs a GPU" in caplog.text and "runs in fp32" in caplog.text
+    text = (run / "config.yaml").read_text()
+    assert yaml.safe_load(text)["mixed_precision"] == "no" and "fp16 requested" in text.splitlines()[0]
+
+
+def _error_line(capsys) -> str:
+    """The one ``bkd pretrain: error:`` line on stderr (progress bars aside), with no traceback."""
+    err = capsys.readouterr().err.replace("\r", "\n")
+    lines = [line for line in err.splitlines() if "bkd pretrain: error:" in line]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(image_dir, tmp_path, monkeypatch, capsys):
+    from accelerate import Accelerator
+
+    real, calls = Accelerator.save_state, []
+
+    def save_state(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:  # the step-2 checkpoint finds the disk full half way
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "partial.bin").write_bytes(b"x" * 10)
+            _enospc()
+        return real(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    assert main(tiny_pretrain_args(image_dir, tmp_path / "w", name="run", save_every=1)) == 2
+    err = _error_line(capsys)
+    run = tmp_path / "w" / "run"
+    assert f"no space left on {run / 'checkpoints'}" in err and "step_0000001" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000001"]  # partial save removed
+
+
+def test_disk_full_at_export_keeps_the_checkpoint_and_resume_finishes(image_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pretrain_setup, "atomic_save_safetensors", _enospc)
+    assert main(tiny_pretrain_args(image_dir, tmp_path / "w", name="run", steps=2)) == 2
+    run = tmp_path / "w" / "run"
+    err = _error_line(capsys)
+    assert f"no space left on {run};" in err and "step_0000002 is kept" in err and "--resume" in err, err
+    monkeypatch.undo()
+    assert main(tiny_pretrain_args(image_dir, tmp_path / "w", name="run", steps=2, resume="true")) == 0
+    assert json.loads((run / "run_summary.json").read_text())["steps"] == 2

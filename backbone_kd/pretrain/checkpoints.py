@@ -8,6 +8,7 @@ The frozen teacher is never part of it (it is not passed to ``accelerator.prepar
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -62,7 +63,13 @@ def save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep: int) -> Pa
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # give the partial save's space back; earlier checkpoints stay
+        raise disk_full(final.parent, run_dir) from err
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -72,6 +79,16 @@ def save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep: int) -> Pa
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def disk_full(folder: Path, run_dir: Path) -> OSError:
+    """A one-line ENOSPC error: which folder is full, which checkpoint survived, and how to continue."""
+    last = latest_checkpoint(run_dir)
+    if last is None:
+        what = "no checkpoint was written yet: free some space and start again"
+    else:
+        what = f"the last good checkpoint {last} is kept: free some space and continue with --resume {run_dir}"
+    return OSError(errno.ENOSPC, f"no space left on {folder}; {what}", str(folder))
 
 
 def resolve_resume(resume: Any, run_dir: Path) -> Path | None:

@@ -139,6 +139,32 @@ def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | 
         return im.convert("RGB")
 
 
+def first_readable(paths: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Index of the first file in ``paths`` that decodes as an image.
+
+    A folder of only broken files fails here, in seconds, instead of after the models are built (the dataset would
+    skip every file and give up mid-run). Files are tried in order and the first good one ends the check, so a healthy
+    data set costs one decode.
+
+    Raises:
+        ValueError: No file decodes; the message names the first few and why they failed.
+    """
+    reasons: list[str] = []
+    for i, path in enumerate(paths):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                load_rgb(path, max_pixels, draft_size=32)
+            return i
+        except Exception as err:  # noqa: BLE001 — any decoder failure means "not an image we can use"
+            if len(reasons) < 3:
+                reasons.append(f"{path}: {' '.join(str(err).split()) or type(err).__name__}")
+    raise ValueError(
+        f"none of the {len(paths)} listed files is a readable image (e.g. {'; '.join(reasons)}); "
+        "check the --unlabeled sources"
+    )
+
+
 class UnlabeledImages(Dataset):
     """Images without labels, as [0, 1] tensors of shape (3, S, S).
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from backbone_kd.pretrain.cache import CachedTargets, prepare_teacher_cache
 from backbone_kd.pretrain.checkpoints import TrainState, resolve_resume, save_checkpoint
 from backbone_kd.pretrain.config import OFF, PretrainConfig, resolution_switches
-from backbone_kd.pretrain.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate
+from backbone_kd.pretrain.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate, first_readable
 from backbone_kd.pretrain.loss import DistillationLoss, pair_levels
 from backbone_kd.pretrain.metrics import MetricsLogger
 from backbone_kd.pretrain.projector import DistillStudent, Projectors
@@ -28,7 +28,9 @@ from backbone_kd.pretrain.setup import (
     StopFlag,
     build_optimizer,
     build_scheduler,
+    create_run_dir,
     export_outputs,
+    image_counts,
     make_accelerator,
     resolve_run_dir,
     teacher_dtype,
@@ -45,12 +47,12 @@ LOGGER = logging.getLogger("backbone_kd")
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run stage-1 distillation; returns the run folder holding ``backbone.safetensors`` and ``student.pt``."""
     paths = resolve_image_sources(cfg.unlabeled)  # fails on empty input before any model is built
+    first_readable(paths, cfg.max_image_pixels)  # ... and on a folder of only broken files
+    skipped_sources = paths.skipped
     accelerator = make_accelerator(cfg)
     run_dir = resolve_run_dir(cfg, accelerator)
     resume_from = resolve_resume(cfg.resume, run_dir)
     main = accelerator.is_main_process
-    if main:
-        write_run_config(cfg, run_dir, n_images=len(paths), world=accelerator.num_processes)
     torch.manual_seed(cfg.seed)  # identical init on every process (DDP also broadcasts it)
     device = accelerator.device
 
@@ -150,6 +152,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
             prefetch_factor=4 if cfg.workers > 0 else None,
         )
 
+    create_run_dir(run_dir, accelerator)  # only now: a start that failed above leaves no folder (and no name2) behind
+    if main:
+        n_images, world, mp = len(paths), accelerator.num_processes, accelerator.mixed_precision
+        write_run_config(cfg, run_dir, n_images=n_images, world=world, mixed_precision=mp)
     metrics = MetricsLogger(
         run_dir, enabled=main, tensorboard=cfg.tensorboard, resume_step=state.step if resume_from is not None else None
     )
@@ -227,8 +233,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     progress.close()
     metrics.close()
     stop.restore()
-    if bad_images:
-        accelerator.print(f"skipped {len(bad_images)} unreadable images (listed in run_summary.json)")
+    if bad_images or skipped_sources:
+        counts = image_counts(len(paths), sorted(bad_images), skipped_sources)
+        text = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
+        accelerator.print(f"images: {text} (details in run_summary.json)")
     if main:
         export_outputs(
             accelerator.unwrap_model(module),
@@ -238,6 +246,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
             metrics.rows,
             teacher_name=teacher.name,
             teacher_cache=str(cache.folder) if cache else None,
+            n_images=len(paths),
+            skipped_sources=skipped_sources,
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()

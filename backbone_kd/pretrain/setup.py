@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import json
+import logging
 import math
 import os
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +20,27 @@ import yaml
 from torch import nn
 
 from backbone_kd.io_utils import atomic_save_safetensors, atomic_write_text
+from backbone_kd.pretrain.checkpoints import disk_full
 from backbone_kd.pretrain.config import PretrainConfig
 
+LOGGER = logging.getLogger("backbone_kd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_accelerator(cfg: PretrainConfig):
     """An ``Accelerator`` honouring the config (``accelerate launch`` flags and env vars win for mixed precision)."""
 
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
     mp = mixed_precision(cfg)
+    if mp == "fp16" and PartialState(cpu=cfg.cpu).device.type == "cpu":
+        # accelerate accepts fp16 on a CPU and then silently runs without autocast; say so, and record what ran.
+        LOGGER.warning(
+            "mixed_precision=fp16 needs a GPU; on this CPU the run runs in fp32 (mixed_precision=no, as config.yaml "
+            "records). Use mixed_precision=bf16 for mixed precision on CPUs with AVX512-BF16/AMX"
+        )
+        mp = "no"
     accelerator = Accelerator(
         mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=cfg.cpu
     )
@@ -38,29 +51,63 @@ def make_accelerator(cfg: PretrainConfig):
 def resolve_run_dir(cfg: PretrainConfig, accelerator) -> Path:
     """``output/name``; a finished or running earlier run there gets ``name2``, ``name3``... unless resume/exist_ok.
 
-    Every process computes the same answer before the main process creates the folder (then all wait).
+    Only chooses the folder (every process computes the same answer) and checks that it can be created; the folder
+    itself is made by :func:`create_run_dir` once models and data are built, so a start that fails leaves nothing
+    behind and the corrected rerun gets the same name.
+
+    Raises:
+        ValueError: The folder cannot be created (a file in the way, or no write permission).
     """
     base = Path(cfg.output)
     run_dir = base / cfg.name
     if cfg.resume in (None, False) and not cfg.exist_ok:
         k = 2
-        while run_dir.exists() and any(run_dir.iterdir()):
+        while run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
             run_dir = base / f"{cfg.name}{k}"
             k += 1
     elif cfg.resume not in (None, False, True, "true", "auto", "latest"):
         resumed = Path(str(cfg.resume))
         run_dir = resumed if (resumed / "checkpoints").is_dir() else resumed.parent.parent
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    existing = run_dir
+    while not existing.exists() and existing.parent != existing:  # the folder that mkdir -p would write into
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--output {cfg.output}: {existing} is a file, not a folder; choose another --output")
+    if not _writable(existing):
+        raise ValueError(
+            f"--output {cfg.output}: cannot write to {existing} (permission denied); choose another --output"
+        )
+    accelerator.wait_for_everyone()  # nobody creates the folder before every process has chosen it
     return run_dir
 
 
-def write_run_config(cfg: PretrainConfig, run_dir: Path, n_images: int, world: int) -> None:
-    """The resolved config as ``config.yaml`` (re-runnable with ``--config``) plus run facts as comments."""
-    header = f"# resolved backbone_kd pretrain config; {n_images} images, {world} process(es)\n"
-    atomic_write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False), run_dir / "config.yaml")
+def _writable(folder: Path) -> bool:
+    """Whether files can be created in ``folder`` (also False on a read-only mount)."""
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def create_run_dir(run_dir: Path, accelerator) -> None:
+    """Create the run folder on the main process (all processes wait): the run has really started."""
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def write_run_config(
+    cfg: PretrainConfig, run_dir: Path, n_images: int, world: int, mixed_precision: str | None = None
+) -> None:
+    """The resolved config as ``config.yaml`` (re-runnable with ``--config``) plus run facts as comments.
+
+    Args:
+        mixed_precision: What the accelerator runs with, recorded instead of the request when they differ (fp16 asked
+            for on a CPU runs in fp32; ``accelerate launch --mixed_precision`` overrides the config).
+    """
+    values = cfg.to_dict()
+    header = f"# resolved backbone_kd pretrain config; {n_images} images, {world} process(es)"
+    if mixed_precision is not None and mixed_precision != cfg.mixed_precision:
+        header += f"; mixed_precision {cfg.mixed_precision} requested, {mixed_precision} ran"
+        values["mixed_precision"] = mixed_precision
+    atomic_write_text(header + "\n" + yaml.safe_dump(values, sort_keys=False), run_dir / "config.yaml")
 
 
 def mixed_precision(cfg: PretrainConfig) -> str:
@@ -141,6 +188,22 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def _disk_full_names_the_run(export):
+    """A full disk while exporting becomes the one-line ENOSPC error that names the checkpoint to resume from."""
+
+    @functools.wraps(export)
+    def wrapper(module: nn.Module, cfg: PretrainConfig, run_dir: Path, *args, **kwargs) -> None:
+        try:
+            export(module, cfg, run_dir, *args, **kwargs)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise disk_full(run_dir, run_dir) from err
+
+    return wrapper
+
+
+@_disk_full_names_the_run
 def export_outputs(
     module: nn.Module,
     cfg: PretrainConfig,
@@ -149,10 +212,17 @@ def export_outputs(
     rows: list[dict[str, Any]],
     teacher_name: str,
     teacher_cache: str | None = None,
+    n_images: int | None = None,
+    skipped_sources: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Write ``backbone.safetensors``, ``projector.safetensors``, ``student.pt`` and ``run_summary.json``.
 
     ``teacher_cache``: the cache folder the targets came from (None: online teacher), recorded for provenance.
+    ``n_images`` / ``skipped_sources``: files listed for training and ``(path, reason)`` of the entries left out while
+    listing (:attr:`~backbone_kd.pretrain.sources.PathList.skipped`), for the summary's image counts.
+
+    Raises:
+        OSError: ENOSPC with a one-line message naming the run folder and the checkpoint that is kept.
     """
     from backbone_kd import __version__
     from backbone_kd.backbone_file import write_backbone_file
@@ -187,7 +257,24 @@ def export_outputs(
     summary = {
         **meta,
         "nonfinite_steps": state.nonfinite_steps,
+        "images": image_counts(n_images, state.bad_images, skipped_sources),
         "bad_images": state.bad_images,
+        "skipped_while_listing": [{"path": path, "reason": reason} for path, reason in skipped_sources],
         "outputs": {k: str(run_dir / k) for k in ("backbone.safetensors", "student.pt", "projector.safetensors")},
     }
     atomic_write_text(json.dumps(summary, indent=2, default=str), run_dir / "run_summary.json")
+
+
+def image_counts(n_images: int | None, bad_images: Sequence[str], skipped_sources: Sequence) -> dict[str, Any]:
+    """The run summary's image counts.
+
+    ``listed``: files in the training list; ``unreadable``: found undecodable when drawn, and skipped; ``used``: listed
+    minus unreadable (every other file decoded, or was not drawn in a short run); ``skipped_while_listing``: entries
+    left out before training (names that are not UTF-8, dangling links, folders reached twice through links).
+    """
+    return {
+        "listed": n_images,
+        "used": None if n_images is None else n_images - len(bad_images),
+        "unreadable": len(bad_images),
+        "skipped_while_listing": len(skipped_sources),
+    }
