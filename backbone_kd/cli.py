@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "inject": ("backbone_kd.inject", "write a distilled backbone into a YOLO .pt/.yaml model (verified)"),
     "finetune": ("backbone_kd.finetune", "ordinary ultralytics fine-tuning from an injected model"),
+    "probe": ("backbone_kd.probe.cli", "compare frozen backbones: k-NN / linear accuracy, detection probe"),
     "demo": ("backbone_kd.demo", "pretrain -> inject -> fine-tune on a small bundled image set (install check)"),
     "distill-detect": ("backbone_kd.detkd.cli", "stage 2: KD-augmented detection fine-tuning from a YOLO teacher"),
     "distill-classify": ("backbone_kd.clskd.cli", "KD for YOLO-cls classifiers from a YOLO-cls or timm teacher"),

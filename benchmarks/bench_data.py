@@ -1,75 +1,17 @@
-"""Shared helpers of the benchmark scripts: where the real data lives, and a cache-safe mirror of a dataset."""
+"""Shared helpers of the benchmark scripts: where the real data lives (the dataset mirror lives in the package)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from backbone_kd.io_utils import atomic_write_text
+from backbone_kd.probe.yolo_data import mirror_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+
+__all__ = ["REPO", "mirror_dataset", "shared_dir"]
 
 
 def shared_dir() -> Path:
     """``$BKD_SHARED`` or ``<repo>/../shared`` (real data and weights; absent on a fresh clone)."""
     return Path(os.environ.get("BKD_SHARED", REPO.parent / "shared"))
-
-
-def mirror_dataset(data: Path, root: Path) -> Path:
-    """Write ``root/data.yaml`` reading the same images/labels through symlinks under ``root``.
-
-    ultralytics writes ``<labels dir>.cache`` beside each label folder; through the mirror those land in ``root``,
-    not in the (read-only, shared) source tree. Handles folder splits (coco8) and ``.txt`` image lists
-    (coco128-split, whose train and val lists share one folder: each split gets its own tree and cache).
-
-    Args:
-        data: Source dataset YAML (``path`` optional, ``train``/``val`` folders or ``.txt`` lists, ``names``).
-        root: Folder for the mirror (created).
-
-    Returns:
-        Path of the mirrored dataset YAML.
-    """
-    data = data.resolve()
-    cfg = yaml.safe_load(data.read_text(encoding="utf-8"))
-    # ultralytics resolves a relative ``path`` against the YAML's folder; without ``path`` the folder itself is the root
-    base = data.parent / cfg["path"] if cfg.get("path") else data.parent
-    out: dict[str, Any] = {"names": cfg["names"], "nc": cfg.get("nc", len(cfg["names"]))}
-
-    def link(tree: Path, rel: Path, per_file: bool) -> None:
-        """Mirror folder ``rel`` and its labels twin (``images`` -> ``labels``) under ``tree``.
-
-        ``per_file``: a real folder of file symlinks. Needed for folder splits, because ultralytics resolves the split
-        folder path (a folder symlink would lead it straight back to the source tree and its cache location).
-        """
-        for kind in ("images", "labels"):
-            sub = Path(*[kind if part == "images" else part for part in rel.parts])
-            dst, src = tree / sub, (base / sub).resolve()
-            if not src.is_dir() or dst.exists():
-                continue
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if not per_file:
-                dst.symlink_to(src, target_is_directory=True)
-                continue
-            dst.mkdir()
-            for f in src.iterdir():
-                if f.is_file():
-                    (dst / f.name).symlink_to(f)
-
-    for split in ("train", "val"):
-        src, tree = base / cfg[split], root / split
-        if src.suffix != ".txt":  # a folder of images, e.g. images/train
-            rel = Path(cfg[split])
-            if "images" not in rel.parts:
-                raise ValueError(f"{data}: split folder {cfg[split]!r} must sit under an 'images' folder (YOLO layout)")
-            link(tree, rel, per_file=True)
-            out[split] = str(tree / rel)
-            continue
-        lines = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        rels = [Path(ln[2:] if ln.startswith("./") else ln) for ln in lines]
-        for folder in sorted({p.parent for p in rels}):
-            link(tree, folder, per_file=False)  # list entries are not resolved: a folder link is enough
-        out[split] = str(atomic_write_text("\n".join(str(tree / p) for p in rels) + "\n", tree / f"{split}.txt"))
-    return atomic_write_text(yaml.safe_dump(out, sort_keys=False), root / "data.yaml")

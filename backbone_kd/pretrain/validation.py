@@ -1,0 +1,170 @@
+"""Held-out validation during stage 1: per-level teacher cosine on unseen images, and a k-NN probe.
+
+The training loss is measured on the images being fitted; what a user needs to see is whether the student generalises
+(cosine to the teacher on held-out images) and whether its frozen features get more useful (k-NN accuracy on a small
+labelled set, :mod:`backbone_kd.probe`). Both are computed on the main process at ``val_every`` steps, logged as
+``val_*`` columns of ``metrics.csv`` / TensorBoard, and the best validation (probe accuracy when ``probe_data`` is
+given, else mean held-out cosine) is exported as ``backbone_best.safetensors``.
+
+Held-out teacher targets are computed once, right after the teacher is built (so they also exist when
+``teacher_cache`` frees the teacher), from deterministic views: shorter side resized to ``image_size``, centre crop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+
+from backbone_kd.pretrain.config import OFF, PretrainConfig
+from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, collate
+from backbone_kd.pretrain.setup import teacher_input
+from backbone_kd.pretrain.sources import resolve_image_sources
+
+
+def in_val_split(path: str, fraction: float) -> bool:
+    """Deterministic hold-out by a hash of the file name (stable across machines and added files)."""
+    digest = hashlib.sha1(Path(path).name.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_validation(cfg: PretrainConfig, paths: list[str]) -> tuple[list[str], list[str]]:
+    """``(train paths, val paths)`` from ``val_unlabeled`` or ``val_fraction``; val is empty when neither is set."""
+    if cfg.val_fraction > 0:
+        val = [p for p in paths if in_val_split(str(p), cfg.val_fraction)]
+        train = [p for p in paths if not in_val_split(str(p), cfg.val_fraction)]
+        if not train or not val:
+            raise ValueError(
+                f"val_fraction={cfg.val_fraction} leaves {len(train)} training and {len(val)} validation images out "
+                f"of {len(paths)}; pick a fraction that leaves both non-empty"
+            )
+        return train, val[: cfg.val_max_images]
+    if cfg.val_unlabeled in OFF:
+        return list(paths), []
+    sources = cfg.val_unlabeled if isinstance(cfg.val_unlabeled, list | tuple) else [cfg.val_unlabeled]
+    val = list(resolve_image_sources([str(s) for s in sources]))[: cfg.val_max_images]
+    overlap = set(map(str, val)) & set(map(str, paths))
+    if overlap:
+        raise ValueError(
+            f"{len(overlap)} val_unlabeled images are also training images (e.g. {sorted(overlap)[0]}); "
+            "held-out images must not be trained on"
+        )
+    return list(paths), val
+
+
+class Validator:
+    """Held-out cosine (+ optional k-NN probe) of the live student.
+
+    Args:
+        cfg: Run config (``image_size``, ``batch_size``, ``probe_data``, ``probe_imgsz``, ``max_image_pixels``).
+        val_paths: Held-out images (may be empty when only ``probe_data`` is given).
+        teacher: The frozen teacher (``encode``), still alive; targets are computed here, once.
+        t_dtype: Teacher dtype.
+        device: Where the teacher and student run.
+        run_dir: Run folder (probe crops are cut into ``run_dir/probe_crops`` for a YOLO yaml).
+    """
+
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        val_paths: list[str],
+        teacher,
+        t_dtype: torch.dtype,
+        device: torch.device,
+        run_dir: Path,
+    ) -> None:
+        self.cfg, self.device = cfg, device
+        self.images, self.targets = self._targets(val_paths, teacher, t_dtype) if val_paths else (None, None)
+        self.best: float | None = None
+        self.probe = None
+        if cfg.probe_data not in OFF:
+            from backbone_kd.probe.folder import cut_crops, labelled_splits
+
+            folder = Path(cfg.probe_data)
+            if folder.suffix.lower() in {".yaml", ".yml"}:
+                folder = cut_crops(folder, run_dir / "probe_crops")
+            self.probe = labelled_splits(folder)
+
+    @torch.no_grad()
+    def _targets(self, paths: list[str], teacher, t_dtype: torch.dtype):
+        """Deterministic views ``(N, 3, S, S)`` uint8 and teacher targets (one ``(N, C, h, w)`` fp16 tensor/level)."""
+        data = UnlabeledImages(
+            paths, self.cfg.image_size, AugmentConfig(None, 0.0, 0.0), seed=0, max_pixels=self.cfg.max_image_pixels
+        )
+        images, targets = [], []
+        for start in range(0, len(data), self.cfg.batch_size):
+            batch = collate([data[i] for i in range(start, min(start + self.cfg.batch_size, len(data)))])
+            x = batch["image"].to(self.device)
+            feats, _ = teacher.encode(teacher_input(x, teacher, t_dtype))
+            images.append((x * 255).round().to(torch.uint8).cpu())
+            targets.append([f.to(torch.float16).cpu() for f in feats])
+        return torch.cat(images), [torch.cat(level) for level in zip(*targets)]
+
+    @torch.no_grad()
+    def __call__(self, module, criterion) -> dict[str, float]:
+        """Validation metrics of ``module`` (an unwrapped :class:`DistillStudent`), as ``val_*`` floats."""
+        was_training = module.training
+        module.eval()  # BN running statistics, as the backbone will be used downstream
+        out: dict[str, float] = {}
+        try:
+            if self.images is not None:
+                sums: dict[str, float] = {}
+                n = 0
+                for start in range(0, len(self.images), self.cfg.batch_size):
+                    x = self.images[start : start + self.cfg.batch_size].to(self.device).float() / 255
+                    t = [level[start : start + len(x)].to(self.device).float() for level in self.targets]
+                    s_feats, _ = module(x)
+                    _, logs = criterion([f.float() for f in s_feats], t, None, None)
+                    for k, v in logs.items():
+                        if k.startswith("cos_") and k != "cos_global":
+                            sums[k] = sums.get(k, 0.0) + float(v) * len(x)
+                    n += len(x)
+                out = {f"val_{k}": v / n for k, v in sums.items()}
+                out["val_cos"] = sum(out.values()) / max(1, len(out))
+            if self.probe is not None:
+                out.update(self._knn(module.backbone))
+        finally:
+            module.train(was_training)
+        return out
+
+    def _knn(self, backbone) -> dict[str, float]:
+        from backbone_kd.probe.classify import knn_accuracy
+        from backbone_kd.probe.extract import combine_levels, pooled_features
+
+        feats = {
+            split: combine_levels(
+                pooled_features(
+                    backbone, [p for p, _ in getattr(self.probe, split)], self.cfg.probe_imgsz, self.cfg.batch_size
+                )
+            )
+            for split in ("train", "val")
+        }
+        ty = torch.tensor([y for _, y in self.probe.train])
+        vy = torch.tensor([y for _, y in self.probe.val])
+        return {f"val_knn{k}": knn_accuracy(feats["train"], ty, feats["val"], vy, k) for k in (10, 20)}
+
+    def improved(self, metrics: dict[str, float]) -> bool:
+        """True when this validation is the best so far (k-NN-20 accuracy if probing, else mean held-out cosine)."""
+        score = metrics.get("val_knn20", metrics.get("val_cos"))
+        if score is None or (isinstance(score, float) and math.isnan(score)):
+            return False
+        if self.best is None or score > self.best:
+            self.best = score
+            return True
+        return False
+
+
+def is_val_step(cfg: PretrainConfig, step: int, total: int) -> bool:
+    """Validate every ``val_every`` steps (0: at each checkpoint) and always at the last step."""
+    every = cfg.val_every or cfg.save_every
+    return step == total or (every > 0 and step % every == 0)
+
+
+def export_best(module, run_dir: Path, step: int, metrics: dict[str, float], teacher_name: str) -> Path:
+    """Write ``run_dir/backbone_best.safetensors`` (atomically) from the live student, with the scores in metadata."""
+    from backbone_kd.backbone_file import write_backbone_file
+
+    meta = {"teacher": teacher_name, "taps": module.backbone.taps, "steps": step, "best_val": metrics}
+    return write_backbone_file(module.backbone.yolo, run_dir / "backbone_best.safetensors", metadata=meta)

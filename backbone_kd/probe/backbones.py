@@ -1,0 +1,80 @@
+"""``name=SPEC`` -> a frozen YOLO backbone behind the feature contract, built the same way for every SPEC kind.
+
+A SPEC is a ``backbone.safetensors`` written by ``bkd pretrain`` (its metadata names the architecture), an
+ultralytics ``.pt`` (its EMA / model, e.g. a COCO-trained detector: the supervised reference), or a model ``.yaml``
+(random init from ``seed``: the scratch baseline).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from backbone_kd.backbone_file import read_backbone_file
+from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
+
+
+def parse_specs(items: list[str]) -> dict[str, str]:
+    """``["scratch=yolov8n.yaml", "ours=run/backbone.safetensors", "x.pt"]`` -> ``{name: spec}``, names unique.
+
+    A bare SPEC is named after its file (the run folder for ``backbone.safetensors``).
+    """
+    specs: dict[str, str] = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            path = Path(item)
+            name, spec = (path.parent.name if path.stem == "backbone" else path.stem), item
+        if not name or not spec:
+            raise ValueError(
+                f"--backbones entry {item!r} must be NAME=SPEC (e.g. ours=weights/pretrain/backbone.safetensors)"
+            )
+        if name in specs:
+            raise ValueError(f"--backbones names must be unique: {name!r} appears twice; write NAME=SPEC")
+        specs[name] = spec
+    if not specs:
+        raise ValueError("give at least one backbone: --backbones NAME=SPEC [NAME=SPEC ...]")
+    return specs
+
+
+def load_detector(spec: str, seed: int = 0, nc: int | None = None) -> nn.Module:
+    """The full ultralytics DetectionModel a SPEC describes (fp32, train mode), backbone weights in place.
+
+    Args:
+        spec: ``backbone.safetensors``, ultralytics ``.pt`` or model ``.yaml``.
+        seed: Seeds the random init of everything the SPEC does not carry (all of a ``.yaml``; neck and head of a
+            ``.safetensors``), so two SPECs probed with the same seed share that init.
+        nc: Class count for models built from a yaml (``.yaml`` SPECs and the architecture of a ``.safetensors``).
+    """
+    suffix = Path(spec).suffix.lower()
+    if suffix in {".yaml", ".yml"}:
+        torch.manual_seed(seed)
+        return load_yolo_model(spec, nc=nc)
+    if suffix == ".pt":
+        return load_yolo_model(spec)
+    if suffix != ".safetensors":
+        raise ValueError(f"backbone SPEC {spec!r} must be a backbone .safetensors, an ultralytics .pt or a model .yaml")
+    tensors, meta = read_backbone_file(spec)
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(seed)
+    cfg = dict(meta["student_yaml"])
+    model = DetectionModel(cfg, nc=nc or cfg.get("nc"), verbose=False)
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(
+            f"{spec}: {len(result.unexpected_keys)} tensors do not fit its own architecture, e.g. "
+            f"{result.unexpected_keys[0]!r}; the file is damaged, re-export it"
+        )
+    return model.float().train()
+
+
+def load_backbone(spec: str, seed: int = 0) -> YoloBackbone:
+    """Frozen eval-mode :class:`YoloBackbone` (default P3/P4/P5 taps) of a SPEC; ``features(x)`` takes [0, 1] RGB."""
+    if not Path(spec).is_file() and Path(spec).suffix.lower() not in {".yaml", ".yml"}:
+        raise FileNotFoundError(f"backbone SPEC {spec} not found; pass a backbone.safetensors, a .pt or a model .yaml")
+    backbone = YoloBackbone(load_detector(spec, seed))
+    backbone.requires_grad_(False)
+    return backbone.eval()

@@ -1,0 +1,184 @@
+"""``bkd probe``: compare frozen backbones on the same images — k-NN / linear accuracy, optional detection probe.
+
+    bkd probe --backbones scratch=yolov8n.yaml ours=weights/pretrain/backbone.safetensors coco=yolov8n.pt \\
+        --data my_labelled_folder/ [--det my_data.yaml] [--json probe.json]
+
+``--data`` is a labelled folder (``DIR/train/<class>/*`` + ``DIR/val/<class>/*``, or ``DIR/<class>/*`` split by a
+file-name hash) or a YOLO dataset yaml, whose boxes are cut into object crops (train crops from its train split, val
+crops from its val split). Every backbone sees the same images with the same preprocessing; features are extracted
+once per backbone and every probe reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backbone_kd.io_utils import atomic_write_text
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bkd probe", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--backbones",
+        nargs="+",
+        required=True,
+        metavar="NAME=SPEC",
+        help="SPEC: backbone.safetensors, ultralytics .pt, or model .yaml (random init from --seed)",
+    )
+    p.add_argument("--data", help="labelled image folder, or a YOLO data.yaml to cut object crops from")
+    p.add_argument("--det", metavar="DATA_YAML", help="also run the frozen-backbone detection probe on this dataset")
+    p.add_argument("--out", default="runs/probe", help="work folder (crops, detection runs); default runs/probe")
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--md", help="write the Markdown table here")
+    p.add_argument("--imgsz", type=int, default=160, help="square input size of the k-NN/linear probes (160)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random init of .yaml SPECs (k-NN/linear probes)")
+    p.add_argument("--val-fraction", type=float, default=0.3, help="val share when DIR has no train/val split")
+    p.add_argument("--crop-min-size", type=int, default=16, help="YOLO-yaml --data: skip smaller boxes (pixels)")
+    p.add_argument("--crop-min-train", type=int, default=5, help="YOLO-yaml --data: keep classes with this many")
+    p.add_argument("--device", default="cpu")
+    det = p.add_argument_group("detection probe (--det)")
+    det.add_argument("--det-model", help="detector yaml (default: the backbones' own architecture)")
+    det.add_argument("--det-epochs", type=int, default=30)
+    det.add_argument("--det-imgsz", type=int, default=160)
+    det.add_argument("--det-batch", type=int, default=8)
+    det.add_argument("--det-lr0", type=float, default=3e-3)
+    det.add_argument("--det-seeds", type=int, nargs="+", default=[0, 1])
+    det.add_argument("--det-full", action="store_true", help="train every layer (full fine-tuning) instead")
+    args = p.parse_args(argv)
+    if not args.data and not args.det:
+        p.error("give --data (k-NN / linear probes) and/or --det (detection probe)")
+    if args.imgsz <= 0 or args.imgsz % 32:
+        p.error(f"--imgsz must be a positive multiple of 32, got {args.imgsz}")
+    return args
+
+
+def classification_probes(specs: dict[str, str], args: argparse.Namespace) -> tuple[dict, dict]:
+    """``(per-backbone scores, data summary)`` of the k-NN and linear probes on ``args.data``."""
+    from backbone_kd.probe.backbones import load_backbone
+    from backbone_kd.probe.classify import probe_scores
+    from backbone_kd.probe.extract import pooled_features
+    from backbone_kd.probe.folder import cut_crops, labelled_splits
+
+    folder = Path(args.data)
+    if folder.suffix.lower() in {".yaml", ".yml"}:
+        folder = cut_crops(folder, Path(args.out) / "crops", args.crop_min_size, min_train=args.crop_min_train)
+    splits = labelled_splits(folder, args.val_fraction)
+    data = {"source": str(args.data), "folder": str(folder), "imgsz": args.imgsz, **splits.summary()}
+    train_y = torch.tensor([y for _, y in splits.train])
+    val_y = torch.tensor([y for _, y in splits.val])
+    results = {}
+    for name, spec in specs.items():
+        t0 = time.time()
+        backbone = load_backbone(spec, args.seed).to(args.device)
+        levels = [f"P{int(math.log2(s))}" for s in backbone.strides]
+        feats = {
+            split: pooled_features(
+                backbone, [p for p, _ in getattr(splits, split)], args.imgsz, args.batch, args.workers
+            )
+            for split in ("train", "val")
+        }
+        results[name] = {
+            **probe_scores(feats["train"], train_y, feats["val"], val_y, levels),
+            "spec": spec,
+            "seconds": round(time.time() - t0, 1),
+        }
+        print(
+            f"[probe] {name}: knn10 {results[name]['knn10']:.3f} knn20 {results[name]['knn20']:.3f} "
+            f"linear {results[name]['linear']:.3f} ({results[name]['seconds']:.0f} s)"
+        )
+    return results, data
+
+
+def markdown(result: dict) -> str:
+    """One table: a row per backbone, k-NN / linear (pooled and per level) and detection-probe columns."""
+    names = list(result["backbones"])
+    levels = next((list(r.get("per_level", {})) for r in result["backbones"].values()), [])
+    det = result.get("det", {}).get("backbones", {})
+    head = ["backbone"]
+    if result.get("data"):
+        head += ["k-NN 10", "k-NN 20", "linear", *[f"{lv} linear" for lv in levels]]
+    if det:
+        head += ["det mAP50-95 (final)", "det mAP50 (final)", "det mAP50-95 (best)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        r = result["backbones"][name]
+        cells = [name]
+        if result.get("data"):
+            cells += [f"{r['knn10']:.3f}", f"{r['knn20']:.3f}", f"{r['linear']:.3f}"]
+            cells += [f"{r['per_level'][lv]['linear']:.3f}" for lv in levels]
+        if det:
+            d = det.get(name, {})
+
+            def ms(label: str, metric: str, d: dict = d) -> str:
+                v = d.get(label, {}).get(metric)
+                return f"{v['mean']:.4f} ± {v['std']:.4f}" if v else "—"
+
+            cells += [ms("final", "map50_95"), ms("final", "map50"), ms("best", "map50_95")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if result.get("data"):
+        d = result["data"]
+        lines.append(
+            f"\n{d['classes']} classes, {d['train_images']} train / {d['val_images']} val images at "
+            f"{d['imgsz']} px; majority-class accuracy {d['val_majority_acc']:.3f}."
+        )
+    if det:
+        s = result["det"]["settings"]
+        lines.append(
+            f"Detection probe: {'full fine-tuning' if s['full'] else 'frozen backbone, neck+head trained'}, "
+            f"{s['epochs']} epochs at {s['imgsz']} px, seeds {list(s['seeds'])} (mean ± std)."
+        )
+    return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parse, probe, print and write; returns the JSON-able result."""
+    from backbone_kd.probe.backbones import parse_specs
+
+    args = parse_args(argv)
+    specs = parse_specs(args.backbones)
+    result: dict[str, Any] = {"backbones": {name: {"spec": spec} for name, spec in specs.items()}, "data": None}
+    if args.data:
+        scores, result["data"] = classification_probes(specs, args)
+        result["backbones"] = scores
+    if args.det:
+        from backbone_kd.probe.detection import DetProbeSettings, detection_probe
+
+        settings = DetProbeSettings(
+            epochs=args.det_epochs,
+            imgsz=args.det_imgsz,
+            batch=args.det_batch,
+            lr0=args.det_lr0,
+            seeds=tuple(args.det_seeds),
+            workers=args.workers,
+            device=args.device,
+            full=args.det_full,
+        )
+        result["det"] = detection_probe(specs, args.det, Path(args.out) / "det", settings, args.det_model)
+        for name, det in result["det"]["backbones"].items():
+            result["backbones"][name]["det"] = {k: det[k] for k in ("final", "best")}
+    table = markdown(result)
+    print(table)
+    if args.json:
+        atomic_write_text(json.dumps(result, indent=2, default=str), args.json)
+    if args.md:
+        atomic_write_text(table + "\n", args.md)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"bkd probe: error: {e}", file=sys.stderr)
+        return 2
+    return 0

