@@ -157,3 +157,25 @@ def test_coco_backbone_beats_random_on_coco128_crops(shared: Path, tmp_path: Pat
     assert rc == 0
     scores = json.loads(out_json.read_text())["backbones"]
     assert scores["coco"]["linear"] > scores["random"]["linear"] + 0.05
+
+
+def test_detection_probe_trains_on_the_injected_frozen_backbone(tmp_path: Path) -> None:
+    """The probe must train neck + head on THIS backbone (a random rebuild would make every row identical)."""
+    from backbone_kd.backbone_file import backbone_state_dict
+    from backbone_kd.probe.detection import DetProbeSettings, build_probe_model, train_probe
+
+    data = make_shapes_dataset(tmp_path / "shapes", n_train=4, n_val=2, size=64)
+    torch.manual_seed(7)
+    source = load_yolo_model("yolov8n.yaml", nc=2)
+    spec = write_backbone_file(source, tmp_path / "b.safetensors")
+    model = build_probe_model(str(spec), "yolov8n.yaml", 2, seed=0, path=tmp_path / "m.pt")
+    settings = DetProbeSettings(epochs=1, imgsz=64, batch=2, seeds=(0,), mosaic=0.0)
+    rows = train_probe(model, data, settings, 0, tmp_path / "runs", "p")
+    assert len(rows) == 1 and 0 <= rows[0]["map50_95"] <= 1
+    trained = load_yolo_model(str(tmp_path / "runs" / "p" / "weights" / "last.pt"))
+    expected = backbone_state_dict(source)
+    got = backbone_state_dict(trained)
+    conv = "model.0.conv.weight"
+    assert torch.allclose(got[conv].float(), expected[conv].float(), atol=1e-3)  # frozen and injected (fp16 save)
+    head = "model.22.cv3.0.0.conv.weight"
+    assert not torch.allclose(trained.state_dict()[head].float(), source.state_dict()[head].float(), atol=1e-3)

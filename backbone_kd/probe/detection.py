@@ -109,7 +109,9 @@ def train_probe(model: Any, data: Path, settings: DetProbeSettings, seed: int, p
         "project": str(project),
         "name": name,
         "exist_ok": True,
-        "pretrained": False,
+        # pretrained must stay True (its default): with False, ultralytics rebuilds the model from its yaml and the
+        # injected backbone would be silently replaced by a random one.
+        "pretrained": True,
         "amp": False,
     }
     if not settings.full:
