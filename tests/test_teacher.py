@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from backbone_kd.pretrain import teacher_weights
+from backbone_kd.pretrain.cli import main
 from backbone_kd.pretrain.teacher import ViTTeacher, build_teacher
 from backbone_kd.pretrain.teacher_weights import create_timm_model
-from tests.conftest import TINY_VIT, TINY_VIT_KWARGS
+from tests.conftest import TINY_VIT, TINY_VIT_KWARGS, make_images, tiny_pretrain_args
 
 
 def tiny_teacher(**kw) -> ViTTeacher:
@@ -125,3 +128,46 @@ def test_cnn_teachers(shared) -> None:
     y = build_teacher(str(shared / "weights" / "yolo11n_coco_recon.pt"))
     assert y.mean is None and y.strides == [8, 16, 32]  # YOLO teachers see the same [0, 1] input as the student
     assert [f.shape[1] for f in y.features(torch.rand(1, 3, 64, 64))] == y.channels
+
+
+DEFAULT_TEACHER = "vit_small_patch14_dinov2.lvd142m"
+
+
+@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "probe_unreachable"])
+def test_offline_default_teacher_fails_in_seconds(how, tmp_path, monkeypatch, capsys) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as when the variable is set after the import
+    if how == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:  # online by every setting, but one short probe finds no route to the hub (no ~100 s of retries)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(teacher_weights, "hub_reachable", lambda *args, **kwargs: False)
+    t0 = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="could not get pretrained weights .*--teacher-weights"):
+        build_teacher(DEFAULT_TEACHER, image_size=56, model_kwargs=TINY_VIT_KWARGS)
+    assert time.perf_counter() - t0 < 10
+    assert constants.HF_HUB_OFFLINE is False  # the hub's own setting is restored afterwards
+    make_images(tmp_path / "imgs", 2)
+    args = tiny_pretrain_args(tmp_path / "imgs", tmp_path / "w", teacher=DEFAULT_TEACHER, teacher_pretrained="true")
+    t0 = time.perf_counter()
+    assert main(args) == 2
+    assert time.perf_counter() - t0 < 10 and "--teacher-weights" in capsys.readouterr().err
+
+
+def test_hub_probe_honours_offline_settings_and_proxies(monkeypatch) -> None:
+    import socket
+
+    def no_connection(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_connection)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    assert not teacher_weights.hub_reachable(timeout=0.1)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # a direct probe says nothing behind a proxy
+    assert teacher_weights.hub_reachable(timeout=0.1)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not teacher_weights.hub_reachable(timeout=0.1)

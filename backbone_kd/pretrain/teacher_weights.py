@@ -8,10 +8,13 @@ embeddings resampled to the training grid), timm state dicts, checkpoints wrappi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -22,15 +25,49 @@ VIT_MODULES = ("timm.models.vision_transformer", "timm.models.eva", "timm.models
 IGNORABLE_PREFIXES = ("head.", "fc.", "classifier.", "mask_token", "head_drop")
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """Fast check (DNS + TCP connect) whether the model hub can be reached; False when offline env vars are set."""
+    """Fast check (DNS + TCP connect) whether the model hub can be reached; False when offline env vars are set.
+
+    Behind an HTTPS proxy a direct connection proves nothing, so the hub counts as reachable there.
+    """
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
+    if any(os.environ.get(var) for var in PROXY_VARIABLES):
+        return True
     try:
         with socket.create_connection((host, 443), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+def _hub_host() -> str:
+    """The host ``huggingface_hub`` downloads from (``HF_ENDPOINT`` may point at a mirror)."""
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return urlparse(endpoint).hostname or "huggingface.co"
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """``huggingface_hub`` in offline mode for the duration: cached files load, anything else fails at once.
+
+    The hub reads ``HF_HUB_OFFLINE`` only when it is imported, so a variable set later (or an unreachable network)
+    would otherwise cost about 100 s of retries before the same error.
+    """
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # timm without the hub: only torch-hub URLs, nothing to switch
+        yield
+        return
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 def is_vit_name(name: str) -> bool:
@@ -123,11 +160,16 @@ def create_timm_model(
         return model
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
+    # One short probe (2 s at most) instead of the hub's retries: offline, only the local cache is tried.
+    offline = not hub_reachable(_hub_host(), timeout=2.0)
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        with _hub_offline() if offline else contextlib.nullcontext():
+            return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as err:  # hub unreachable, gated, or not cached
+        where = f"{_hub_host()} unreachable or HF_HUB_OFFLINE set, and not in the local cache; " if offline else ""
         raise FileNotFoundError(
-            f"could not get pretrained weights for teacher {name!r} ({type(err).__name__}: {str(err)[:200]}). "
+            f"could not get pretrained weights for teacher {name!r} ({where}{type(err).__name__}: "
+            f"{' '.join(str(err).split())[:200]}). "
             "Offline? Pass a local file with --teacher-weights (official dinov2_vits14_pretrain.pth, a timm state dict "
             "or .safetensors), pre-populate the HuggingFace cache, or use --teacher-pretrained false for a "
             "random-init teacher (install checks only)."
