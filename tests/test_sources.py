@@ -84,3 +84,10 @@ def test_bad_utf8_names_and_dangling_links_are_skipped_and_counted(tmp_path) -> 
     # Everything skipped: the error says why.
     with pytest.raises(FileNotFoundError, match="skipped"):
         resolve_image_sources(str(folder / "dangling.jpg"))
+
+
+def test_manifest_yaml_syntax_error_is_one_line(tmp_path) -> None:
+    (tmp_path / "m.yaml").write_text("unlabeled: [a, b\n")
+    with pytest.raises(ValueError, match=r"m\.yaml: not valid YAML \(.* at line 2, column 1\)") as err:
+        resolve_image_sources(str(tmp_path / "m.yaml"))
+    assert "\n" not in str(err.value)

@@ -55,3 +55,54 @@ def test_load_errors(tmp_path) -> None:
         load_yolo_model(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="yaml"):
         load_yolo_model("resnet50")
+
+
+# A backbone layer that reads two layers back (`from: -2`) and a neck that does the same inside the neck.
+RELATIVE_FROM_YAML = """
+nc: 2
+backbone:
+  - [-1, 1, Conv, [16, 3, 2]]  # 0 P1/2
+  - [-1, 1, Conv, [32, 3, 2]]  # 1 P2/4
+  - [-1, 1, Conv, [32, 3, 2]]  # 2 P3/8
+  - [-1, 1, Conv, [64, 3, 2]]  # 3 P4/16
+  - [-1, 1, Conv, [64, 3, 1]]  # 4
+  - [-2, 1, Conv, [64, 3, 2]]  # 5 P5/32, from layer 3
+head:
+  - [-1, 1, nn.Upsample, [None, 2, "nearest"]]  # 6
+  - [[-1, 3], 1, Concat, [1]]  # 7
+  - [-2, 1, Conv, [64, 3, 1]]  # 8, from layer 6: not a backbone layer
+  - [[2, 8, 5], 1, Detect, [nc]]  # 9
+"""
+
+
+def test_taps_and_routing_resolve_relative_layer_references(tmp_path) -> None:
+    path = tmp_path / "relative.yaml"
+    path.write_text(RELATIVE_FROM_YAML)
+    model = load_yolo_model(path)
+    assert default_taps(model) == [2, 3, 5]
+    bb = YoloBackbone(model)
+    assert bb.strides == [8, 16, 32]
+    model.eval()
+    x = torch.rand(1, 3, 64, 64)
+    y = [None] * len(model.model)
+    out = x
+    for m in model.model[:6]:
+        out = m(y[m.i + m.f] if m.f < -1 else out)  # ultralytics: f=-2 is two layers back
+        y[m.i] = out
+    assert all(torch.allclose(f, y[t]) for f, t in zip(bb.features(x), [2, 3, 5]))
+
+
+def test_rtdetr_taps_are_its_backbone_outputs() -> None:
+    # rtdetr-l's neck reads "-2" (two layers back, a neck layer); it used to land in the taps as [-2, 3, 7, 9].
+    assert default_taps(load_yolo_model("rtdetr-l.yaml")) == [3, 7, 9]
+
+
+@pytest.mark.parametrize("student", ["rtdetr-l.yaml", "RTDETR-x.pt", "custom_rtdetr"])
+def test_rtdetr_students_are_refused_by_name_before_any_model(student, tmp_path) -> None:
+    from backbone_kd.pretrain.config import build_config
+
+    if student == "custom_rtdetr":  # a custom file name: the head in the yaml gives it away
+        student = tmp_path / "my_detector.yaml"
+        student.write_text("backbone:\n  - [-1, 1, Conv, [16, 3, 2]]\nhead:\n  - [[0], 1, RTDETRDecoder, [nc]]\n")
+    with pytest.raises(ValueError, match=r"RT-DETR students .* are not supported.*yolov8l\.yaml"):
+        build_config([f"student={student}", "unlabeled=x"])

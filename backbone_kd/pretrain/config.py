@@ -279,6 +279,20 @@ def _is_number(value: Any, whole: bool = False) -> bool:
     return isinstance(value, int if whole else int | float) and not isinstance(value, bool)
 
 
+def _is_rtdetr(student: str) -> bool:
+    """An RT-DETR model, told by its file name or by the ``RTDETRDecoder`` head of a local yaml (nothing is built)."""
+    path = Path(str(student))
+    if "rtdetr" in path.name.lower():
+        return True
+    if path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
+        return False
+    try:
+        head = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("head") or []
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):  # ultralytics reports a broken yaml when it builds
+        return False
+    return any(isinstance(row, list) and len(row) > 2 and row[2] == "RTDETRDecoder" for row in head)
+
+
 def _check_values(cfg: PretrainConfig) -> None:
     """Range and shape of every stage-1 option, so a bad value fails in milliseconds, before any model is built."""
 
@@ -314,6 +328,13 @@ def _check_values(cfg: PretrainConfig) -> None:
     need(
         str(cfg.student).endswith((".yaml", ".yml", ".pt")),
         f"student must be an ultralytics model .yaml (e.g. yolov8n.yaml) or .pt, got {cfg.student!r}",
+    )
+    # Refused rather than supported: the taps derive fine, but student.pt is written by inject-backbone, which builds
+    # YOLO detection models only, so an RT-DETR run would train for hours and then fail at export.
+    need(
+        not _is_rtdetr(cfg.student),
+        f"RT-DETR students ({Path(str(cfg.student)).name}) are not supported: stage 1 exports student.pt through "
+        "inject-backbone, which builds YOLO detection models only; distil a YOLO detect model (e.g. yolov8l.yaml)",
     )
     for key in ("taps", "teacher_indices"):
         value = getattr(cfg, key)

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from backbone_kd.pretrain.config import yaml_error_line
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 LIST_SUFFIXES = frozenset({".txt"})
 MANIFEST_SUFFIXES = frozenset({".yaml", ".yml"})
@@ -180,14 +182,6 @@ def _read_manifest(path: Path) -> list[str]:
         entries = [entries]
     base = base if base.is_absolute() else path.parent / base
     return [str(p if Path(p).is_absolute() else base / p) for p in map(str, entries)]
-
-
-def yaml_error_line(err: yaml.YAMLError) -> str:
-    """A YAML parse error in one line: what is wrong and where (PyYAML's own text spans several lines)."""
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"not valid YAML ({problem}{where})"
 
 
 def _expand(source: str, depth: int, listing: _Listing) -> None:

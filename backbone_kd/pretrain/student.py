@@ -48,17 +48,34 @@ def backbone_length(model: nn.Module) -> int:
     return len(yaml_cfg["backbone"])
 
 
+def _route(f: int | list[int], i: int) -> int | list[int | None]:
+    """Layer ``i``'s ``from`` with relative references made absolute (-1, the previous output, becomes None)."""
+    if isinstance(f, int):
+        return f if f >= 0 else i + f
+    return [None if j == -1 else (j if j >= 0 else i + j) for j in f]
+
+
+def _sources(layer: nn.Module) -> list[int]:
+    """Absolute indices of the earlier layers ``layer`` reads through ``f``, leaving out the implicit previous one.
+
+    ultralytics counts a negative ``from`` other than -1 back from the layer itself: ``-2`` in layer 15 is layer 13
+    (RT-DETR's neck does this; read as an index it made the taps ``[-2, 3, 7, 9]``).
+    """
+    route = None if layer.f == -1 else _route(layer.f, layer.i)
+    refs = [] if route is None else [route] if isinstance(route, int) else route
+    return [j for j in refs if j is not None]
+
+
 def default_taps(model: nn.Module) -> list[int]:
     """Backbone layers whose outputs the neck consumes (P3/P4/P5 for detect models), read from the layer graph.
 
-    A backbone layer is tapped if a later (neck/head) layer takes it as input through ``f``, plus the last backbone
-    layer, which the first neck layer consumes implicitly (``f == -1``).
+    A backbone layer is tapped if a later (neck/head) layer takes it as input through ``f`` (relative references such
+    as ``-2`` resolved), plus the last backbone layer, which the first neck layer consumes implicitly (``f == -1``).
     """
     n = backbone_length(model)
     taps = {n - 1}
     for layer in list(model.model)[n:]:
-        sources = [layer.f] if isinstance(layer.f, int) else list(layer.f)
-        taps.update(j for j in sources if j != -1 and j < n)
+        taps.update(j for j in _sources(layer) if j < n)
     return sorted(taps)
 
 
@@ -87,19 +104,20 @@ class YoloBackbone(nn.Module):
         # Outputs we must keep: taps, and any backbone layer a later backbone layer reads (multi-input backbones).
         needed = set(taps)
         for layer in self.layers:
-            if not isinstance(layer.f, int):
-                needed.update(j for j in layer.f if j != -1)
-            elif layer.f != -1:
-                needed.add(layer.f)
+            needed.update(_sources(layer))
         self._keep = frozenset(needed)
+        # Per layer: None (reads the previous output), an absolute index, or a list of them (None = previous output).
+        self._routes: list[int | list[int | None] | None] = [
+            None if layer.f == -1 else _route(layer.f, layer.i) for layer in self.layers
+        ]
         self.channels, self.strides = probe_strides(self)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Run the backbone up to the last tap. x: (B, 3, H, W) in [0, 1]; returns [(B, C_i, H/s_i, W/s_i)]."""
         saved: dict[int, torch.Tensor] = {}
-        for layer in self.layers:
-            if layer.f != -1:  # same routing rule as ultralytics' BaseModel._predict_once
-                x = saved[layer.f] if isinstance(layer.f, int) else [x if j == -1 else saved[j] for j in layer.f]
+        for layer, route in zip(self.layers, self._routes):
+            if route is not None:  # same routing rule as ultralytics' BaseModel._predict_once
+                x = saved[route] if isinstance(route, int) else [x if j is None else saved[j] for j in route]
             x = layer(x)
             if layer.i in self._keep:
                 saved[layer.i] = x
