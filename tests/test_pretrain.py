@@ -201,7 +201,17 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(image_dir, tmp_path, monkeypatch, capsys):
+def _torch_write_failed(*args, **kwargs):
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # torch.save, ENOSPC
+
+
+@pytest.mark.parametrize("failure", [_enospc, _torch_write_failed], ids=["oserror", "torch_save_runtimeerror"])
+def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(
+    image_dir, tmp_path, monkeypatch, capsys, failure
+):
+    import shutil
+    from collections import namedtuple
+
     from accelerate import Accelerator
 
     real, calls = Accelerator.save_state, []
@@ -211,7 +221,9 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(image
         if len(calls) == 2:  # the step-2 checkpoint finds the disk full half way
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             (Path(output_dir) / "partial.bin").write_bytes(b"x" * 10)
-            _enospc()
+            usage = namedtuple("usage", "total used free")
+            monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
+            failure()
         return real(self, output_dir, **kwargs)
 
     monkeypatch.setattr(Accelerator, "save_state", save_state)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+LOW_SPACE = 64 * 2**20  # bytes: a failed write with less free space than this is taken for a full disk
 
 
 @dataclass
@@ -65,8 +66,8 @@ def save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep: int) -> Pa
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, RuntimeError) as err:
+        if not _is_disk_full(err, tmp.parent):
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # give the partial save's space back; earlier checkpoints stay
         raise disk_full(final.parent, run_dir) from err
@@ -79,6 +80,22 @@ def save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep: int) -> Pa
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _is_disk_full(err: Exception, folder: Path) -> bool:
+    """Whether a failed save ran out of disk: ENOSPC / EDQUOT, or a write error on a nearly full disk.
+
+    ``torch.save`` reports a full disk as a bare ``RuntimeError`` ("unexpected pos", "file write failed") without an
+    errno, so for those the free space decides.
+    """
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if "No space left" in str(err):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < LOW_SPACE
+    except OSError:
+        return False
 
 
 def disk_full(folder: Path, run_dir: Path) -> OSError:
