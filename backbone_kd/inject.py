@@ -5,6 +5,9 @@ The output is laid out like ultralytics' stripped release files: the module unde
 resumable), ``train_args`` without ``resume``/``pretrained``/``freeze``; provenance under ``ckpt["backbone_kd"]``.
 ``YOLO(out).train()`` and ``yolo detect train model=out`` rebuild the model from its yaml and transfer ``ckpt["model"]``
 by key and shape, so every injected tensor reaches the trainer.
+
+``.pt`` inputs are opened without running code from them (:mod:`backbone_kd.safe_load`); ``--trust-pickle``
+(``trust_pickle=True``) falls back to ultralytics' unrestricted loader for files you trust.
 """
 
 from __future__ import annotations
@@ -25,8 +28,12 @@ from torch import nn
 
 from backbone_kd.backbone_file import check_backbone_fits, layer_index, read_backbone_file
 from backbone_kd.io_utils import atomic_path
+from backbone_kd.safe_load import UnsafeCheckpointError, load_yolo_checkpoint
 
 INJECT_FORMAT = "backbone_kd.inject/1"
+# Tasks whose models are a detection backbone + neck + a Detect-derived head (ultralytics subclasses of
+# DetectionModel): the backbone layers, keys and shapes are those of the detect model of the same family and scale.
+TASK_MODELS = {"detect": "DetectionModel", "segment": "SegmentationModel", "pose": "PoseModel", "obb": "OBBModel"}
 
 
 @dataclass
@@ -76,26 +83,28 @@ def dataset_classes(data: str | Path) -> tuple[int, dict[int, str]]:
     return len(names), names
 
 
-def _load_target(into: str, nc: int | None) -> tuple[nn.Module, dict[str, Any], int | None]:
+def _load_target(into: str, nc: int | None, trust_pickle: bool = False) -> tuple[nn.Module, dict[str, Any], int | None]:
     """``(model, ckpt, transferred)`` from a .pt (EMA if present, dtype kept) or .yaml (fresh fp32, ckpt ``{}``).
 
     A .pt whose head has another class count is rebuilt for ``nc``; ``transferred`` then counts the carried tensors.
+    Detect, segment, pose and OBB models are accepted alike (same backbone).
     """
-    from ultralytics.nn.tasks import DetectionModel, guess_model_task, torch_safe_load, yaml_model_load
+    from ultralytics.nn import tasks
 
     suffix = Path(into).suffix.lower()
     if suffix == ".pt":
         if not Path(into).is_file():
             raise FileNotFoundError(f"--into {into} not found; pass an existing ultralytics .pt or a model .yaml")
-        ckpt, _ = torch_safe_load(into)
+        ckpt = load_yolo_checkpoint(into, trust_pickle=trust_pickle)
         model = ckpt.get("ema") or ckpt.get("model")  # same preference as ultralytics' load_checkpoint
-        if not isinstance(model, DetectionModel):
-            raise ValueError(f"{into} holds {type(model).__name__}, not an ultralytics detection model")
+        if not isinstance(model, tasks.DetectionModel):
+            raise ValueError(f"{into} holds {type(model).__name__}, not an ultralytics detect/segment/pose/obb model")
     elif suffix in {".yaml", ".yml"}:
-        cfg = yaml_model_load(into)  # resolves names like yolov8n.yaml from ultralytics' bundled configs
-        if guess_model_task(cfg) != "detect":
-            raise ValueError(f"{into} is not a detection model yaml (task {guess_model_task(cfg)!r})")
-        return DetectionModel(cfg, nc=nc, verbose=False), {}, None
+        cfg = tasks.yaml_model_load(into)  # resolves names like yolov8n.yaml from ultralytics' bundled configs
+        task = tasks.guess_model_task(cfg)
+        if task not in TASK_MODELS:
+            raise ValueError(f"{into} is a {task!r} model yaml; inject-backbone writes {', '.join(TASK_MODELS)} models")
+        return getattr(tasks, TASK_MODELS[task])(cfg, nc=nc, verbose=False), {}, None
     else:
         raise ValueError(f"--into {into} must be an ultralytics .pt checkpoint or a model .yaml")
     if nc is None or nc == model.model[-1].nc:
@@ -134,21 +143,25 @@ def inject_backbone(
     data: str | Path | None = None,
     force: bool = False,
     verbose: bool = True,
+    trust_pickle: bool = False,
 ) -> InjectReport:
     """Copy a backbone export into a YOLO model and save it as an ultralytics checkpoint.
 
     Args:
         weights: ``backbone.safetensors`` written by :func:`backbone_kd.backbone_file.write_backbone_file`.
         into: Ultralytics ``.pt`` (release file or training checkpoint; its EMA is used when present) or model
-            ``.yaml`` (fresh model).
+            ``.yaml`` (fresh model): detect, segment, pose or OBB.
         out: Output ``.pt``; default ``<into stem>-distilled.pt`` beside ``weights``. Never one of the inputs.
         nc: Class count for the head; a different count rebuilds the head (backbone and matching tensors kept).
         data: Dataset yaml; its ``nc`` and ``names`` are used (and must agree with ``nc`` if both are given).
         force: Overwrite an existing ``out``.
         verbose: Print the report.
+        trust_pickle: Open a ``.pt`` ``into`` with ultralytics' unrestricted unpickler (runs code stored in the
+            file); only for files you trust. By default it is opened with ``weights_only=True``.
 
     Raises:
         FileNotFoundError: an input does not exist.
+        UnsafeCheckpointError: ``into`` needs more than the safe allow-list (a ValueError; names the global).
         FileExistsError: ``out`` exists and ``force`` is False.
         ValueError: the file is not a backbone export or does not fit the target (names the first bad key and
             both shapes); nothing is written.
@@ -174,7 +187,9 @@ def inject_backbone(
         nc = data_nc
     if nc is not None and nc < 1:
         raise ValueError(f"--nc must be a positive class count, got {nc}")
-    model, ckpt, transferred = _load_target(into, nc)  # architecture and dtype of the target decide the fit
+    model, ckpt, transferred = _load_target(
+        into, nc, trust_pickle
+    )  # architecture and dtype of the target decide the fit
     target_sd = model.state_dict()
     check_backbone_fits(tensors, target_sd, weights, into)
 
@@ -218,7 +233,9 @@ def inject_backbone(
     }
     with atomic_path(out, overwrite=True) as tmp:
         torch.save(out_ckpt, tmp)
-        saved = torch.load(tmp, map_location="cpu", weights_only=False)  # verify what will be on disk, then rename
+        # verify what will be on disk, then rename; read it back the way --info and our loaders read it (a trusted
+        # input may carry objects beyond the allow-list into the output, so that one is read back trusted)
+        saved = torch.load(tmp, map_location="cpu", weights_only=False) if trust_pickle else load_yolo_checkpoint(tmp)
         _verify(saved["model"].state_dict(), expected, f"in the written file {out}")
 
     report = InjectReport(
@@ -254,8 +271,11 @@ def _fmt(key: str, value: Any) -> str:
     return f"  {key}: {value}"
 
 
-def describe(path: str | Path) -> str:
-    """Provenance of a backbone file (``.safetensors``) or of a checkpoint written by :func:`inject_backbone`."""
+def describe(path: str | Path, trust_pickle: bool = False) -> str:
+    """Provenance of a backbone file (``.safetensors``) or of a checkpoint written by :func:`inject_backbone`.
+
+    A ``.pt`` is opened with ``weights_only=True`` (see :mod:`backbone_kd.safe_load`) unless ``trust_pickle``.
+    """
     path = Path(path)
     if path.suffix == ".safetensors":
         tensors, meta = read_backbone_file(path)
@@ -264,9 +284,7 @@ def describe(path: str | Path) -> str:
         )
     if path.suffix != ".pt" or not path.is_file():
         raise FileNotFoundError(f"--info {path}: pass an existing backbone .safetensors or a .pt checkpoint")
-    from ultralytics.nn.tasks import torch_safe_load
-
-    ckpt, _ = torch_safe_load(path)
+    ckpt = load_yolo_checkpoint(path, trust_pickle=trust_pickle)
     model = ckpt.get("ema") or ckpt.get("model")
     yaml_file, nc = getattr(model, "yaml", {}).get("yaml_file", "?"), getattr(model, "yaml", {}).get("nc", "?")
     head = [f"{path}: ultralytics {ckpt.get('version', '?')} checkpoint, model {yaml_file}, nc {nc}"]
@@ -288,14 +306,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="dataset yaml: take nc and names from it")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
     parser.add_argument("--info", metavar="FILE", help="show the provenance stored in a .pt or backbone file and exit")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="open .pt files with full unpickling (runs code stored in them); only for files you trust",
+    )
     args = parser.parse_args(argv)
     try:
         if args.info:
-            print(describe(args.info))
+            print(describe(args.info, trust_pickle=args.trust_pickle))
             return 0
         if not args.weights or not args.into:
             parser.error("--weights and --into are required (or use --info FILE)")
-        inject_backbone(args.weights, args.into, args.out, nc=args.nc, data=args.data, force=args.force)
+        inject_backbone(
+            args.weights,
+            args.into,
+            args.out,
+            nc=args.nc,
+            data=args.data,
+            force=args.force,
+            trust_pickle=args.trust_pickle,
+        )
+    except UnsafeCheckpointError as e:  # a refused pickle is bad input, like an argparse error
+        print(f"inject-backbone: error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"inject-backbone: error: {e}", file=sys.stderr)
         return 1

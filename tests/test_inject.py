@@ -96,6 +96,29 @@ def test_yaml_target_with_dataset_classes(files, tmp_path):
         inject_backbone(files["backbone"], "yolov8n.yaml", tmp_path / "x.pt", nc=5, data=files["data"])
 
 
+@pytest.mark.parametrize(
+    ("cfg", "task"), [("yolov8n-seg.yaml", "segment"), ("yolov8n-pose.yaml", "pose"), ("yolov8n-obb.yaml", "obb")]
+)
+def test_yaml_targets_of_other_tasks(files, tmp_path, cfg, task):
+    """Segment / pose / OBB models share the detect backbone: their .yaml targets work like their .pt targets."""
+    from ultralytics import YOLO
+
+    tensors, _ = read_backbone_file(files["backbone"])
+    report = inject_backbone(files["backbone"], cfg, tmp_path / "y.pt", nc=2, verbose=False)
+    model = YOLO(str(report.out))
+    assert model.task == task and report.nc == 2 and report.tensors_copied == len(tensors)
+    _assert_backbone_equal(model.model.state_dict(), tensors, half=False)
+    model.save(tmp_path / "as_pt.pt")  # the same model as a .pt target
+    again = inject_backbone(files["backbone"], tmp_path / "as_pt.pt", tmp_path / "z.pt", verbose=False)
+    assert YOLO(str(again.out)).task == task and f"model {cfg}, nc 2" in describe(again.out)
+
+
+def test_classify_yaml_target_refused(files, tmp_path):
+    with pytest.raises(ValueError, match="'classify' model yaml; inject-backbone writes detect, segment, pose, obb"):
+        inject_backbone(files["backbone"], "yolov8n-cls.yaml", tmp_path / "c.pt", verbose=False)
+    assert not (tmp_path / "c.pt").exists()
+
+
 def test_pt_target_with_new_nc_keeps_neck(files, tmp_path):
     tensors, _ = read_backbone_file(files["backbone"])
     report = inject_backbone(files["backbone"], files["base"], tmp_path / "nc3.pt", nc=3, verbose=False)

@@ -19,6 +19,7 @@ KD keys (everything else goes to ultralytics' trainer, e.g. epochs= imgsz= batch
   recipe=NAME|PATH     configs/detkd/<NAME>.yaml or any YAML (default: built-in default recipe)
   kd=cls,dfl,cwd       enabled terms: cls dfl box pseudo (response), cos l2 cwd mgd at (features); kd=none: off
   kd_weight=F det_weight=F kd_warmup=EPOCHS kd_anchors=teacher|student|all|uniform kd_max_norm=F
+  trust_pickle=true    open teacher .pt / kd_state.pt with full unpickling (runs code in them; trusted files only)
   recipe.a.b.c=VALUE   any recipe field, e.g. recipe.losses.cls.temperature=2
   resume=LAST.pt       resume; teacher/recipe/adapters come from weights/kd_state.pt
 """

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 from ultralytics.nn.modules.head import Detect
-from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+from ultralytics.nn.tasks import DetectionModel
 
 from backbone_kd.detkd.recipe import FEATURE_LOSSES
+from backbone_kd.safe_load import load_yolo_model
 
 
 class KDLink:
@@ -77,8 +78,13 @@ def detect_head(model: nn.Module) -> Detect:
     return head
 
 
-def load_teacher(teacher: str | Path | nn.Module, device: torch.device | str = "cpu") -> DetectionModel:
+def load_teacher(
+    teacher: str | Path | nn.Module, device: torch.device | str = "cpu", trust_pickle: bool = False
+) -> DetectionModel:
     """Load a teacher from a ``.pt`` checkpoint (or take a module), move it to ``device``, freeze it.
+
+    The ``.pt`` is opened with ``weights_only=True`` (``backbone_kd.safe_load``); ``trust_pickle=True`` falls back
+    to ultralytics' unrestricted unpickler, which runs code stored in the file (trusted files only).
 
     Returns:
         The teacher in eval mode with ``requires_grad=False`` on every parameter.
@@ -90,7 +96,7 @@ def load_teacher(teacher: str | Path | nn.Module, device: torch.device | str = "
                 f"teacher checkpoint {teacher!r} not found; pass an existing .pt file (e.g. a yolov8m fine-tuned on "
                 "the same data); hub names are not downloaded"
             )
-        teacher = load_checkpoint(path)[0]
+        teacher = load_yolo_model(path, trust_pickle=trust_pickle)
     detect_head(teacher)
     teacher = teacher.float().to(device).eval()
     for p in teacher.parameters():

@@ -25,9 +25,20 @@ from backbone_kd.detkd.recipe import FEATURE_LOSSES, load_recipe, set_dotted
 from backbone_kd.detkd.teacher import KDLink, check_pair, load_teacher
 from backbone_kd.io_utils import atomic_torch_save
 from backbone_kd.kv_args import parse_value
+from backbone_kd.safe_load import as_trust_flag, load_state_file
 
 # keys consumed here, never passed to ultralytics' argument checker
-KD_KEYS = ("teacher", "recipe", "kd", "kd_weight", "det_weight", "kd_warmup", "kd_anchors", "kd_max_norm")
+KD_KEYS = (
+    "teacher",
+    "recipe",
+    "kd",
+    "kd_weight",
+    "det_weight",
+    "kd_warmup",
+    "kd_anchors",
+    "kd_max_norm",
+    "trust_pickle",
+)
 SHORTCUTS = {
     "kd_weight": "kd_weight",
     "det_weight": "det_weight",
@@ -111,13 +122,15 @@ class DistillationDetectionTrainer(DetectionTrainer):
         super().__init__(cfg, train_args, _callbacks)
         if self.args.distill_model is not None:  # e.g. carried over from a resumed ultralytics checkpoint
             raise ValueError("distill_model= is ultralytics' built-in KD; with this trainer pass teacher= instead")
+        # trust_pickle=true: open the teacher .pt / kd_state.pt with full unpickling (DDP workers: from the launcher)
+        self.trust_pickle = as_trust_flag(kd.get("trust_pickle", any(c.config.get("trust_pickle") for c in carried)))
         state = self._read_kd_state() if self.resume else {}
         if carried and "teacher" not in kd:  # DDP worker: the launcher's config rides in the callbacks
             kd = dict(carried[0].config)
         elif state.get("recipe") is not None:
             # resume continues the saved recipe: other terms would change the loss columns, the adapters and the
             # optimizer's parameter groups that the checkpoint's optimizer state must match
-            given = {k: v for k, v in kd.items() if k != "teacher"}
+            given = {k: v for k, v in kd.items() if k not in {"teacher", "trust_pickle"}}
             if given and build_recipe(given) != load_recipe(state["recipe"]):  # same recipe again: nothing to say
                 LOGGER.warning(
                     f"KD resume ignores {sorted(given)}; the run's saved recipe is used. Start a new run to change."
@@ -135,7 +148,8 @@ class DistillationDetectionTrainer(DetectionTrainer):
             )
         self.recipe = build_recipe(kd, base=state.get("recipe"))
         if not isinstance(self.teacher_source, torch.nn.Module):
-            self.add_callback("on_pretrain_routine_start", _KDConfig({**kd, "recipe": self.recipe}))
+            config = {**kd, "recipe": self.recipe, "trust_pickle": self.trust_pickle}
+            self.add_callback("on_pretrain_routine_start", _KDConfig(config))
         self.kd_link: KDLink | None = None
         self.kd_skipped = 0
         self._kd_state = state
@@ -143,12 +157,17 @@ class DistillationDetectionTrainer(DetectionTrainer):
 
     # -- setup ------------------------------------------------------------------------------------------------------
     def _read_kd_state(self) -> dict:
-        """Load ``kd_state.pt`` beside the resumed checkpoint (recipe, teacher path, adapter weights)."""
+        """Load ``kd_state.pt`` beside the resumed checkpoint (recipe, teacher path, adapter weights).
+
+        It holds only tensors and plain values, so it is read with ``weights_only=True`` (``load_state_file``).
+        """
         f = Path(str(self.args.model)).with_name("kd_state.pt")
         if not f.is_file():
             LOGGER.warning(f"KD resume: {f} not found; adapters restart from scratch and teacher= must be given")
             return {}
-        return torch.load(f, map_location="cpu", weights_only=False)
+        if self.trust_pickle:
+            return torch.load(f, map_location="cpu", weights_only=False)
+        return load_state_file(f)
 
     def get_model(self, cfg: str | dict | None = None, weights: Any = None, verbose: bool = True) -> KDDetectionModel:
         """Build the student as a KDDetectionModel (same weights/layers as ultralytics' DetectionModel)."""
@@ -161,7 +180,7 @@ class DistillationDetectionTrainer(DetectionTrainer):
         super().set_model_attributes()
         model = unwrap_model(self.model)
         if self.kd_link is None:
-            teacher = load_teacher(self.teacher_source, self.device)
+            teacher = load_teacher(self.teacher_source, self.device, trust_pickle=self.trust_pickle)
             check_pair(model, teacher, self.recipe)
             adapters = None
             if any(n in FEATURE_LOSSES for n in self.recipe["enabled"]):
@@ -282,7 +301,8 @@ class DistillationDetectionTrainer(DetectionTrainer):
             state = {
                 "teacher": None if isinstance(self.teacher_source, torch.nn.Module) else str(self.teacher_source),
                 "recipe": self.recipe,
-                "adapters": adapters.state_dict() if adapters is not None else None,
+                # a plain dict of tensors: kd_state.pt must load with torch.load(weights_only=True)
+                "adapters": dict(adapters.state_dict()) if adapters is not None else None,
                 "skipped": self.kd_skipped,
                 "epoch": self.epoch,
             }

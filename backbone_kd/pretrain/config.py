@@ -72,6 +72,9 @@ class PretrainConfig:
     teacher_last_k: int = _f(1, "ViT: concatenate patch tokens of the last k blocks")
     teacher_indices: Any = _f(None, "explicit ViT block indices / CNN out_indices / YOLO teacher taps")
     teacher_kwargs: dict = _f({}, "extra timm.create_model kwargs (e.g. {depth: 2} for tiny test teachers)")
+    trust_pickle: bool = _f(
+        False, "open yolo: teacher / .pt student with full unpickling (runs code in them); trusted files only"
+    )
     teacher_dtype: str = _f("auto", "teacher dtype: auto (= mixed_precision; CPU: bf16 or fp32), fp32, bf16, fp16")
     teacher_cache: Any = _f(
         None,

@@ -66,6 +66,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         last_k=cfg.teacher_last_k,
         indices=cfg.teacher_indices,
         model_kwargs=cfg.teacher_kwargs,
+        trust_pickle=cfg.trust_pickle,
     ).to(device=device, dtype=t_dtype)
     cache = None
     if cfg.teacher_cache not in OFF:
@@ -74,7 +75,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    yolo = load_yolo_model(cfg.student, nc=cfg.nc)
+    yolo = load_yolo_model(cfg.student, nc=cfg.nc, trust_pickle=cfg.trust_pickle)
     backbone = YoloBackbone(yolo, cfg.taps)
     pairing = pair_levels(backbone.strides, teacher.strides)
     projectors = Projectors(

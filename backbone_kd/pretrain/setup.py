@@ -253,7 +253,15 @@ def export_outputs(
     }
     atomic_save_safetensors(module.projectors.state_dict(), run_dir / "projector.safetensors", metadata=proj_meta)
     nc = cfg.nc if not str(cfg.student).endswith(".pt") else None
-    inject_backbone(bb_path, cfg.student, out=run_dir / "student.pt", nc=nc, force=True, verbose=False)
+    inject_backbone(
+        bb_path,
+        cfg.student,
+        out=run_dir / "student.pt",
+        nc=nc,
+        force=True,
+        verbose=False,
+        trust_pickle=cfg.trust_pickle,
+    )
     summary = {
         **meta,
         "nonfinite_steps": state.nonfinite_steps,

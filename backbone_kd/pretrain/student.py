@@ -15,14 +15,20 @@ from torch import nn
 from backbone_kd.pretrain.features import probe_strides
 
 
-def load_yolo_model(spec: str | Path, nc: int | None = None, verbose: bool = False) -> nn.Module:
+def load_yolo_model(
+    spec: str | Path, nc: int | None = None, verbose: bool = False, trust_pickle: bool = False
+) -> nn.Module:
     """Build or load an ultralytics detection model in fp32 train mode.
 
     Args:
         spec: A model YAML (``yolov8n.yaml``, ``yolo11s.yaml``, a custom file) or an ultralytics ``.pt``.
         nc: Class count for a YAML-built model (ignored for ``.pt``: its head is kept).
+        trust_pickle: Open a ``.pt`` with ultralytics' unrestricted unpickler (runs code stored in the file); by
+            default it is opened with ``weights_only=True`` and refused if it needs more (see ``safe_load``).
     """
-    from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+    from ultralytics.nn.tasks import DetectionModel
+
+    from backbone_kd.safe_load import load_yolo_model as load_pt
 
     spec = str(spec)
     if spec.endswith(".pt"):
@@ -30,7 +36,7 @@ def load_yolo_model(spec: str | Path, nc: int | None = None, verbose: bool = Fal
             raise FileNotFoundError(
                 f"student checkpoint {spec} not found; give a .pt path or a model yaml like yolov8n.yaml"
             )
-        model, _ = load_checkpoint(spec)
+        model = load_pt(spec, trust_pickle=trust_pickle)
     elif spec.endswith((".yaml", ".yml")):
         model = DetectionModel(spec, nc=nc, verbose=verbose)
     else:

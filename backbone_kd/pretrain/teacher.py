@@ -111,13 +111,16 @@ class TimmCNNTeacher(FrozenTeacher):
 
 
 class YoloTeacher(FrozenTeacher):
-    """The backbone of an ultralytics ``.pt`` (e.g. a COCO-trained YOLO11n) as a CNN teacher; inputs stay [0, 1]."""
+    """The backbone of an ultralytics ``.pt`` (e.g. a COCO-trained YOLO11n) as a CNN teacher; inputs stay [0, 1].
 
-    def __init__(self, path: str, taps: list[int] | None = None) -> None:
+    The file is opened with ``weights_only=True`` unless ``trust_pickle`` (see :mod:`backbone_kd.safe_load`).
+    """
+
+    def __init__(self, path: str, taps: list[int] | None = None, trust_pickle: bool = False) -> None:
         from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
 
         super().__init__(None, None)
-        self.backbone = YoloBackbone(load_yolo_model(path), taps)
+        self.backbone = YoloBackbone(load_yolo_model(path, trust_pickle=trust_pickle), taps)
         self.channels, self.strides = list(self.backbone.channels), list(self.backbone.strides)
         self.freeze()
 
@@ -133,6 +136,7 @@ def build_teacher(
     last_k: int = 1,
     indices: list[int] | None = None,
     model_kwargs: dict | None = None,
+    trust_pickle: bool = False,
 ) -> FrozenTeacher:
     """Build a frozen teacher from a spec.
 
@@ -144,9 +148,11 @@ def build_teacher(
         image_size: Training resolution (ViT position embeddings are resampled once to this grid).
         last_k / indices: ViT blocks to take (see :class:`ViTTeacher`); for CNNs, ``indices`` are ``out_indices``.
         model_kwargs: Extra ``timm.create_model`` kwargs (e.g. ``depth``/``embed_dim`` for tiny test teachers).
+        trust_pickle: Open a ``yolo:`` teacher ``.pt`` with full unpickling (runs code stored in it); only for
+            files you trust.
     """
     if name.startswith("yolo:") or name.endswith(".pt"):
-        return _named(YoloTeacher(name.removeprefix("yolo:"), indices), name)
+        return _named(YoloTeacher(name.removeprefix("yolo:"), indices, trust_pickle=trust_pickle), name)
     name = name.removeprefix("timm:")
     kwargs = dict(model_kwargs or {})
     if is_vit_name(name):
