@@ -122,9 +122,32 @@ def main(argv: list[str] | None = None) -> int:
         verbose=False,
     )
     print(f"[3/3] fine-tuned: {out / 'finetune' / 'train' / 'weights' / 'last.pt'}")
+
+    from backbone_kd.probe.cli import run as probe
+
+    probe(
+        [
+            "--backbones",
+            "scratch=yolov8n.yaml",
+            f"distilled={run_dir / 'backbone.safetensors'}",
+            "--data",
+            str(data_yaml),
+            "--imgsz",
+            "64",
+            "--crop-min-size",
+            "8",
+            "--crop-min-train",
+            "1",
+            "--out",
+            str(out / "probe"),
+            "--json",
+            str(out / "probe" / "probe.json"),
+        ]
+    )
+    print(f"[probe] frozen-backbone k-NN / linear accuracy on the shapes' crops: {out / 'probe' / 'probe.json'}")
     print(
         f"\nartifacts under {out}:\n  stage 1 run     {run_dir}\n  injected model  {injected}\n"
-        f"  fine-tune run   {out / 'finetune' / 'train'}"
+        f"  fine-tune run   {out / 'finetune' / 'train'}\n  probe           {out / 'probe' / 'probe.json'}"
     )
     if not online:
         print("reminder: the teacher was random-init (offline); see the banner above.")

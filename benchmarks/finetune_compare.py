@@ -27,7 +27,7 @@ from typing import Any
 
 from bench_data import mirror_dataset, shared_dir
 
-from backbone_kd.backbone_file import backbone_layer_count, write_backbone_file
+from backbone_kd.backbone_file import write_backbone_file
 from backbone_kd.inject import inject_backbone
 from backbone_kd.io_utils import atomic_write_text
 
@@ -56,50 +56,27 @@ def prepare_variants(args: argparse.Namespace, work: Path) -> dict[str, Path]:
 
 
 def train_variant(name: str, weights: Path, data: Path, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    """Train one variant; returns one row per epoch (mAP of the EMA model on the val split)."""
+    """Train one variant with the package's probe trainer (frozen backbone unless ``--full``); one row per epoch."""
     from ultralytics import YOLO
 
-    model, rows, start = YOLO(str(weights)), [], time.time()
+    from backbone_kd.probe.detection import DetProbeSettings, train_probe
 
-    def record(trainer: Any) -> None:
-        if trainer.epoch + 1 > trainer.epochs:  # final_eval() re-reports best.pt as epoch N+1: already in the rows
-            return
-        m = trainer.metrics
-        rows.append(
-            {
-                "epoch": trainer.epoch + 1,
-                "map50_95": float(m.get("metrics/mAP50-95(B)", 0.0)),
-                "map50": float(m.get("metrics/mAP50(B)", 0.0)),
-                "seconds": round(time.time() - start, 1),
-            }
-        )
-        print(f"[{name}] epoch {rows[-1]['epoch']}: mAP50-95 {rows[-1]['map50_95']:.4f} mAP50 {rows[-1]['map50']:.4f}")
-
-    model.add_callback("on_fit_epoch_end", record)
-    train_args = {
-        "data": str(data),
-        "epochs": args.epochs,
-        "imgsz": args.imgsz,
-        "batch": args.batch,
-        "nbs": args.batch,  # one optimizer step per batch: tiny sets get enough steps
-        "optimizer": args.optimizer,
-        "lr0": args.lr0,
-        "warmup_epochs": args.warmup_epochs,
-        "mosaic": args.mosaic,
-        "close_mosaic": 0,
-        "patience": args.epochs + 1,  # no early stop: every curve covers the whole schedule
-        "seed": args.seed,
-        "workers": args.workers,
-        "device": args.device,
-        "plots": False,
-        "verbose": False,
-        "project": str(work / "runs"),
-        "name": name,
-        "exist_ok": True,
-    }
-    if not args.full:
-        train_args["freeze"] = backbone_layer_count(model)  # the probe: only neck+head learn
-    model.train(**train_args)
+    settings = DetProbeSettings(
+        epochs=args.epochs,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        lr0=args.lr0,
+        optimizer=args.optimizer,
+        warmup_epochs=args.warmup_epochs,
+        mosaic=args.mosaic,
+        seeds=(args.seed,),
+        workers=args.workers,
+        device=args.device,
+        full=args.full,
+    )
+    rows = train_probe(YOLO(str(weights)), data, settings, args.seed, work / "runs", name)
+    for row in rows:
+        print(f"[{name}] epoch {row['epoch']}: mAP50-95 {row['map50_95']:.4f} mAP50 {row['map50']:.4f}")
     return rows
 
 

@@ -18,7 +18,7 @@ Every pretraining row sees the same unlabeled images (BSDS500 + the 128 coco128 
 train96, val crops from val32), and the frozen-backbone detection probe on the coco128 split (neck + head trained).
 A multi-seed row pairs pretraining seed s with detection-probe seed s; a single-backbone row (scratch: its own seed;
 coco) runs the detection probe with every seed. Finished runs are reused, so an interrupted benchmark resumes.
-Writes ``<work>/quality_compare.json`` and ``.md``; figures are printed, never asserted.
+Writes ``<work>/<--name>.json`` and ``.md`` (default ``quality_compare``); figures are printed, never asserted.
 
 The lightly-train teacher file: lightly-train's DINOv2 takes timm's key names plus ``mask_token`` and, for the
 ``-notpretrained`` variant, a 224-px position embedding (257 tokens); our file holds the 518-px one (1370 tokens).
@@ -70,6 +70,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--det-epochs", type=int, default=30)
     p.add_argument("--det-imgsz", type=int, default=160)
     p.add_argument("--skip-det", action="store_true", help="k-NN / linear probes only")
+    p.add_argument(
+        "--cv", type=int, default=5, help="k-NN / linear by grouped K-fold CV over all crops (0 = val split)"
+    )
+    p.add_argument("--name", default="quality_compare", help="stem of the result files in --work")
     return p.parse_args(argv)
 
 
@@ -154,8 +158,16 @@ def lightly_teacher_file(weights: Path, image_size: int, out: Path) -> Path:
 
     if out.is_file():
         return out
+    from timm.layers import resample_abs_pos_embed
+
     model = create_timm_model("vit_small_patch14_dinov2", weights=weights, image_size=image_size)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # Our teacher keeps the native grid and timm resamples it per input size with these same arguments
+    # (VisionTransformer._pos_embed with dynamic_img_size): baking that result in gives lightly-train the same tokens.
+    grid = image_size // 14
+    state["pos_embed"] = resample_abs_pos_embed(
+        state["pos_embed"], new_size=(grid, grid), old_size=model.patch_embed.grid_size, num_prefix_tokens=1
+    )
     state["mask_token"] = torch.zeros(1, model.embed_dim)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out)
@@ -215,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     weights = teacher_weights(args.teacher_weights)
     shared = shared_dir() / "data" / "coco128"
     data_yaml = shared / "coco128-split.yaml"
-    extras = {row[0]: dict(kv.split("=", 1) for kv in row[1:]) for row in args.extra}
+    import yaml
+
+    # values are YAML, as on the bkd pretrain command line: teacher_indices=[3,7,11], teacher_per_level=true
+    extras = {row[0]: {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in row[1:])} for row in args.extra}
     names = [*args.rows, *extras]
     images_seen = args.steps * args.batch_size
     # 1. pretraining (each row, each seed); finished runs are reused
@@ -243,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from backbone_kd.probe.backbones import load_backbone
-    from backbone_kd.probe.classify import probe_scores
+    from backbone_kd.probe.classify import cv_probe_scores, probe_scores
     from backbone_kd.probe.extract import pooled_features
     from backbone_kd.probe.folder import cut_crops, labelled_splits
 
@@ -255,12 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         scores = []
         for seed, spec in backbones[name]:
-            key = f"{spec}|{seed}|{args.probe_imgsz}"
+            key = f"{spec}|{seed}|{args.probe_imgsz}" + (f"|cv{args.cv}" if args.cv else "")
             if key not in cls_cache:
                 bb = load_backbone(spec, seed)
                 tr = pooled_features(bb, [p for p, _ in splits.train], args.probe_imgsz)
                 va = pooled_features(bb, [p for p, _ in splits.val], args.probe_imgsz)
-                cls_cache[key] = probe_scores(tr, ty, va, vy, ["P3", "P4", "P5"])
+                if args.cv:  # every crop scored once; folds grouped by source photo
+                    groups = [splits.group(p) for p, _ in [*splits.train, *splits.val]]
+                    pooled = [torch.cat([t, v]) for t, v in zip(tr, va)]
+                    cls_cache[key] = cv_probe_scores(pooled, torch.cat([ty, vy]), groups, args.cv, ["P3", "P4", "P5"])
+                else:
+                    cls_cache[key] = probe_scores(tr, ty, va, vy, ["P3", "P4", "P5"])
                 atomic_write_text(json.dumps(cls_cache, indent=1), cls_file)
             scores.append(cls_cache[key])
             if name not in ("scratch",) and len({s for _, s in backbones[name]}) == 1:
@@ -303,9 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             results[name]["det_best"] = {m: _ms([r[m] for r in bests]) for m in ("map50_95", "map50")}
             print(f"[quality] {name}: det final mAP50-95 {results[name]['det_final']['map50_95']['mean']:.4f}")
     out = {"settings": vars(args), "images_seen": images_seen, "crops": splits.summary(), "rows": results}
-    atomic_write_text(json.dumps(out, indent=1, default=str), work / "quality_compare.json")
+    atomic_write_text(json.dumps(out, indent=1, default=str), work / f"{args.name}.json")
     table = markdown(out)
-    atomic_write_text(table + "\n", work / "quality_compare.md")
+    atomic_write_text(table + "\n", work / f"{args.name}.md")
     print(table)
     return 0
 
@@ -353,7 +373,13 @@ def markdown(out: dict) -> str:
     c = out["crops"]
     lines.append(
         f"\nCrops: {c['classes']} classes, {c['train_images']} train / {c['val_images']} val, majority-class "
-        f"accuracy {c['val_majority_acc']:.3f}. Images seen per pretraining run: {out['images_seen']}."
+        f"accuracy {c['val_majority_acc']:.3f}; k-NN / linear "
+        + (
+            f"by {out['settings']['cv']}-fold CV over all crops (grouped by photo)"
+            if out["settings"].get("cv")
+            else "on the val crops"
+        )
+        + f". Images seen per pretraining run: {out['images_seen']}."
     )
     return "\n".join(lines)
 

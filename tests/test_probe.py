@@ -179,3 +179,44 @@ def test_detection_probe_trains_on_the_injected_frozen_backbone(tmp_path: Path) 
     assert torch.allclose(got[conv].float(), expected[conv].float(), atol=1e-3)  # frozen and injected (fp16 save)
     head = "model.22.cv3.0.0.conv.weight"
     assert not torch.allclose(trained.state_dict()[head].float(), source.state_dict()[head].float(), atol=1e-3)
+
+
+def test_cross_validation_scores_every_sample_and_keeps_groups_together() -> None:
+    from backbone_kd.probe.classify import cv_probe_scores
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=gen) * 5
+    y = torch.arange(60) % 3
+    x = centres[y] + torch.randn(60, 8, generator=gen)
+    groups = [f"photo{i // 2}" for i in range(60)]
+    out = cv_probe_scores([x, x * 2], y, groups, folds=5, level_names=["P3", "P4"])
+    assert out["folds"] == 5 and out["knn10"] == 1.0 and out["linear"] == 1.0
+    assert set(out["per_level"]) == {"P3", "P4"}
+    noise = torch.randn(60, 8, generator=gen)
+    assert cv_probe_scores([noise], y, groups, folds=5)["knn10"] < 0.6
+    with pytest.raises(ValueError, match="2 folds"):
+        cv_probe_scores([x], y, groups, folds=1)
+
+
+def test_probe_cli_cross_validation(tmp_path: Path) -> None:
+    folder = colour_folder(tmp_path / "colours")
+    out_json = tmp_path / "cv.json"
+    rc = main(
+        [
+            "--backbones",
+            "random=yolov8n.yaml",
+            "--data",
+            str(folder),
+            "--imgsz",
+            "64",
+            "--cv",
+            "3",
+            "--json",
+            str(out_json),
+            "--out",
+            str(tmp_path / "work"),
+        ]
+    )
+    assert rc == 0
+    result = json.loads(out_json.read_text())
+    assert result["data"]["cv_folds"] == 3 and result["backbones"]["random"]["knn10"] > 0.9

@@ -171,3 +171,37 @@ def test_hub_probe_honours_offline_settings_and_proxies(monkeypatch) -> None:
     assert teacher_weights.hub_reachable(timeout=0.1)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert not teacher_weights.hub_reachable(timeout=0.1)
+
+
+def test_vit_keeps_native_grid_and_interpolates_once_per_size(tmp_path) -> None:
+    """A 448-px input is interpolated from the file's native grid, not from a grid already resampled to 224."""
+    import timm
+    from safetensors.torch import save_file
+
+    from backbone_kd.pretrain.teacher_weights import create_timm_model
+
+    kwargs = {"depth": 1, "embed_dim": 24, "num_heads": 2, "num_classes": 0}
+    torch.manual_seed(0)
+    native = timm.create_model("vit_small_patch14_dinov2", **kwargs)  # DINOv2's native 518 px: a 37x37 grid
+    weights = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in native.state_dict().items()}, str(weights))
+    built = create_timm_model("vit_small_patch14_dinov2", weights=weights, image_size=56, **kwargs)
+    assert built.pos_embed.shape == native.pos_embed.shape  # kept native, not resampled to 56 px at build
+    x = torch.rand(1, 3, 112, 112)
+    once = create_timm_model("vit_small_patch14_dinov2", weights=weights, image_size=None, img_size=112, **kwargs)
+    with torch.no_grad():
+        assert torch.allclose(built.forward_features(x), once.forward_features(x), atol=1e-5)
+        twice = create_timm_model("vit_small_patch14_dinov2", weights=weights, image_size=56, img_size=56, **kwargs)
+        assert not torch.allclose(twice.forward_features(x), once.forward_features(x), atol=1e-5)
+
+
+def test_vit_per_level_targets() -> None:
+    teacher = build_teacher(
+        TINY_VIT, pretrained=False, image_size=56, indices=[0, 1], per_level=True, model_kwargs=TINY_VIT_KWARGS
+    )
+    feats, _ = teacher.encode(torch.rand(2, 3, 56, 56))
+    assert teacher.channels == [48, 48] and teacher.strides == [14, 14]
+    assert [tuple(f.shape) for f in feats] == [(2, 48, 4, 4), (2, 48, 4, 4)]
+    assert not torch.allclose(feats[0], feats[1])
+    with pytest.raises(ValueError, match="teacher_indices"):
+        build_teacher(TINY_VIT, pretrained=False, per_level=True, model_kwargs=TINY_VIT_KWARGS)

@@ -10,22 +10,24 @@ import pytest
 from backbone_kd.backbone_file import read_backbone_file
 from backbone_kd.pretrain.cli import main
 from backbone_kd.pretrain.config import build_config
+from backbone_kd.pretrain.sources import PathList
 from backbone_kd.pretrain.validation import in_val_split, is_val_step, split_validation
 from tests.conftest import make_images, tiny_pretrain_args
 from tests.test_probe import colour_folder
 
 
 def test_val_fraction_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
-    paths = [str(p) for p in make_images(tmp_path / "imgs", 40, size=(16, 16))]
+    paths = PathList([str(p) for p in make_images(tmp_path / "imgs", 40, size=(16, 16))], [("x", "skipped")])
     cfg = build_config(unlabeled=[str(tmp_path / "imgs")], val_fraction=0.25)
     train, val = split_validation(cfg, paths)
-    assert val and train and not set(train) & set(val) and len(train) + len(val) == 40
+    assert val and len(train) and not set(train) & set(val) and len(train) + len(val) == 40
     assert val == [p for p in paths if in_val_split(p, 0.25)]
+    assert isinstance(train, PathList) and train.skipped == paths.skipped  # compact storage and counts kept
     assert split_validation(build_config(unlabeled=["x"]), paths) == (paths, [])  # no validation asked for
 
 
 def test_val_unlabeled_overlapping_training_images_is_refused(tmp_path: Path) -> None:
-    paths = [str(p) for p in make_images(tmp_path / "imgs", 4, size=(16, 16))]
+    paths = PathList([str(p) for p in make_images(tmp_path / "imgs", 4, size=(16, 16))])
     cfg = build_config(unlabeled=[str(tmp_path / "imgs")], val_unlabeled=str(tmp_path / "imgs"))
     with pytest.raises(ValueError, match="held-out"):
         split_validation(cfg, paths)

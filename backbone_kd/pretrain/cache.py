@@ -219,7 +219,13 @@ def prepare_teacher_cache(cfg, teacher, paths, accelerator, run_dir: Path, dtype
     meta = {
         "format": FORMAT_VERSION,
         "teacher": teacher.name,
-        "teacher_spec": [cfg.teacher, cfg.teacher_last_k, cfg.teacher_indices, cfg.teacher_kwargs],
+        "teacher_spec": [
+            cfg.teacher,
+            cfg.teacher_last_k,
+            cfg.teacher_indices,
+            cfg.teacher_kwargs,
+            cfg.teacher_per_level,
+        ],
         "weights_digest": weights_digest(teacher),
         "cache_size": size,
         "dtype": str(dtype).removeprefix("torch."),

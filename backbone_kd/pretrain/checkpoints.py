@@ -27,6 +27,7 @@ class TrainState:
     micro_step: int = 0
     nonfinite_steps: int = 0
     bad_images: list[str] = field(default_factory=list)
+    best_val: float | None = None  # best validation score so far (backbone_best.safetensors)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

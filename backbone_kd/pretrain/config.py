@@ -72,6 +72,9 @@ class PretrainConfig:
     teacher_last_k: int = _f(1, "ViT: concatenate patch tokens of the last k blocks")
     teacher_indices: Any = _f(None, "explicit ViT block indices / CNN out_indices / YOLO teacher taps")
     teacher_kwargs: dict = _f({}, "extra timm.create_model kwargs (e.g. {depth: 2} for tiny test teachers)")
+    teacher_per_level: bool = _f(
+        False, "ViT: one target per student level from teacher_indices (e.g. [3, 7, 11] -> P3/P4/P5), not one grid"
+    )
     trust_pickle: bool = _f(
         False, "open yolo: teacher / .pt student with full unpickling (runs code in them); trusted files only"
     )
@@ -114,6 +117,7 @@ class PretrainConfig:
     warmup_steps: int | None = _f(None, "linear warmup steps (default 5% of steps)")
     min_lr_ratio: float = _f(0.01, "cosine decays to lr * min_lr_ratio")
     grad_clip: float = _f(3.0, "max global grad norm (0 = off)")
+    ema_decay: float = _f(0.0, "EMA of the student weights, exported instead of the raw ones (e.g. 0.999; 0 = off)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     mixed_precision: str = _f("no", "no, fp16 or bf16 (also settable through accelerate config/launch)")
     seed: int = _f(0, "seed for init, data order and augmentation")
@@ -126,6 +130,17 @@ class PretrainConfig:
     save_every: int = _f(500, "steps between resumable checkpoints (0 = only at the end)")
     keep_checkpoints: int = _f(2, "resumable checkpoints kept")
     tensorboard: bool = _f(True, "log to TensorBoard when it is installed")
+    # held-out validation: the quality signal while training (backbone_kd/pretrain/validation.py)
+    val_unlabeled: Any = _f(None, "held-out image sources: per-level teacher cosine on them at each validation")
+    val_fraction: float = _f(0.0, "hold this share of --unlabeled out of training (by file-name hash) as val images")
+    val_every: int = _f(0, "steps between validations (0 = at each checkpoint and at the end)")
+    val_max_images: int = _f(256, "held-out images used per validation (a fixed subset)")
+    probe_data: Any = _f(
+        None,
+        "labelled folder or YOLO data.yaml (object crops): k-NN accuracy of the frozen backbone at each validation; "
+        "the best one is exported as backbone_best.safetensors",
+    )
+    probe_imgsz: int = _f(160, "input size of the k-NN probe during training")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -379,6 +394,12 @@ def _check_values(cfg: PretrainConfig) -> None:
 def validate(cfg: PretrainConfig) -> None:
     """Raise ValueError for values that would fail later, with the fix in the message."""
     _check_values(cfg)
+    if not 0 <= cfg.val_fraction < 1:
+        raise ValueError(f"val_fraction={cfg.val_fraction} must be in [0, 1) (e.g. 0.05 holds out 5% of the images)")
+    if cfg.val_every < 0 or cfg.val_max_images < 1:
+        raise ValueError("val_every must be >= 0 (0 = at checkpoints) and val_max_images >= 1")
+    if cfg.val_fraction > 0 and cfg.val_unlabeled not in OFF:
+        raise ValueError("give either val_unlabeled (a held-out folder) or val_fraction (a share of --unlabeled)")
     if cfg.image_size % 32:
         raise ValueError(f"image_size={cfg.image_size} must be a multiple of 32 (the student's largest stride)")
     for key in ("batch_size", "gradient_accumulation_steps", "log_every"):

@@ -144,15 +144,17 @@ def create_timm_model(
         name: timm name, optionally with a pretrained tag (``vit_small_patch14_dinov2.lvd142m``).
         weights: Local weights file; when given nothing is downloaded.
         pretrained: Without ``weights``: download (or read from the HF cache); False gives random init.
-        image_size: For ViTs, the grid position embeddings are resampled to; ``dynamic_img_size`` is enabled so any
-            multiple of the patch size also works. None for CNNs.
+        image_size: For ViTs, anything not None switches on ``dynamic_img_size``: the model keeps its NATIVE
+            position grid (DINOv2: 37x37, from 518 px) and timm interpolates it to each input size at forward time,
+            once from the source grid. Building at ``image_size`` instead would resample the grid at load, and a
+            later 448-px phase or a larger ``teacher_cache_size`` would resample that resampled grid again.
+            None for CNNs.
         **kwargs: Passed to ``timm.create_model``.
     """
     import timm
 
     if kwargs.get("features_only") is None and image_size is not None and is_vit_name(name):
-        kwargs.setdefault("img_size", image_size)
-        kwargs.setdefault("dynamic_img_size", True)
+        kwargs.setdefault("dynamic_img_size", True)  # native grid kept; interpolated per input size
     kwargs.setdefault("num_classes", 0)
     if weights is not None:
         model = timm.create_model(name, pretrained=False, **kwargs)

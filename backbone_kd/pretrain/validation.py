@@ -21,7 +21,7 @@ import torch
 from backbone_kd.pretrain.config import OFF, PretrainConfig
 from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, collate
 from backbone_kd.pretrain.setup import teacher_input
-from backbone_kd.pretrain.sources import resolve_image_sources
+from backbone_kd.pretrain.sources import PathList, resolve_image_sources
 
 
 def in_val_split(path: str, fraction: float) -> bool:
@@ -30,11 +30,14 @@ def in_val_split(path: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def split_validation(cfg: PretrainConfig, paths: list[str]) -> tuple[list[str], list[str]]:
-    """``(train paths, val paths)`` from ``val_unlabeled`` or ``val_fraction``; val is empty when neither is set."""
+def split_validation(cfg: PretrainConfig, paths: PathList) -> tuple[PathList, list[str]]:
+    """``(train paths, val paths)`` from ``val_unlabeled`` or ``val_fraction``; val is empty when neither is set.
+
+    The training list stays a :class:`PathList` (fork-friendly storage, ``skipped`` kept).
+    """
     if cfg.val_fraction > 0:
         val = [p for p in paths if in_val_split(str(p), cfg.val_fraction)]
-        train = [p for p in paths if not in_val_split(str(p), cfg.val_fraction)]
+        train = PathList((p for p in paths if not in_val_split(str(p), cfg.val_fraction)), paths.skipped)
         if not train or not val:
             raise ValueError(
                 f"val_fraction={cfg.val_fraction} leaves {len(train)} training and {len(val)} validation images out "
@@ -42,7 +45,7 @@ def split_validation(cfg: PretrainConfig, paths: list[str]) -> tuple[list[str], 
             )
         return train, val[: cfg.val_max_images]
     if cfg.val_unlabeled in OFF:
-        return list(paths), []
+        return paths, []
     sources = cfg.val_unlabeled if isinstance(cfg.val_unlabeled, list | tuple) else [cfg.val_unlabeled]
     val = list(resolve_image_sources([str(s) for s in sources]))[: cfg.val_max_images]
     overlap = set(map(str, val)) & set(map(str, paths))
@@ -51,7 +54,7 @@ def split_validation(cfg: PretrainConfig, paths: list[str]) -> tuple[list[str], 
             f"{len(overlap)} val_unlabeled images are also training images (e.g. {sorted(overlap)[0]}); "
             "held-out images must not be trained on"
         )
-    return list(paths), val
+    return paths, val
 
 
 class Validator:
@@ -63,7 +66,8 @@ class Validator:
         teacher: The frozen teacher (``encode``), still alive; targets are computed here, once.
         t_dtype: Teacher dtype.
         device: Where the teacher and student run.
-        run_dir: Run folder (probe crops are cut into ``run_dir/probe_crops`` for a YOLO yaml).
+        run_dir: Run folder (probe crops are cut into ``run_dir/probe_crops`` for a YOLO yaml, at the first
+            validation: the run folder must not exist before the run really starts).
     """
 
     def __init__(
@@ -78,14 +82,21 @@ class Validator:
         self.cfg, self.device = cfg, device
         self.images, self.targets = self._targets(val_paths, teacher, t_dtype) if val_paths else (None, None)
         self.best: float | None = None
+        self.run_dir = run_dir
         self.probe = None
-        if cfg.probe_data not in OFF:
+        if cfg.probe_data not in OFF and not Path(cfg.probe_data).exists():  # fail before training, not at step N
+            raise FileNotFoundError(f"probe_data {cfg.probe_data} not found; give a labelled folder or a data.yaml")
+
+    def _probe_splits(self):
+        """The labelled probe images, read (and for a YOLO yaml, cut into crops) at the first validation."""
+        if self.probe is None:
             from backbone_kd.probe.folder import cut_crops, labelled_splits
 
-            folder = Path(cfg.probe_data)
+            folder = Path(self.cfg.probe_data)
             if folder.suffix.lower() in {".yaml", ".yml"}:
-                folder = cut_crops(folder, run_dir / "probe_crops")
+                folder = cut_crops(folder, self.run_dir / "probe_crops")
             self.probe = labelled_splits(folder)
+        return self.probe
 
     @torch.no_grad()
     def _targets(self, paths: list[str], teacher, t_dtype: torch.dtype):
@@ -123,7 +134,7 @@ class Validator:
                     n += len(x)
                 out = {f"val_{k}": v / n for k, v in sums.items()}
                 out["val_cos"] = sum(out.values()) / max(1, len(out))
-            if self.probe is not None:
+            if self.cfg.probe_data not in OFF:
                 out.update(self._knn(module.backbone))
         finally:
             module.train(was_training)
@@ -133,16 +144,17 @@ class Validator:
         from backbone_kd.probe.classify import knn_accuracy
         from backbone_kd.probe.extract import combine_levels, pooled_features
 
+        probe = self._probe_splits()
         feats = {
             split: combine_levels(
                 pooled_features(
-                    backbone, [p for p, _ in getattr(self.probe, split)], self.cfg.probe_imgsz, self.cfg.batch_size
+                    backbone, [p for p, _ in getattr(probe, split)], self.cfg.probe_imgsz, self.cfg.batch_size
                 )
             )
             for split in ("train", "val")
         }
-        ty = torch.tensor([y for _, y in self.probe.train])
-        vy = torch.tensor([y for _, y in self.probe.val])
+        ty = torch.tensor([y for _, y in probe.train])
+        vy = torch.tensor([y for _, y in probe.val])
         return {f"val_knn{k}": knn_accuracy(feats["train"], ty, feats["val"], vy, k) for k in (10, 20)}
 
     def improved(self, metrics: dict[str, float]) -> bool:

@@ -98,3 +98,54 @@ def probe_scores(
     if level_names:
         out["per_level"] = {name: scores(t, v) for name, t, v in zip(level_names, train, val)}
     return out
+
+
+def cv_probe_scores(
+    levels: list[torch.Tensor], y: torch.Tensor, groups: list[str], folds: int, level_names: list[str] | None = None
+) -> dict:
+    """Grouped k-fold version of :func:`probe_scores`: every sample is scored once, as val of its fold.
+
+    A small val split makes accuracies move by whole images; pooling train + val and rotating the val fold scores
+    every sample. Samples of one group (the crops of one photo) share a fold, so no photo is in train and val.
+
+    Args:
+        levels: one ``(N, C_i)`` tensor per level (train and val pooled); y: ``(N,)`` labels.
+        groups: ``N`` group names; the fold of a group is a hash of its name (deterministic).
+        folds: Number of folds (>= 2).
+
+    Returns:
+        Same keys as :func:`probe_scores`, each the accuracy over all N out-of-fold predictions, plus ``"folds"``.
+    """
+    import hashlib
+
+    if folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
+    fold_of = {
+        g: int.from_bytes(hashlib.sha1(g.encode("utf-8", "surrogateescape")).digest()[:8], "big") % folds
+        for g in set(groups)
+    }
+    fold = torch.tensor([fold_of[g] for g in groups])
+    totals: dict = {}
+    for k in range(folds):
+        val, train = fold == k, fold != k
+        if not val.any() or not train.any():
+            continue
+        part = probe_scores([lv[train] for lv in levels], y[train], [lv[val] for lv in levels], y[val], level_names)
+        n = int(val.sum())
+        for key, value in part.items():
+            if key == "per_level":
+                for name, sub in value.items():
+                    for m, v in sub.items():
+                        totals.setdefault(f"per_level/{name}/{m}", 0.0)
+                        totals[f"per_level/{name}/{m}"] += v * n if m != "linear_wd" else 0.0
+            elif key != "linear_wd":
+                totals[key] = totals.get(key, 0.0) + value * n
+    n_all = len(y)
+    out: dict = {k: v / n_all for k, v in totals.items() if not k.startswith("per_level/")}
+    if level_names:
+        out["per_level"] = {
+            name: {m: totals[f"per_level/{name}/{m}"] / n_all for m in ("knn10", "knn20", "linear")}
+            for name in level_names
+        }
+    out["folds"] = folds
+    return out

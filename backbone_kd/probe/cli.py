@@ -43,6 +43,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="random init of .yaml SPECs (k-NN/linear probes)")
     p.add_argument("--val-fraction", type=float, default=0.3, help="val share when DIR has no train/val split")
+    p.add_argument(
+        "--cv",
+        type=int,
+        default=0,
+        metavar="K",
+        help="K-fold cross-validation over train+val pooled (grouped by source photo for crops): every image is "
+        "scored once; steadier than one small val split (0 = score the val split)",
+    )
     p.add_argument("--crop-min-size", type=int, default=16, help="YOLO-yaml --data: skip smaller boxes (pixels)")
     p.add_argument("--crop-min-train", type=int, default=5, help="YOLO-yaml --data: keep classes with this many")
     p.add_argument("--device", default="cpu")
@@ -65,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def classification_probes(specs: dict[str, str], args: argparse.Namespace) -> tuple[dict, dict]:
     """``(per-backbone scores, data summary)`` of the k-NN and linear probes on ``args.data``."""
     from backbone_kd.probe.backbones import load_backbone
-    from backbone_kd.probe.classify import probe_scores
+    from backbone_kd.probe.classify import cv_probe_scores, probe_scores
     from backbone_kd.probe.extract import pooled_features
     from backbone_kd.probe.folder import cut_crops, labelled_splits
 
@@ -73,7 +81,8 @@ def classification_probes(specs: dict[str, str], args: argparse.Namespace) -> tu
     if folder.suffix.lower() in {".yaml", ".yml"}:
         folder = cut_crops(folder, Path(args.out) / "crops", args.crop_min_size, min_train=args.crop_min_train)
     splits = labelled_splits(folder, args.val_fraction)
-    data = {"source": str(args.data), "folder": str(folder), "imgsz": args.imgsz, **splits.summary()}
+    data = {"source": str(args.data), "folder": str(folder), "imgsz": args.imgsz, "cv_folds": args.cv}
+    data.update(splits.summary())
     train_y = torch.tensor([y for _, y in splits.train])
     val_y = torch.tensor([y for _, y in splits.val])
     results = {}
@@ -87,8 +96,14 @@ def classification_probes(specs: dict[str, str], args: argparse.Namespace) -> tu
             )
             for split in ("train", "val")
         }
+        if args.cv:
+            pooled = [torch.cat([t, v]) for t, v in zip(feats["train"], feats["val"])]
+            groups = [splits.group(p) for p, _ in [*splits.train, *splits.val]]
+            scores = cv_probe_scores(pooled, torch.cat([train_y, val_y]), groups, args.cv, levels)
+        else:
+            scores = probe_scores(feats["train"], train_y, feats["val"], val_y, levels)
         results[name] = {
-            **probe_scores(feats["train"], train_y, feats["val"], val_y, levels),
+            **scores,
             "spec": spec,
             "seconds": round(time.time() - t0, 1),
         }
@@ -127,9 +142,10 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if result.get("data"):
         d = result["data"]
+        how = f"{d['cv_folds']}-fold cross-validation over both" if d.get("cv_folds") else "scored on val"
         lines.append(
             f"\n{d['classes']} classes, {d['train_images']} train / {d['val_images']} val images at "
-            f"{d['imgsz']} px; majority-class accuracy {d['val_majority_acc']:.3f}."
+            f"{d['imgsz']} px ({how}); val majority-class accuracy {d['val_majority_acc']:.3f}."
         )
     if det:
         s = result["det"]["settings"]

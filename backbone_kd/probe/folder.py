@@ -28,6 +28,11 @@ class LabelledSplits:
     classes: list[str]
     train: list[tuple[Path, int]] = field(default_factory=list)
     val: list[tuple[Path, int]] = field(default_factory=list)
+    crops: bool = False  # cut by cut_crops: files are named <photo>_<box>.jpg
+
+    def group(self, path: Path) -> str:
+        """Cross-validation group of an image: its source photo for crops (all its boxes share a fold), else itself."""
+        return path.stem.rsplit("_", 1)[0] if self.crops else path.stem
 
     def summary(self) -> dict:
         """Counts for reports: classes, images per split, and the majority-class accuracy on val (chance level)."""
@@ -77,6 +82,7 @@ def labelled_splits(root: str | Path, val_fraction: float = 0.3) -> LabelledSpli
         for y, d in enumerate(dirs):
             for p in _images(d):
                 (out.val if _in_val(p, val_fraction) else out.train).append((p, y))
+    out.crops = (root / "crops.json").is_file()
     if not out.classes or not out.train or not out.val:
         raise ValueError(
             f"{root}: found {len(out.classes)} classes, {len(out.train)} train and {len(out.val)} val images; a probe "
