@@ -15,6 +15,10 @@ Examples (CPU, real data and COCO weights from ``../shared`` or ``$BKD_SHARED``)
     # the real comparison (96 train / 32 val images)
     python benchmarks/detkd_compare.py --data ../shared/data/coco128/coco128-split.yaml --epochs 3 --imgsz 320 \
         --recipes default,response_full,response_pseudo,feature_mgd,builtin_l2 --out runs/detkd_compare
+    # end-to-end student (YOLO26 / YOLOv10; weights not in ../shared): each recipe with and without distilling the
+    # one2one branch that inference uses (`--o2o-ablation` adds the "o2m-only" rows, recipe.one2one=false)
+    python benchmarks/detkd_compare.py --student yolo26n.pt --teacher yolo26s.pt --recipes default,builtin_l2 \
+        --o2o-ablation --out runs/detkd_compare_yolo26
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from backbone_kd.io_utils import atomic_path, atomic_write_text
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("run", "mAP50", "mAP50-95", "params_M", "infer_ms", "train_s")
 RECIPES = ("default", "response_full", "response_pseudo", "feature_mgd", "builtin_l2")  # configs/detkd/*.yaml
+O2M_ONLY = "/o2m-only"  # run suffix: the same recipe with recipe.one2one=false (end-to-end students only)
 
 
 def _common(args: argparse.Namespace, data: Path, name: str) -> dict[str, Any]:
@@ -121,9 +126,12 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict[str, Any]]:
             }
         )
     kd_extra = {} if args.kd_warmup is None else {"kd_warmup": args.kd_warmup}
-    runs = ["baseline", "builtin"] + [r for r in args.recipes.split(",") if r]
+    recipes = [r for r in args.recipes.split(",") if r]
+    runs = ["baseline", "builtin"] + recipes + ([f"{r}{O2M_ONLY}" for r in recipes] if args.o2o_ablation else [])
     for name in runs:
-        label = name if name in {"baseline", "builtin"} else f"kd:{Path(name).stem}"
+        recipe, o2m_only = name.removesuffix(O2M_ONLY), name.endswith(O2M_ONLY)
+        stem = Path(recipe).stem + ("_o2m_only" if o2m_only else "")
+        label = name if name in {"baseline", "builtin"} else f"kd:{stem}"
         t0 = time.time()
         try:
             if name == "baseline":
@@ -135,9 +143,10 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict[str, Any]]:
                 model.train(**_common(args, data, "builtin"), distill_model=args.teacher, dis=args.dis)
                 trainer = model.trainer
             else:
-                common = _common(args, data, f"kd_{Path(name).stem}")
+                common = _common(args, data, f"kd_{stem}")
                 common.pop("data")
-                trainer = distill_detect(args.student, args.teacher, str(data), recipe=name, **common, **kd_extra)
+                extra = {**kd_extra, "recipe.one2one": False} if o2m_only else kd_extra
+                trainer = distill_detect(args.student, args.teacher, str(data), recipe=recipe, **common, **extra)
             rows.append(_row(label, trainer, time.time() - t0))
         except Exception as e:  # one broken configuration must not cost the lead the other runs
             traceback.print_exc()
@@ -192,6 +201,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="teacher .pt (same classes and strides as the student)",
     )
     p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipe names/paths")
+    p.add_argument(
+        "--o2o-ablation",
+        action="store_true",
+        help="also run each recipe with recipe.one2one=false (end-to-end students such as yolo26n: KD on one2many "
+        "only, the behaviour before the one2one branch was distilled)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="default 3 (1 with --smoke)")
     p.add_argument("--imgsz", type=int, default=None, help="default 320 (64 with --smoke)")
     p.add_argument("--batch", type=int, default=None, help="default 16 (4 with --smoke)")

@@ -16,7 +16,7 @@ import torch
 import yaml
 from ultralytics.nn.tasks import DetectionModel
 
-from backbone_kd.demo import make_shapes_dataset
+from backbone_kd.demo import NAMES, make_shapes_dataset
 from backbone_kd.detkd import DistillationDetectionTrainer, distill_detect
 from backbone_kd.detkd.adapters import FeatureAdapters
 from backbone_kd.detkd.cli import main as cli_main
@@ -28,10 +28,14 @@ IMGSZ = 64
 NC = 2
 
 
-def _make_teacher(path: Path, cfg: str = "yolov8n.yaml", nc: int = NC, seed: int = 1) -> Path:
-    """Random-init teacher checkpoint in ultralytics' layout (fp16 ``ema``, ``model`` None, ``train_args``)."""
+def _make_teacher(
+    path: Path, cfg: str = "yolov8n.yaml", nc: int = NC, seed: int = 1, names: dict[int, str] | None = None
+) -> Path:
+    """Random-init teacher checkpoint in ultralytics' layout (fp16 ``ema``, ``model`` None, ``train_args``), with the
+    dataset's class names (a trained teacher carries its data's names; KD checks them)."""
     torch.manual_seed(seed)
     model = DetectionModel(cfg, nc=nc, verbose=False)
+    model.names = dict(names or (NAMES if nc == NC else {i: f"class{i}" for i in range(nc)}))
     torch.save({"model": None, "ema": model.half(), "train_args": {"imgsz": IMGSZ}, "epoch": -1}, path)
     return path
 
@@ -251,14 +255,91 @@ def test_resume_rebuilds_teacher_and_adapters(env: dict[str, Path]) -> None:
     assert second.epoch == 1
 
 
-@pytest.mark.parametrize(
-    ("teacher_cfg", "nc", "match"), [("yolov8n.yaml", 3, "classes"), ("yolov8n-p2.yaml", NC, "strides")]
-)
-def test_incompatible_pair_refused(env: dict[str, Path], teacher_cfg: str, nc: int, match: str) -> None:
-    teacher = _make_teacher(env["root"] / f"bad_{nc}_{Path(teacher_cfg).stem}.pt", teacher_cfg, nc=nc)
+def test_incompatible_pair_refused(env: dict[str, Path]) -> None:
+    teacher = _make_teacher(env["root"] / "bad_3_classes.pt", nc=3)
+    with pytest.raises(ValueError, match="classes"):  # found from the data's names, before any model is built
+        DistillationDetectionTrainer(overrides=_args(env, "bad"), teacher=str(teacher))
+    teacher = _make_teacher(env["root"] / "bad_p2.pt", "yolov8n-p2.yaml")
     trainer = DistillationDetectionTrainer(overrides=_args(env, "bad"), teacher=str(teacher))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match="strides"):
         trainer.train()
+
+
+def _cli_args(env: dict[str, Path], project: Path, **extra: Any) -> list[str]:
+    args = {k: v for k, v in _args(env, "e1", **extra).items() if k not in {"exist_ok", "verbose"}}
+    args["project"] = str(project)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def test_cli_bad_teacher_is_one_line_and_leaves_no_run_folder(env: dict[str, Path], capsys) -> None:
+    """Missing teacher / teacher with other classes: exit 2, one line on stderr, no run folder left behind."""
+    project = env["root"] / "cli_runs"
+    swapped = _make_teacher(env["root"] / "t_swapped.pt", names={0: NAMES[1], 1: NAMES[0]})
+    for teacher, words in (
+        (env["root"] / "missing.pt", ["missing.pt", "not found"]),
+        (swapped, [str([NAMES[1], NAMES[0]]), str([NAMES[0], NAMES[1]]), "class_map"]),
+    ):
+        capsys.readouterr()
+        assert cli_main(_cli_args(env, project, teacher=teacher)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("bkd distill-detect: "), err
+        assert all(w in err for w in words), err
+        assert not project.exists() or not list(project.rglob("*")), list(project.rglob("*"))
+
+
+def test_class_map_auto_accepts_reordered_teacher(env: dict[str, Path]) -> None:
+    swapped = _make_teacher(env["root"] / "t_swapped2.pt", names={0: NAMES[1], 1: NAMES[0]})
+    trainer = DistillationDetectionTrainer(
+        overrides=_args(env, "class_map", kd="cls", class_map="auto"), teacher=swapped
+    )
+    trainer.train()
+    assert trainer.kd_link.class_index == [1, 0]
+    assert math.isfinite(float(_rows(trainer)[0]["train/kd_cls"]))
+
+
+def test_yolo26_student_default_recipe_distils_boxes_not_dfl(env: dict[str, Path]) -> None:
+    """reg_max=1 heads: the default recipe swaps its zero DFL term for box KD (and says so); explicit dfl is refused.
+    The end-to-end student trains both branches."""
+    teacher = _make_teacher(env["root"] / "t_yolo26n.pt", "yolo26n.yaml")
+    args = _args(env, "yolo26", model="yolo26n.yaml", kd_warmup=0)
+    trainer = DistillationDetectionTrainer(overrides=args, teacher=teacher)
+    trainer.train()
+    assert trainer.recipe["enabled"] == ["cls", "box", "cwd"]
+    row = _rows(trainer)[0]
+    assert all(math.isfinite(float(row[f"train/{c}"])) for c in ("kd_cls", "kd_box", "f_cwd"))
+    saved = torch.load(trainer.wdir / "kd_state.pt", map_location="cpu", weights_only=False)
+    assert saved["recipe"]["enabled"] == ["cls", "box", "cwd"]
+    explicit = DistillationDetectionTrainer(overrides={**args, "kd": "cls,dfl", "name": "yolo26_dfl"}, teacher=teacher)
+    with pytest.raises(ValueError, match="reg_max=1"):
+        explicit.train()
+
+
+def test_amp_overflow_steps_are_not_counted_as_non_finite(env: dict[str, Path]) -> None:
+    """An fp16 GradScaler skipping an overflowing step is normal calibration, not a 'non-finite gradient' to report;
+    a non-finite loss is still counted, and so is any non-finite step without a scaler."""
+    p = torch.nn.Parameter(torch.ones(3))
+    tr = DistillationDetectionTrainer.__new__(DistillationDetectionTrainer)
+    tr.optimizer = torch.optim.SGD([p], lr=0.1)
+    tr.recipe, tr.kd_skipped, tr.kd_link, tr.ema, tr.world_size = {"max_grad_norm": 10.0}, 0, None, None, 1
+    tr.loss = torch.tensor(1.0)
+    tr.scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**16)
+    tr.scaler.scale(tr.loss)  # as every training step does before backward (initialises the scale)
+    p.grad = torch.tensor([float("inf"), 1.0, 1.0])  # scaled fp16 gradient overflowed
+    tr.optimizer_step()
+    assert tr.kd_skipped == 0 and tr.scaler.get_scale() == 2.0**15 and torch.equal(p.data, torch.ones(3))
+    p.grad = torch.full((3,), 2.0**15)  # finite: a normal step
+    tr.optimizer_step()
+    assert tr.kd_skipped == 0 and not torch.equal(p.data, torch.ones(3))
+    tr.loss = torch.tensor(float("nan"))  # a NaN loss is a real failure whatever the scaler does
+    p.grad = torch.full((3,), float("nan"))
+    tr.optimizer_step()
+    assert tr.kd_skipped == 1
+    tr.scaler = torch.amp.GradScaler("cpu", enabled=False)  # fp32: every non-finite step is real
+    tr.loss = torch.tensor(1.0)
+    tr.scaler.scale(tr.loss)
+    p.grad = torch.full((3,), float("inf"))
+    tr.optimizer_step()
+    assert tr.kd_skipped == 2
 
 
 def test_bad_arguments_refused(env: dict[str, Path]) -> None:

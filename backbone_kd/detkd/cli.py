@@ -15,10 +15,11 @@ from backbone_kd.kv_args import parse_kv_args, run_trainer_command
 USAGE = """usage: bkd distill-detect model=STUDENT teacher=TEACHER.pt data=DATA.yaml [key=value ...]
 
 KD keys (everything else goes to ultralytics' trainer, e.g. epochs= imgsz= batch= optimizer= lr0= freeze= amp=):
-  teacher=PATH         frozen YOLO teacher (.pt, same classes and strides as the student)
+  teacher=PATH         frozen YOLO teacher (.pt, same class names/order and strides as the student)
   recipe=NAME|PATH     configs/detkd/<NAME>.yaml or any YAML (default: built-in default recipe)
   kd=cls,dfl,cwd       enabled terms: cls dfl box pseudo (response), cos l2 cwd mgd at (features); kd=none: off
   kd_weight=F det_weight=F kd_warmup=EPOCHS kd_anchors=teacher|student|all|uniform kd_max_norm=F
+  class_map=auto|LIST  teacher with the same classes in another order: match by name, or teacher class per class
   trust_pickle=true    open teacher .pt / kd_state.pt with full unpickling (runs code in them; trusted files only)
   recipe.a.b.c=VALUE   any recipe field, e.g. recipe.losses.cls.temperature=2
   resume=LAST.pt       resume; teacher/recipe/adapters come from weights/kd_state.pt

@@ -15,8 +15,8 @@ from ultralytics.utils.tal import make_anchors
 
 from backbone_kd.detkd import losses_feature as lf
 from backbone_kd.detkd import losses_response as lr
-from backbone_kd.detkd.recipe import FEATURE_LOSSES
-from backbone_kd.detkd.teacher import KDLink, detect_head, head_dict
+from backbone_kd.detkd.recipe import FEATURE_LOSSES, needs_adapters
+from backbone_kd.detkd.teacher import KDLink, detect_head, head_branches
 
 # column name(s) of each term in the progress bar and results.csv (<= 11 characters, the bar's column width)
 COLUMNS = {
@@ -42,7 +42,9 @@ class KDDetectionLoss:
 
     def __init__(self, model: DetectionModel, link: KDLink) -> None:
         self.det = DetectionModel.init_criterion(model)  # ultralytics' own criterion for this head
-        self.helper = self.det if isinstance(self.det, v8DetectionLoss) else v8DetectionLoss(model)
+        # the dense branch's loss object (E2ELoss.one2many for end-to-end heads): its assigner, stride, preprocess
+        dense = self.det if isinstance(self.det, v8DetectionLoss) else getattr(self.det, "one2many", None)
+        self.helper = dense if isinstance(dense, v8DetectionLoss) else v8DetectionLoss(model)
         self.link = link
         self.recipe = link.recipe
         self.reg_max = detect_head(model).reg_max
@@ -71,15 +73,16 @@ class KDDetectionLoss:
         det_loss = det_loss * self.recipe["det_weight"]
         kd = None
         if distill and self.names and self.link.scale > 0:
-            kd = self.kd_terms(head_dict(preds), batch) * (self.recipe["kd_weight"] * self.link.scale)
+            kd = self.kd_terms(head_branches(preds), batch) * (self.recipe["kd_weight"] * self.link.scale)
         if kd is None:
             kd = torch.zeros(len(self.names), device=det_loss.device)
         items = {**items, **dict(zip(self.names, kd.detach()))}
         return torch.cat([det_loss, kd * batch["img"].shape[0]]), items
 
     # ------------------------------------------------------------------------------------------------------------
+    @staticmethod
     def _assign(
-        self,
+        assigner: Any,
         scores: torch.Tensor,
         boxes_grid: torch.Tensor,
         gt_labels: torch.Tensor,
@@ -88,13 +91,13 @@ class KDDetectionLoss:
         anchor_points: torch.Tensor,
         stride_tensor: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """TaskAlignedAssigner on (B, A, nc) logits and (B, A, 4) grid-unit xyxy boxes against (B, M, 1) labels,
-        (B, M, 4) pixel xyxy boxes and (B, M, 1) validity; anchors (A, 2) grid units, strides (A, 1).
+        """``assigner`` (a TaskAlignedAssigner) on (B, A, nc) logits and (B, A, 4) grid-unit xyxy boxes against
+        (B, M, 1) labels, (B, M, 4) pixel xyxy boxes and (B, M, 1) validity; anchors (A, 2) grid units, strides (A, 1).
 
         Returns:
             Target boxes (B, A, 4) in pixels, target scores (B, A, nc), foreground mask (B, A) bool.
         """
-        _, t_bboxes, t_scores, fg, _ = self.helper.assigner(
+        _, t_bboxes, t_scores, fg, _ = assigner(
             scores.detach().float().sigmoid(),
             (boxes_grid.detach() * stride_tensor).to(gt_bboxes.dtype),
             anchor_points * stride_tensor,
@@ -104,30 +107,101 @@ class KDDetectionLoss:
         )
         return t_bboxes, t_scores, fg
 
-    def kd_terms(self, s: dict, batch: dict) -> torch.Tensor:
-        """All enabled KD terms (weighted, before kd_weight/warmup), in ``self.names`` order; shape (n_terms,)."""
+    def kd_terms(self, s_branches: dict[str, dict[str, torch.Tensor]], batch: dict) -> torch.Tensor:
+        """All enabled KD terms (weighted, before kd_weight/warmup), in ``self.names`` order; shape (n_terms,).
+
+        Response terms distil each student branch: the dense one2many branch from the teacher's dense output and,
+        for end-to-end students (YOLOv10 / YOLO26, whose inference uses one2one), the one2one branch too; a term's
+        value is the mean over the branches it was computed on. Feature terms use the shared neck maps.
+
+        Args:
+            s_branches: Student raw head dicts per branch (:func:`head_branches`).
+            batch: ultralytics batch (``img`` (B, 3, H, W), ``cls``, ``bboxes``, ``batch_idx``).
+        """
+        rc = self.recipe
+        t_branches = self.link.teacher_forward(batch["img"])
+        s, t = s_branches["one2many"], t_branches["one2many"]
+        if s["scores"].shape != t["scores"].shape:
+            raise ValueError(
+                f"student scores {tuple(s['scores'].shape)} vs teacher {tuple(t['scores'].shape)}: anchors/classes "
+                "differ; student and teacher need equal strides and class count (or class_map=)"
+            )
+        values: dict[str, list[torch.Tensor]] = {c: [] for c in self.names}
+        response = [n for n in rc["enabled"] if n not in FEATURE_LOSSES]
+        if response:
+            ctx = self._context(s, t, batch)
+            for col, v in self._response(response, s, t, self.helper.assigner, ctx, with_cls=True).items():
+                values[col].append(v)
+            if "one2one" in s_branches and rc.get("one2one", True):
+                t_o2o = t_branches.get("one2one")
+                o2o_assigner = getattr(getattr(self.det, "one2one", None), "assigner", self.helper.assigner)
+                # a dense teacher's class scores fire on many anchors per object: taught to the NMS-free one2one
+                # branch they would produce duplicates, so its class KD needs an end-to-end teacher; boxes are fine
+                o2o = self._response(
+                    response, s_branches["one2one"], t_o2o or t, o2o_assigner, ctx, with_cls=t_o2o is not None
+                )
+                for col, v in o2o.items():
+                    values[col].append(v)
+        feature_names = [n for n in rc["enabled"] if n in FEATURE_LOSSES]
+        if feature_names:
+            t_mask_logits = t["scores"]
+            if "one2one" in t_branches:  # as ultralytics' built-in KD: both branches' logits, averaged
+                t_mask_logits = (t_mask_logits + t_branches["one2one"]["scores"]) / 2
+            feats = self._features(feature_names, s["feats"], t["feats"], t_mask_logits.permute(0, 2, 1), batch)
+            for name, v in zip(feature_names, feats):
+                values[COLUMNS[name][0]].append(v)
+        return torch.stack([torch.stack([x.float() for x in values[c]]).mean() for c in self.names])
+
+    def _context(self, s: dict[str, torch.Tensor], t: dict[str, torch.Tensor], batch: dict) -> dict[str, Any]:
+        """What every branch shares: anchors (A, 2) / strides (A, 1), ground truth in pixels, pseudo-label targets."""
+        bs = s["scores"].shape[0]
+        device = s["scores"].device
+        anchor_points, stride_tensor = make_anchors(s["feats"], self.helper.stride, 0.5)
+        # ground truth in pixels, exactly as v8DetectionLoss prepares it
+        imgsz = torch.tensor(s["feats"][0].shape[2:], device=device) * self.helper.stride[0]
+        targets = torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1), batch["bboxes"]), 1)
+        targets = self.helper.preprocess(targets.to(device), bs, scale_tensor=imgsz[[1, 0, 1, 0]].float())
+        gt_labels, gt_bboxes = targets.split((1, 4), 2)
+        ctx = {
+            "anchor_points": anchor_points,
+            "stride_tensor": stride_tensor,
+            "gt": (gt_labels, gt_bboxes, gt_bboxes.sum(2, keepdim=True).gt_(0.0)),
+        }
+        if "pseudo" in self.recipe["enabled"]:  # teacher detections after NMS, from its dense branch, once per batch
+            t_scores = t["scores"].permute(0, 2, 1).float()
+            t_boxes = lr.decode_boxes(t["boxes"].permute(0, 2, 1).float(), anchor_points, t["boxes"].shape[1] // 4)
+            ctx["pseudo"] = self._pseudo_targets(self.recipe["losses"]["pseudo"], t_scores, t_boxes, stride_tensor)
+        return ctx
+
+    def _response(
+        self,
+        names: list[str],
+        s: dict[str, torch.Tensor],
+        t: dict[str, torch.Tensor],
+        assigner: Any,
+        ctx: dict[str, Any],
+        with_cls: bool,
+    ) -> dict[str, torch.Tensor]:
+        """Response terms of one student branch against one teacher branch.
+
+        Args:
+            names: Enabled response terms (``cls``, ``dfl``, ``box``, ``pseudo``).
+            s: Student head dict of the branch; ``scores`` (B, nc, A), ``boxes`` (B, 4*reg_max, A).
+            t: Teacher head dict it learns from (same shapes; reg_max may differ).
+            assigner: TaskAlignedAssigner of this branch (one-to-one branches assign one anchor per object).
+            ctx: :meth:`_context` output.
+            with_cls: Whether the class term applies to this branch.
+
+        Returns:
+            Column name -> weighted scalar, for the terms computed on this branch.
+        """
         rc, losses = self.recipe, self.recipe["losses"]
-        t = self.link.teacher_forward(batch["img"])
         s_scores, t_scores = s["scores"].permute(0, 2, 1), t["scores"].permute(0, 2, 1).float()  # (B, A, nc)
         s_dist, t_dist = s["boxes"].permute(0, 2, 1), t["boxes"].permute(0, 2, 1).float()  # (B, A, 4*reg_max)
-        if s_scores.shape != t_scores.shape:
-            raise ValueError(
-                f"student scores {tuple(s_scores.shape)} vs teacher {tuple(t_scores.shape)}: anchors/classes differ; "
-                "student and teacher need equal strides and class count"
-            )
-        bs = s_scores.shape[0]
-        anchor_points, stride_tensor = make_anchors(s["feats"], self.helper.stride, 0.5)
-        t_reg_max = t_dist.shape[-1] // 4
+        anchor_points, stride_tensor = ctx["anchor_points"], ctx["stride_tensor"]
         s_boxes = lr.decode_boxes(s_dist, anchor_points, self.reg_max)
-        t_boxes = lr.decode_boxes(t_dist, anchor_points, t_reg_max)
-
-        # ground truth in pixels, exactly as v8DetectionLoss prepares it
-        imgsz = torch.tensor(s["feats"][0].shape[2:], device=s_scores.device) * self.helper.stride[0]
-        targets = torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1), batch["bboxes"]), 1)
-        targets = self.helper.preprocess(targets.to(s_scores.device), bs, scale_tensor=imgsz[[1, 0, 1, 0]].float())
-        gt_labels, gt_bboxes = targets.split((1, 4), 2)
-        mask_gt = gt_bboxes.sum(2, keepdim=True).gt_(0.0)
-
+        t_boxes = lr.decode_boxes(t_dist, anchor_points, t_dist.shape[-1] // 4)
+        gt_labels, gt_bboxes, mask_gt = ctx["gt"]
         cache: dict[str, torch.Tensor] = {}
 
         def anchor_weights(mode: str) -> torch.Tensor:
@@ -138,16 +212,15 @@ class KDDetectionLoss:
                     cache[mode] = t_scores.sigmoid().amax(-1)
                 else:
                     sc, bx = (t_scores, t_boxes) if mode == "teacher" else (s_scores, s_boxes)
-                    cache[mode] = self._assign(sc, bx, gt_labels, gt_bboxes, mask_gt, anchor_points, stride_tensor)[
-                        2
-                    ].float()
+                    fg = self._assign(assigner, sc, bx, gt_labels, gt_bboxes, mask_gt, anchor_points, stride_tensor)
+                    cache[mode] = fg[2].float()
             return cache[mode]
 
-        out: list[torch.Tensor] = []
-        for name in rc["enabled"]:
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
             opt = losses[name]
             w = float(opt.get("weight", 1.0))
-            if name == "cls":
+            if name == "cls" and with_cls:
                 aw = anchor_weights(opt.get("anchors", rc["anchors"]))
                 T = opt.get("temperature", 1.0)
                 per = (
@@ -158,22 +231,44 @@ class KDDetectionLoss:
                 # normalise by the teacher's probability mass on the selected anchors, the KD analogue of
                 # ultralytics' target_scores_sum: a per-anchor mean would be ~0 on background-dominated images
                 mass = (aw * t_scores.sigmoid().sum(-1)).sum().clamp(min=1.0)
-                out.append(w * (per * aw).sum() / mass)
+                out["kd_cls"] = w * (per * aw).sum() / mass
             elif name == "dfl":
                 aw = anchor_weights(opt.get("anchors", rc["anchors"]))
                 per = lr.dfl_kd(s_dist, t_dist, self.reg_max, opt.get("temperature", 1.0))
-                out.append(w * lr.weighted_mean(per, aw))
+                out["kd_dfl"] = w * lr.weighted_mean(per, aw)
             elif name == "box":
                 aw = anchor_weights(opt.get("anchors", rc["anchors"]))
-                out.append(w * lr.weighted_mean(lr.box_kd(s_boxes, t_boxes, opt.get("type", "ciou")), aw))
+                out["kd_box"] = w * lr.weighted_mean(lr.box_kd(s_boxes, t_boxes, opt.get("type", "ciou")), aw)
             elif name == "pseudo":
-                out.extend(
-                    x * w for x in self._pseudo(opt, s_scores, s_boxes, t_scores, t_boxes, anchor_points, stride_tensor)
-                )
-        feature_names = [n for n in rc["enabled"] if n in FEATURE_LOSSES]
-        if feature_names:
-            out.extend(self._features(feature_names, s["feats"], t["feats"], t_scores, batch))
-        return torch.stack([x.float() for x in out])
+                ciou, kl = self._pseudo(opt, s_scores, s_boxes, t_scores, ctx, assigner)
+                out["pl_ciou"], out["pl_kl"] = w * ciou, w * kl
+        return out
+
+    @staticmethod
+    def _pseudo_targets(
+        opt: dict, t_scores: torch.Tensor, t_boxes: torch.Tensor, stride_tensor: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher detections after NMS as padded targets.
+
+        Args:
+            opt: The recipe's ``losses.pseudo`` block (``conf``, ``iou``).
+            t_scores: (B, A, nc) teacher logits.
+            t_boxes: (B, A, 4) teacher xyxy boxes in grid units.
+            stride_tensor: (A, 1) stride of each anchor.
+
+        Returns:
+            Labels (B, M, 1), pixel xyxy boxes (B, M, 4) and validity (B, M, 1), M = most detections in one image.
+        """
+        pred = torch.cat([xyxy2xywh(t_boxes * stride_tensor), t_scores.sigmoid()], -1).permute(0, 2, 1)
+        dets = non_max_suppression(pred, conf_thres=opt.get("conf", 0.25), iou_thres=opt.get("iou", 0.7))
+        n = max(max(len(d) for d in dets), 1)
+        bs = len(dets)
+        gt_bboxes = t_scores.new_zeros(bs, n, 4, dtype=torch.float)
+        gt_labels = t_scores.new_zeros(bs, n, 1, dtype=torch.float)
+        mask_gt = t_scores.new_zeros(bs, n, 1, dtype=torch.float)
+        for i, d in enumerate(dets):
+            gt_bboxes[i, : len(d)], gt_labels[i, : len(d), 0], mask_gt[i, : len(d)] = d[:, :4], d[:, 5], 1.0
+        return gt_labels, gt_bboxes, mask_gt
 
     def _pseudo(
         self,
@@ -181,34 +276,28 @@ class KDDetectionLoss:
         s_scores: torch.Tensor,
         s_boxes: torch.Tensor,
         t_scores: torch.Tensor,
-        t_boxes: torch.Tensor,
-        anchor_points: torch.Tensor,
-        stride_tensor: torch.Tensor,
+        ctx: dict[str, Any],
+        assigner: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher detections after NMS as extra targets: CIoU to the assigned pseudo box + class KL at its anchors.
 
         Args:
-            opt: The recipe's ``losses.pseudo`` block (conf, iou, ciou, kl, temperature).
-            s_scores: (B, A, nc) student logits; t_scores the teacher's.
-            s_boxes: (B, A, 4) student xyxy boxes in grid units; t_boxes the teacher's.
-            anchor_points: (A, 2) anchor centres in grid units.
-            stride_tensor: (A, 1) stride of each anchor.
+            opt: The recipe's ``losses.pseudo`` block (ciou, kl, temperature).
+            s_scores: (B, A, nc) student logits; t_scores the teacher's (class KL target).
+            s_boxes: (B, A, 4) student xyxy boxes in grid units.
+            ctx: :meth:`_context` output (anchors, strides, pseudo-label targets).
+            assigner: This branch's TaskAlignedAssigner.
 
         Returns:
             (CIoU term, class-KL term), scalars already multiplied by their ``ciou`` / ``kl`` weights.
         """
-        pred = torch.cat([xyxy2xywh(t_boxes * stride_tensor), t_scores.sigmoid()], -1).permute(0, 2, 1)
-        dets = non_max_suppression(pred, conf_thres=opt.get("conf", 0.25), iou_thres=opt.get("iou", 0.7))
-        n = max(max(len(d) for d in dets), 1)
-        bs = len(dets)
-        gt_bboxes = s_scores.new_zeros(bs, n, 4, dtype=torch.float)
-        gt_labels = s_scores.new_zeros(bs, n, 1, dtype=torch.float)
-        mask_gt = s_scores.new_zeros(bs, n, 1, dtype=torch.float)
-        for i, d in enumerate(dets):
-            gt_bboxes[i, : len(d)], gt_labels[i, : len(d), 0], mask_gt[i, : len(d)] = d[:, :4], d[:, 5], 1.0
-        tb, ts, fg = self._assign(s_scores, s_boxes, gt_labels, gt_bboxes, mask_gt, anchor_points, stride_tensor)
+        anchor_points, stride_tensor = ctx["anchor_points"], ctx["stride_tensor"]
+        gt_labels, gt_bboxes, mask_gt = ctx["pseudo"]
+        tb, ts, fg = self._assign(
+            assigner, s_scores, s_boxes, gt_labels, gt_bboxes, mask_gt, anchor_points, stride_tensor
+        )
         ts_sum = ts.sum().clamp(min=1.0)
-        stride = stride_tensor.expand(bs, -1, -1)
+        stride = stride_tensor.expand(s_scores.shape[0], -1, -1)
         if fg.any():
             iou = bbox_iou(s_boxes[fg].float(), (tb / stride)[fg], xywh=False, CIoU=True).squeeze(-1)
             ciou = ((1.0 - iou) * ts.sum(-1)[fg]).sum() / ts_sum
@@ -225,14 +314,22 @@ class KDDetectionLoss:
         t_scores: torch.Tensor,
         batch: dict,
     ) -> list[torch.Tensor]:
-        """Feature terms summed over neck levels with per-level weights; one scalar per name."""
+        """Feature terms summed over neck levels with per-level weights; one scalar per name.
+
+        Args:
+            names: Enabled feature terms.
+            s_feats: Student neck maps, (B, Cs_i, H_i, W_i) per level.
+            t_feats: Teacher neck maps, (B, Ct_i, H_i, W_i) per level.
+            t_scores: (B, A, nc) teacher class logits for ``mask=teacher`` weights.
+            batch: ultralytics batch (GT boxes for ``mask=gt``).
+        """
         adapters: nn.Module | None = self.link.adapters
-        if adapters is None:
+        if adapters is None and needs_adapters(self.recipe):
             raise ValueError("feature KD is enabled but no adapters were built; use DistillationDetectionTrainer")
         losses, levels = self.recipe["losses"], self.recipe["features"]["levels"]
         if len(levels) != len(s_feats):
             raise ValueError(f"features.levels has {len(levels)} weights but the model has {len(s_feats)} levels")
-        proj = adapters(list(s_feats))  # autocast picks the dtype under AMP
+        proj = adapters(list(s_feats)) if adapters is not None else [None] * len(s_feats)  # autocast picks dtype
         shapes = [tuple(f.shape[2:]) for f in s_feats]
         masks: dict[str, list] = {"none": [None] * len(shapes)}
         out = []
@@ -245,8 +342,8 @@ class KDDetectionLoss:
                     if mode == "gt"
                     else lf.teacher_masks(t_scores, shapes)
                 )
-            total = proj[0].new_zeros((), dtype=torch.float)
-            for i, (ps, tf) in enumerate(zip(proj, t_feats)):
+            total = s_feats[0].new_zeros((), dtype=torch.float)
+            for i, (sf, ps, tf) in enumerate(zip(s_feats, proj, t_feats)):
                 m = masks[mode][i]
                 if name == "cos":
                     v = lf.feat_cosine(ps, tf, m)
@@ -257,7 +354,14 @@ class KDDetectionLoss:
                 elif name == "mgd":
                     v = lf.feat_mgd(ps, tf, adapters.generators[i], opt.get("mask_ratio", 0.65), m)
                 else:
-                    v = lf.feat_at(ps, tf, opt.get("mode", "both"), m)
+                    # spatial attention sums over channels, so raw maps of any width compare directly; channel
+                    # attention pairs channel i with channel i, which only the learned adapter makes meaningful
+                    at_mode = opt.get("mode", "both")
+                    v = sf.new_zeros((), dtype=torch.float)
+                    if at_mode in {"spatial", "both"}:
+                        v = v + lf.feat_at(sf, tf, "spatial", m)
+                    if at_mode in {"channel", "both"}:
+                        v = v + lf.feat_at(ps, tf, "channel", m)
                 total = total + levels[i] * v
             out.append(float(opt.get("weight", 1.0)) * total)
         return out

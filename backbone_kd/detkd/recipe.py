@@ -21,6 +21,7 @@ FEATURE_LOSSES = ("cos", "l2", "cwd", "mgd", "at")
 ALL_LOSSES = RESPONSE_LOSSES + FEATURE_LOSSES
 ANCHOR_MODES = ("teacher", "student", "all", "uniform")
 MASK_MODES = ("none", "gt", "teacher")
+ADAPTER_KINDS = ("conv", "mlp")  # one 1x1 conv | conv1x1-ReLU-conv1x1 (ultralytics' built-in projector)
 
 DEFAULT_RECIPE: dict[str, Any] = {
     "enabled": ["cls", "dfl", "cwd"],
@@ -30,6 +31,12 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "anchors": "teacher",  # default anchor selection for response losses that do not set their own
     "max_grad_norm": 10.0,  # gradient clipping (ultralytics' own value)
     "teacher_half": False,  # cast teacher weights to fp16 on CUDA (autocast already runs it in low precision)
+    # teacher class for each student class: None (names must match), "auto" (match by name) or a list of teacher
+    # class indices/names in student class order (a teacher with the same classes in another order, or a superset)
+    "class_map": None,
+    # end-to-end students (YOLOv10 / YOLO26) infer with the one2one branch: distil it too (false: one2many only,
+    # kept for ablations)
+    "one2one": True,
     "losses": {
         # BCE against sigmoid(teacher/T) fits YOLO's independent-sigmoid head; "kl" (softmax over classes) is kept
         # as an option but treats classes as mutually exclusive, which the head never assumed.
@@ -39,11 +46,13 @@ DEFAULT_RECIPE: dict[str, Any] = {
         "pseudo": {"weight": 1.0, "conf": 0.25, "iou": 0.7, "ciou": 1.0, "kl": 2.0, "temperature": 2.0},
         "cos": {"weight": 1.0, "mask": "gt"},
         "l2": {"weight": 1.0, "mask": "teacher"},  # mask=teacher reproduces ultralytics' score-weighted L2
-        "cwd": {"weight": 1.0, "temperature": 1.0},
+        "cwd": {"weight": 1.0, "temperature": 1.0},  # no mask: each channel is one spatial distribution
         "mgd": {"weight": 1.0, "mask_ratio": 0.65, "mask": "none"},
+        # spatial attention compares raw maps (channel-order free); channel attention goes through the adapters
         "at": {"weight": 1.0, "mode": "both", "mask": "none"},
     },
-    "features": {"levels": [1.0, 1.0, 1.0]},  # per-level weights for P3, P4, P5
+    # per-level weights for P3, P4, P5; adapter: student->teacher projection used by cos/l2/cwd/mgd/at-channel
+    "features": {"levels": [1.0, 1.0, 1.0], "adapter": "conv"},
 }
 
 # per-term options that must be numbers (checked so a typo fails at load time, not mid-epoch)
@@ -106,8 +115,29 @@ def load_recipe(recipe: str | Path | dict | None = None, enabled: str | list[str
         if isinstance(enabled, str):
             enabled = [] if enabled.strip().lower() in {"", "none", "off"} else enabled.split(",")
         out["enabled"] = [e.strip() for e in enabled if e.strip()]
+    out["class_map"] = normalize_class_map(out.get("class_map"))
     validate_recipe(out)
     return out
+
+
+def normalize_class_map(value: Any) -> Any:
+    """Command-line forms of ``class_map``: ``"auto"``, ``"none"``, ``"2,0,1"`` / ``"car,person"`` -> list.
+
+    Digit-only entries become teacher class indices; anything else is a teacher class name. Lists pass through with
+    the same rule; other types are left for :func:`validate_class_map` to refuse.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in {"", "none", "null", "off"}:
+            return None
+        if text.lower() == "auto":
+            return "auto"
+        value = [t for t in (x.strip() for x in text.strip("[]").split(",")) if t]
+    if isinstance(value, int) and not isinstance(value, bool):  # class_map=3 on a one-class dataset
+        value = [value]
+    if isinstance(value, list):
+        return [int(c) if isinstance(c, str) and c.isdigit() else c for c in value]
+    return value
 
 
 def validate_recipe(recipe: dict) -> None:
@@ -118,6 +148,9 @@ def validate_recipe(recipe: dict) -> None:
     unknown = [k for k in recipe["losses"] if k not in ALL_LOSSES]
     if unknown:
         raise ValueError(f"recipe 'losses' has unknown section(s) {unknown}; valid: {list(ALL_LOSSES)}")
+    for k in ("teacher_half", "one2one"):
+        if not isinstance(recipe.get(k, False), bool):
+            raise ValueError(f"recipe {k}={recipe[k]!r} must be true or false")
     for k in ("det_weight", "kd_weight", "warmup_epochs", "max_grad_norm"):
         if not isinstance(recipe[k], (int, float)) or recipe[k] < 0:
             raise ValueError(f"recipe {k}={recipe[k]!r} must be a number >= 0")
@@ -128,6 +161,13 @@ def validate_recipe(recipe: dict) -> None:
         mask = recipe["losses"][name].get("mask", "none")
         if mask not in MASK_MODES:
             raise ValueError(f"losses.{name}.mask={mask!r} must be one of {MASK_MODES}")
+    if recipe["losses"]["cwd"].get("mask", "none") != "none":
+        # CWD turns each channel into one softmax over all pixels: weighting pixels would change what is compared
+        raise ValueError(
+            "losses.cwd.mask is not supported (CWD compares whole-map spatial distributions per channel); remove it, "
+            "or use l2/cos/mgd with mask=gt|teacher for foreground weighting"
+        )
+    validate_class_map(recipe.get("class_map"))
     cls = recipe["losses"]["cls"]
     if cls["type"] not in {"bce", "kl"}:
         raise ValueError(f"losses.cls.type={cls['type']!r} must be 'bce' (recommended for YOLO) or 'kl'")
@@ -145,3 +185,28 @@ def validate_recipe(recipe: dict) -> None:
     levels = recipe["features"]["levels"]
     if not isinstance(levels, list) or not levels or not all(isinstance(x, (int, float)) for x in levels):
         raise ValueError("features.levels needs one number per neck level, e.g. [1.0, 1.0, 1.0]")
+    if recipe["features"].get("adapter", "conv") not in ADAPTER_KINDS:
+        raise ValueError(
+            f"features.adapter={recipe['features']['adapter']!r} must be one of {ADAPTER_KINDS} "
+            "(conv: one 1x1 conv; mlp: 1x1 conv, ReLU, 1x1 conv as in ultralytics' built-in distillation)"
+        )
+
+
+def validate_class_map(class_map: Any) -> None:
+    """Raise ValueError unless ``class_map`` is None, ``"auto"`` or a list of teacher class indices / names."""
+    if class_map is None or class_map == "auto":
+        return
+    ok = isinstance(class_map, list) and class_map and all(isinstance(c, (int, str)) for c in class_map)
+    if not ok or any(isinstance(c, bool) for c in class_map):
+        raise ValueError(
+            f"class_map={class_map!r} must be 'auto' (match teacher classes by name) or a list with the teacher "
+            "class (index or name) of each student class, e.g. class_map=[2,0,1] or class_map=[car,person,bike]"
+        )
+
+
+def needs_adapters(recipe: dict) -> bool:
+    """Whether any enabled term compares channels through the learned adapters (spatial-only AT does not)."""
+    enabled = recipe["enabled"]
+    if any(n in enabled for n in ("cos", "l2", "cwd", "mgd")):
+        return True
+    return "at" in enabled and recipe["losses"]["at"].get("mode", "both") != "spatial"

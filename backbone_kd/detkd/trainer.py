@@ -1,7 +1,8 @@
 """``DistillationDetectionTrainer``: ultralytics' DetectionTrainer with a frozen YOLO teacher guiding the student.
 
 Everything ultralytics does (AMP, EMA, DDP, resume, validation, plots, export) stays in ultralytics' hands; this class
-only (1) builds the teacher, adapters and KD criterion before the optimizer, (2) adds the adapters to the optimizer,
+only (1) checks the teacher's classes against the data before any model is built, then builds the teacher, adapters
+(broadcast from rank 0 under DDP) and KD criterion before the optimizer, (2) adds the adapters to the optimizer,
 (3) clips gradients over student + adapters and skips non-finite steps, (4) ramps KD weights in, and (5) writes
 checkpoints as plain ``DetectionModel`` s with a ``weights/kd_state.pt`` side file (recipe, teacher path, adapters)
 that resume reads back.
@@ -9,6 +10,7 @@ that resume reads back.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,19 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
-from backbone_kd.detkd.adapters import FeatureAdapters, neck_widths
+from backbone_kd.detkd.adapters import FeatureAdapters, broadcast_from_rank0, neck_widths
 from backbone_kd.detkd.criterion import COLUMNS
 from backbone_kd.detkd.model import KDDetectionModel, as_kd_model, as_plain_detection_model
-from backbone_kd.detkd.recipe import FEATURE_LOSSES, load_recipe, set_dotted
-from backbone_kd.detkd.teacher import KDLink, check_pair, load_teacher
+from backbone_kd.detkd.recipe import load_recipe, needs_adapters, set_dotted
+from backbone_kd.detkd.teacher import (
+    KDLink,
+    check_pair,
+    check_teacher_file,
+    class_names,
+    detect_head,
+    load_teacher,
+    resolve_class_map,
+)
 from backbone_kd.io_utils import atomic_torch_save
 from backbone_kd.kv_args import parse_value
 from backbone_kd.safe_load import as_trust_flag, load_state_file
@@ -37,6 +47,7 @@ KD_KEYS = (
     "kd_warmup",
     "kd_anchors",
     "kd_max_norm",
+    "class_map",
     "trust_pickle",
 )
 SHORTCUTS = {
@@ -45,6 +56,7 @@ SHORTCUTS = {
     "kd_warmup": "warmup_epochs",
     "kd_anchors": "anchors",
     "kd_max_norm": "max_grad_norm",
+    "class_map": "class_map",
 }
 
 
@@ -84,7 +96,7 @@ class DistillationDetectionTrainer(DetectionTrainer):
     Args:
         cfg: ultralytics default config.
         overrides: ultralytics train args plus KD args (``teacher``, ``recipe``, ``kd``, ``kd_weight``, ``det_weight``,
-            ``kd_warmup``, ``kd_anchors``, ``kd_max_norm``, ``recipe.<dotted.key>``).
+            ``kd_warmup``, ``kd_anchors``, ``kd_max_norm``, ``class_map``, ``recipe.<dotted.key>``).
         _callbacks: ultralytics callbacks.
         teacher: Teacher ``.pt`` path or an ultralytics DetectionModel (overrides ``overrides['teacher']``).
         recipe: Recipe name/path/dict (overrides ``overrides['recipe']``).
@@ -118,16 +130,32 @@ class DistillationDetectionTrainer(DetectionTrainer):
             # resume=True with model=last.pt means "resume that run" (as YOLO(last).train(resume=True) does);
             # left as True, ultralytics would resume the newest last.pt found under the current directory instead
             train_args["resume"] = str(train_args["model"])
+        if isinstance(kd.get("teacher"), (str, Path)):
+            check_teacher_file(kd["teacher"])  # before ultralytics creates the run folder
         carried = [c for cbs in (_callbacks or {}).values() for c in cbs if isinstance(c, _KDConfig)]
-        super().__init__(cfg, train_args, _callbacks)
+        try:
+            super().__init__(cfg, train_args, _callbacks)
+            self._init_kd(kd, carried)
+        except Exception:
+            # a run that never started must not leave runs/.../name behind: the corrected rerun would go to name2
+            self._remove_unused_run_dir()
+            raise
+
+    def _init_kd(self, kd: dict, carried: list[_KDConfig]) -> None:
+        """KD half of ``__init__``: recipe, teacher source (resume / DDP worker aware) and the class check."""
         if self.args.distill_model is not None:  # e.g. carried over from a resumed ultralytics checkpoint
             raise ValueError("distill_model= is ultralytics' built-in KD; with this trainer pass teacher= instead")
         # trust_pickle=true: open the teacher .pt / kd_state.pt with full unpickling (DDP workers: from the launcher)
         self.trust_pickle = as_trust_flag(kd.get("trust_pickle", any(c.config.get("trust_pickle") for c in carried)))
         state = self._read_kd_state() if self.resume else {}
+        # terms that come with a recipe (default or file), not listed by kd= / recipe.enabled=: the trainer may
+        # adapt them to the heads (no DFL for reg_max=1); terms listed explicitly are checked, never changed
+        default_terms = not any(k == "kd" or k.startswith("recipe.enabled") for k in kd)
         if carried and "teacher" not in kd:  # DDP worker: the launcher's config rides in the callbacks
             kd = dict(carried[0].config)
+            default_terms = bool(kd.pop("default_terms", False))
         elif state.get("recipe") is not None:
+            default_terms = False
             # resume continues the saved recipe: other terms would change the loss columns, the adapters and the
             # optimizer's parameter groups that the checkpoint's optimizer state must match
             given = {k: v for k, v in kd.items() if k not in {"teacher", "trust_pickle"}}
@@ -147,13 +175,33 @@ class DistillationDetectionTrainer(DetectionTrainer):
                 "pass teacher=path/to/teacher.pt"
             )
         self.recipe = build_recipe(kd, base=state.get("recipe"))
+        self._default_terms = default_terms
         if not isinstance(self.teacher_source, torch.nn.Module):
-            config = {**kd, "recipe": self.recipe, "trust_pickle": self.trust_pickle}
+            config = {**kd, "recipe": self.recipe, "default_terms": default_terms, "trust_pickle": self.trust_pickle}
             self.add_callback("on_pretrain_routine_start", _KDConfig(config))
         self.kd_link: KDLink | None = None
         self.kd_skipped = 0
         self._kd_state = state
         self._kd_batch = 0
+        # the teacher is loaded now so that a class mismatch is reported before any student is built or trained
+        self._teacher = load_teacher(self.teacher_source, "cpu", trust_pickle=self.trust_pickle)
+        data_names = self.data.get("names", {}) if isinstance(self.data, dict) else {}
+        names = [str(data_names[i]) for i in range(len(data_names))] if isinstance(data_names, dict) else data_names
+        if names:
+            resolve_class_map(list(map(str, names)), class_names(self._teacher), self.recipe.get("class_map"))
+
+    def _remove_unused_run_dir(self) -> None:
+        """Delete the run folder ultralytics made in ``__init__`` if nothing but ``args.yaml`` and an empty
+        ``weights/`` is in it (a failed start); resumed runs and folders with anything else are never touched."""
+        save_dir = getattr(self, "save_dir", None)
+        if save_dir is None or getattr(self, "resume", False) or RANK not in {-1, 0} or not Path(save_dir).is_dir():
+            return
+        d = Path(save_dir)
+        weights = d / "weights"
+        if {p.name for p in d.iterdir()} <= {"args.yaml", "weights"} and not (
+            weights.is_dir() and any(weights.iterdir())
+        ):
+            shutil.rmtree(d, ignore_errors=True)
 
     # -- setup ------------------------------------------------------------------------------------------------------
     def _read_kd_state(self) -> dict:
@@ -180,22 +228,51 @@ class DistillationDetectionTrainer(DetectionTrainer):
         super().set_model_attributes()
         model = unwrap_model(self.model)
         if self.kd_link is None:
-            teacher = load_teacher(self.teacher_source, self.device, trust_pickle=self.trust_pickle)
-            check_pair(model, teacher, self.recipe)
+            try:
+                if self._teacher is not None:  # loaded (on CPU) by __init__ for the class check
+                    teacher = self._teacher.to(self.device)
+                else:
+                    teacher = load_teacher(self.teacher_source, self.device, trust_pickle=self.trust_pickle)
+                self._teacher = None  # the link owns it from here
+                self._adapt_default_terms(model, teacher)
+                class_index = check_pair(model, teacher, self.recipe)
+            except ValueError:
+                self._remove_unused_run_dir()
+                raise
             adapters = None
-            if any(n in FEATURE_LOSSES for n in self.recipe["enabled"]):
-                adapters = FeatureAdapters(
-                    neck_widths(model), neck_widths(teacher), mgd="mgd" in self.recipe["enabled"]
-                ).to(self.device)
+            if needs_adapters(self.recipe):
+                enabled = self.recipe["enabled"]
+                kind = self.recipe["features"].get("adapter", "conv")
+                adapters = FeatureAdapters(neck_widths(model), neck_widths(teacher), "mgd" in enabled, kind)
+                adapters = adapters.to(self.device)
                 if self._kd_state.get("adapters"):
                     adapters.load_state_dict(self._kd_state["adapters"])
-            self.kd_link = KDLink(teacher, adapters, self.recipe)
+                # built outside DDP from this rank's RNG (ultralytics seeds rank r with seed+1+r): start every rank
+                # from rank 0's weights, after which the averaged gradients keep them equal
+                if broadcast_from_rank0(adapters):
+                    LOGGER.info("KD: adapter weights broadcast from rank 0")
+            self.kd_link = KDLink(teacher, adapters, self.recipe, class_index=class_index)
             use_half = self.recipe.get("teacher_half") and self.device.type == "cuda" and self.args.amp
             if use_half:
                 teacher.half()
                 self.kd_link.teacher_half = True
             self.kd_skipped = int(self._kd_state.get("skipped", 0))
         as_kd_model(model, self.kd_link)
+
+    def _adapt_default_terms(self, model: torch.nn.Module, teacher: torch.nn.Module) -> None:
+        """A recipe's ``dfl`` on a reg_max=1 head (YOLO26) would be identically zero: distil the decoded boxes instead,
+        and say so. Terms listed with ``kd=`` are left alone (check_pair refuses an explicit ``dfl``)."""
+        enabled = self.recipe["enabled"]
+        if not self._default_terms or "dfl" not in enabled:
+            return
+        if 1 not in (detect_head(model).reg_max, detect_head(teacher).reg_max):
+            return
+        terms = list(dict.fromkeys("box" if n == "dfl" else n for n in enabled))
+        LOGGER.warning(
+            f"KD: the student or teacher head has reg_max=1 (direct box regression, e.g. YOLO26), so the recipe's "
+            f"'dfl' term would be zero; using kd={','.join(terms)} instead (pass kd= to choose the terms)"
+        )
+        self.recipe = load_recipe({**self.recipe, "enabled": terms})
 
     def build_optimizer(
         self,
@@ -238,14 +315,23 @@ class DistillationDetectionTrainer(DetectionTrainer):
         return batch
 
     def optimizer_step(self) -> None:
-        """Clip gradients of student + adapters together; skip (and count) steps whose gradients are not finite."""
+        """Clip gradients of student + adapters together; skip (and count) steps whose gradients are not finite.
+
+        Under fp16 AMP an overflowing step is the GradScaler's normal calibration (it skips the step and halves its
+        scale): that is not counted. Counted are non-finite steps without a scaler, and under a scaler those with a
+        non-finite loss or a scale already at or below 1 (no scale can fix those).
+        """
         self._sync_adapter_grads()
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm=self.recipe["max_grad_norm"] or float("inf"))
         if not torch.isfinite(norm):
-            self.kd_skipped += 1
-            LOGGER.warning(f"KD: non-finite gradients, optimizer step skipped ({self.kd_skipped} so far)")
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None  # before update() changes it
+            loss = getattr(self, "loss", None)
+            loss_finite = loss is None or bool(torch.isfinite(torch.as_tensor(loss)).all())
+            if scale is None or not loss_finite or scale <= 1.0:
+                self.kd_skipped += 1
+                LOGGER.warning(f"KD: non-finite gradients, optimizer step skipped ({self.kd_skipped} so far)")
             self.scaler.update()  # lets an AMP scaler lower its scale; no-op without AMP
             self.optimizer.zero_grad()
             return
