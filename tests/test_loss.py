@@ -58,3 +58,9 @@ def test_standardized_smooth_l1_zero_for_standardized_target() -> None:
     t = torch.randn(3, 4, 5, 5) * 7 + 3
     z = (t - t.mean(dim=(0, 2, 3), keepdim=True)) / t.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
     assert standardized_smooth_l1(z, t).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_pair_levels_checks_strides_not_only_counts() -> None:
+    assert pair_levels([8, 16, 32], [14, 14, 14]) == [0, 1, 2]  # per-level ViT grids: one stride, paired in order
+    with pytest.raises(ValueError, match=r"strides \[4, 8, 16\]"):
+        pair_levels([8, 16, 32], [4, 8, 16])  # a stride-4/8/16 CNN teacher must not pair with P3-P5

@@ -15,8 +15,9 @@ ALIGN_MODES = ("student_to_teacher", "teacher_to_student")
 def pair_levels(student_strides: list[int], teacher_strides: list[int]) -> list[int]:
     """Which teacher level supervises each student level.
 
-    A single-level teacher (ViT patch grid) supervises every student level; a multi-level teacher (CNN) with as many
-    levels as the student pairs them in order.
+    A single-level teacher (ViT patch grid) supervises every student level; a multi-level teacher with as many levels
+    as the student pairs them in order when its levels share one stride (a ViT's per-level token grids) or when the
+    strides match the student's level for level (a CNN teacher); other strides are an error.
 
     Returns:
         Teacher level index per student level.
@@ -24,7 +25,15 @@ def pair_levels(student_strides: list[int], teacher_strides: list[int]) -> list[
     if len(teacher_strides) == 1:
         return [0] * len(student_strides)
     if len(teacher_strides) == len(student_strides):
-        return list(range(len(student_strides)))
+        # A ViT's per-level targets share one token grid (every stride equal): the grids are resampled to each level,
+        # so pairing in order is intended. A multi-scale CNN teacher must match stride for stride: a stride-4/8/16
+        # teacher paired with P3-P5 would pull each student level toward a map of another scale.
+        if len(set(teacher_strides)) == 1 or list(teacher_strides) == list(student_strides):
+            return list(range(len(student_strides)))
+        raise ValueError(
+            f"teacher level strides {list(teacher_strides)} do not match the student's {list(student_strides)}; "
+            "choose teacher_indices (CNN out_indices / YOLO taps) whose strides equal the student taps' strides"
+        )
     raise ValueError(
         f"cannot pair {len(student_strides)} student levels (strides {student_strides}) with {len(teacher_strides)} "
         f"teacher levels (strides {teacher_strides}); choose teacher_indices so the counts match or use a ViT teacher"
