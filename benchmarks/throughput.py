@@ -7,7 +7,9 @@ Parts of our step (default mode)::
 
 Measures, for the resolved pretraining config: data loading (decode + augment, ``workers`` processes), teacher
 forward, student forward+backward+optimizer step (projectors and loss included), and the full step (teacher +
-student). Options other than the ones below are the ``bkd pretrain`` options (``--help`` of that command).
+student). ``--parts teacher_fwd`` times only the teacher (e.g. with ``compile=true``: only the teacher is compiled);
+``--compile-backend`` picks the ``torch.compile`` backend. Options other than these are the ``bkd pretrain`` options
+(``--help`` of that command). ``benchmarks/gpu_check.py`` runs these parts over a grid of GPU settings.
 
 Side by side with lightly-train: ``python benchmarks/throughput.py --vs lightly-train ...`` hands over to
 ``benchmarks/vs_lightly_train.py`` (its docstring has the method and options).
@@ -68,30 +70,43 @@ def _synthetic_folder(n: int) -> str:
     return str(folder)
 
 
-def run(argv: list[str]) -> dict:
-    """Parts benchmark of our pretraining step (teacher, student, full step, data); returns the JSON dict."""
-    import torch
-    from torch.utils.data import DataLoader
+PARTS = ("teacher_fwd", "student_fwd_bwd", "full_step", "data")
 
-    from backbone_kd.pretrain.config import build_config
-    from backbone_kd.pretrain.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate
+
+def build_parts(
+    cfg: Any, device: torch.device, compile_kwargs: dict | None = None
+) -> tuple[dict[str, Callable[[], None]], dict[str, Any]]:
+    """The timed parts of one pretraining step for a resolved config, on a fixed random batch.
+
+    Teacher, student backbone, projectors, loss and optimizer are built as ``bkd pretrain`` builds them, in the
+    precision :func:`~backbone_kd.pretrain.setup.resolve_precision` picks for ``device``; ``cfg.compile`` compiles the
+    teacher's ``encode`` and the student (``compile_kwargs``: ``torch.compile`` options, e.g. ``backend``); nothing is
+    compiled before a part first runs.
+
+    Args:
+        cfg: A :class:`~backbone_kd.pretrain.config.PretrainConfig`; the batch is (batch_size, 3, image_size,
+            image_size).
+        device: Where to run.
+        compile_kwargs: Passed to ``torch.compile`` when ``cfg.compile``.
+
+    Returns:
+        ``{"teacher_fwd", "student_fwd_bwd", "full_step"}`` -> a no-argument callable running that part once (the
+        student part trains on fixed teacher targets, as with the teacher cache), and facts about the build
+        (``teacher_dtype``, ``mixed_precision``).
+    """
+    import torch
+
     from backbone_kd.pretrain.loss import DistillationLoss, pair_levels
     from backbone_kd.pretrain.projector import DistillStudent, Projectors
-    from backbone_kd.pretrain.setup import build_optimizer, teacher_dtype, teacher_input
-    from backbone_kd.pretrain.sources import resolve_image_sources
+    from backbone_kd.pretrain.setup import build_optimizer, resolve_precision, teacher_input
     from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
     from backbone_kd.pretrain.teacher import build_teacher
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--json", default=None, help="write results here")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args, rest = parser.parse_known_args(argv)
-    cfg = build_config(rest)
-    device = torch.device(args.device)
     bs = cfg.batch_size
-    t_dtype = teacher_dtype(cfg, device)
+    plan = resolve_precision(cfg, device)
+    for _, note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    t_dtype = plan.teacher_dtype
     teacher = build_teacher(
         cfg.teacher,
         cfg.teacher_weights,
@@ -111,20 +126,25 @@ def run(argv: list[str]) -> dict:
         module = module.to(memory_format=torch.channels_last)
     criterion = DistillationLoss([1.0] * len(pairing), pairing, cfg.align)
     optimizer = build_optimizer(module, cfg, device)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.mixed_precision)
     x = torch.rand(bs, 3, cfg.image_size, cfg.image_size, device=device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    teacher_fn = torch.compile(teacher.encode) if cfg.compile else teacher.encode
-    student_fn = torch.compile(module) if cfg.compile else module
-    with torch.no_grad():
-        t_feats, _ = teacher_fn(teacher_input(x, teacher, t_dtype))
+    kwargs = dict(compile_kwargs or {})
+    teacher_fn = teacher.compiled_encode(**kwargs) if cfg.compile else teacher.encode
+    student_fn = torch.compile(module, **kwargs) if cfg.compile else module
+    targets: list[torch.Tensor] = []
 
-    def teacher_step() -> None:
+    def teacher_step() -> list[torch.Tensor]:
         with torch.no_grad():
-            teacher_fn(teacher_input(x, teacher, t_dtype))
+            return teacher_fn(teacher_input(x, teacher, t_dtype))[0]
 
-    def student_step(t: list[torch.Tensor] = t_feats) -> None:
+    def student_step(t: list[torch.Tensor] | None = None) -> None:
+        if t is None:
+            if not targets:  # fixed targets for the student-only part, computed once (eagerly: not timed)
+                with torch.no_grad():
+                    targets.extend(teacher.encode(teacher_input(x, teacher, t_dtype))[0])
+            t = targets
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             s_feats, _ = student_fn(x)
         loss, _ = criterion(s_feats, t)
@@ -133,18 +153,44 @@ def run(argv: list[str]) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     def full_step() -> None:
-        with torch.no_grad():
-            t, _ = teacher_fn(teacher_input(x, teacher, t_dtype))
-        student_step(t)
+        student_step(teacher_step())
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    results = {
-        "teacher_fwd": bs / _timeit(teacher_step, args.iters, args.warmup, device),
-        "student_fwd_bwd": bs / _timeit(student_step, args.iters, args.warmup, device),
-        "full_step": bs / _timeit(full_step, args.iters, args.warmup, device),
-    }
-    paths = resolve_image_sources(cfg.unlabeled or _synthetic_folder(max(4 * bs, 64)))
+    parts = {"teacher_fwd": teacher_step, "student_fwd_bwd": student_step, "full_step": full_step}
+    return parts, {"teacher_dtype": str(t_dtype), "mixed_precision": plan.mixed_precision}
+
+
+def time_parts(
+    parts: dict[str, Callable[[], Any]], batch_size: int, iters: int, warmup: int, device: torch.device
+) -> dict[str, dict[str, float | None]]:
+    """Images/s of each part (median call after ``warmup`` calls, which include any compilation) and its peak GPU
+    memory in MiB (None on CPU, where only the process' peak RSS exists)."""
+    import torch
+
+    speed: dict[str, float | None] = {}
+    peak: dict[str, float | None] = {}
+    for name, fn in parts.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        speed[name] = batch_size / _timeit(fn, iters, warmup, device)
+        peak[name] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"images_per_s": speed, "peak_gpu_mib": peak}
+
+
+def data_speed(cfg: Any, iters: int, warmup: int, unlabeled: str | None = None, n_synthetic: int = 64) -> float:
+    """Images/s of the training data loader (decode + augment in ``cfg.workers`` processes, collate).
+
+    Args:
+        unlabeled: Image folder/list; default ``cfg.unlabeled``, else ``n_synthetic`` generated 480x360 noise JPEGs
+            (harder to decode than photos of the same size: a pessimistic figure).
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from backbone_kd.pretrain.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate
+    from backbone_kd.pretrain.sources import resolve_image_sources
+
+    bs = cfg.batch_size
+    paths = resolve_image_sources(unlabeled or cfg.unlabeled or _synthetic_folder(max(n_synthetic, 2 * bs)))
     dataset = UnlabeledImages(paths, cfg.image_size, AugmentConfig(cfg.crop_scale, cfg.hflip, cfg.color_jitter))
     loader = DataLoader(
         dataset,
@@ -153,26 +199,56 @@ def run(argv: list[str]) -> dict:
         collate_fn=collate,
         num_workers=cfg.workers,
         persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers > 0 else None,  # as the training loader
     )
     it = iter(loader)
-    results["data"] = bs / _timeit(lambda: next(it), args.iters, args.warmup, torch.device("cpu"))
+    return bs / _timeit(lambda: next(it), iters, warmup, torch.device("cpu"))  # workers end with the iterator
+
+
+def run(argv: list[str]) -> dict:
+    """Parts benchmark of our pretraining step (teacher, student, full step, data); returns the JSON dict."""
+    import torch
+
+    from backbone_kd.pretrain.config import build_config
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", default=None, help="write results here")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="time only these parts")
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor)")
+    args, rest = parser.parse_known_args(argv)
+    cfg = build_config(rest)
+    device = torch.device(args.device)
+    bs = cfg.batch_size
+    compile_kwargs = {"backend": args.compile_backend} if args.compile_backend else {}
+    parts, facts = build_parts(cfg, device, compile_kwargs)
+    timed = time_parts({k: v for k, v in parts.items() if k in args.parts}, bs, args.iters, args.warmup, device)
+    results = timed["images_per_s"]
+    if "data" in args.parts:
+        results["data"] = data_speed(cfg, args.iters, args.warmup)
+    gpu_peaks = [v for v in timed["peak_gpu_mib"].values() if v is not None]
     out = {
         "config": {
             "teacher": cfg.teacher,
             "student": cfg.student,
             "image_size": cfg.image_size,
             "batch_size": bs,
-            "mixed_precision": cfg.mixed_precision,
-            "teacher_dtype": str(t_dtype),
+            "mixed_precision": facts["mixed_precision"],
+            "teacher_dtype": facts["teacher_dtype"],
             "workers": cfg.workers,
             "compile": cfg.compile,
+            "compile_backend": args.compile_backend or ("inductor" if cfg.compile else None),
             "channels_last": cfg.channels_last,
         },
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "images_per_s": results,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "peak_gpu_mib": max(gpu_peaks) if gpu_peaks else None,
+        "peak_gpu_mib_per_part": timed["peak_gpu_mib"],
     }
     print(f"{'part':<18}{'images/s':>12}")
     for name, value in results.items():

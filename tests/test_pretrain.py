@@ -138,6 +138,7 @@ def test_two_process_accelerate_launch(image_dir, tmp_path, cache) -> None:
 )
 def test_teacher_dtype_follows_mixed_precision(mixed, device, expected, monkeypatch) -> None:
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    _cpu(monkeypatch, "AVX512", avx512_bf16=True)  # a CPU with bf16 units; others: test_precision_fits_the_hardware
     cfg = build_config(unlabeled=["x"], mixed_precision=mixed)
     assert pretrain_setup.teacher_dtype(cfg, torch.device(device)) == expected
     cfg.teacher_dtype = "fp32"  # an explicit dtype always wins
@@ -243,3 +244,176 @@ def test_disk_full_at_export_keeps_the_checkpoint_and_resume_finishes(image_dir,
     monkeypatch.undo()
     assert main(tiny_pretrain_args(image_dir, tmp_path / "w", name="run", steps=2, resume="true")) == 0
     assert json.loads((run / "run_summary.json").read_text())["steps"] == 2
+
+
+def _cpu(monkeypatch, capability: str, avx512_bf16: bool = False, amx: bool = False) -> None:
+    """Pretend to run on a CPU with this ATen capability and these bf16 units."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("capability", "avx512_bf16", "amx", "native"),
+    [
+        ("AVX2", False, False, False),
+        ("NO AVX", False, False, False),
+        ("DEFAULT", False, False, False),  # ARM NEON: fp32 (oneDNN bf16 on ARM is not assumed)
+        ("AVX512", False, False, False),  # Skylake-X / Cascade Lake: AVX512 without BF16 units
+        ("AVX512", True, False, True),  # Zen 4, Cooper Lake
+        ("AVX512", True, True, True),  # Sapphire Rapids (AMX)
+        ("AVX512_BF16", False, False, True),  # capability names that say it outright
+        ("AMX_BF16", False, False, True),
+    ],
+)
+def test_cpu_native_bf16(capability, avx512_bf16, amx, native, monkeypatch) -> None:
+    _cpu(monkeypatch, capability, avx512_bf16, amx)
+    assert pretrain_setup.cpu_has_native_bf16() is native
+
+
+@pytest.mark.parametrize(
+    ("device", "native", "mixed", "teacher", "want_mp", "want_teacher", "warns", "says_why"),
+    [
+        # CPU without native bf16 (AVX2): auto picks fp32 and says why; an explicit bf16 request runs, with a warning
+        ("cpu", False, "no", "auto", "no", torch.float32, False, False),
+        ("cpu", False, "bf16", "auto", "bf16", torch.float32, True, True),
+        ("cpu", False, "bf16", "bf16", "bf16", torch.bfloat16, True, False),
+        ("cpu", False, "no", "bf16", "no", torch.bfloat16, True, False),
+        ("cpu", False, "fp16", "auto", "no", torch.float32, True, False),  # fp16 needs a GPU
+        # AVX512-BF16 / AMX CPUs and GPUs keep bf16
+        ("cpu", True, "bf16", "auto", "bf16", torch.bfloat16, False, False),
+        ("cpu", True, "no", "auto", "no", torch.float32, False, False),
+        ("cuda", False, "bf16", "auto", "bf16", torch.bfloat16, False, False),
+        ("cuda", False, "fp16", "auto", "fp16", torch.float16, False, False),
+        ("cuda", False, "no", "auto", "no", torch.float32, False, False),
+    ],
+)
+def test_precision_fits_the_hardware(
+    device, native, mixed, teacher, want_mp, want_teacher, warns, says_why, monkeypatch
+) -> None:
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    _cpu(monkeypatch, "AVX512" if native else "AVX2", avx512_bf16=native)
+    cfg = build_config(unlabeled=["x"], mixed_precision=mixed, teacher_dtype=teacher)
+    plan = pretrain_setup.resolve_precision(cfg, torch.device(device))
+    assert (plan.mixed_precision, plan.teacher_dtype) == (want_mp, want_teacher)
+    assert pretrain_setup.teacher_dtype(cfg, torch.device(device)) == want_teacher
+    assert any(level == logging.WARNING for level, _ in plan.notes) is warns
+    assert any(level == logging.INFO and "no native bf16" in text for level, text in plan.notes) is says_why
+    if warns and "bf16" in (mixed, teacher):
+        assert any("AVX2" in text and "slow" in text for _, text in plan.notes)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, caplog, fresh_accelerate_state) -> None:
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    _cpu(monkeypatch, "AVX2")
+    cfg = build_config(unlabeled=["x"], mixed_precision="bf16", cpu=True)
+    with caplog.at_level(logging.INFO, logger="backbone_kd"):
+        accelerator = pretrain_setup.make_accelerator(cfg)
+        assert pretrain_setup.teacher_dtype(cfg, accelerator.device) == torch.float32  # pure: logs nothing
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "mixed_precision=bf16" in warnings[0].getMessage(), caplog.text
+    assert accelerator.mixed_precision == "bf16"  # it runs, just slowly
+    assert "teacher_dtype=auto" in caplog.text and "fp32" in caplog.text
+
+
+class _HostSync(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Inside ``with no_host_reads():`` any read of a tensor's value on the host (``if t``, ``.item()``...) fails."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        with monkeypatch.context() as m:
+            for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+
+                def read(*args, _name=name, **kwargs):
+                    raise _HostSync(f"host sync: Tensor.{_name}")
+
+                m.setattr(torch.Tensor, name, read)
+            yield
+
+    return guard
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_adamw_no_sync", "foreach_fallback"])
+def test_nonfinite_step_changes_nothing(fused, no_host_reads, fresh_accelerate_state) -> None:
+    import contextlib
+    import copy
+
+    from accelerate import Accelerator
+
+    from backbone_kd.pretrain.loop import _optimizer_step
+
+    cfg = build_config(unlabeled=["x"], grad_clip=1.0, weight_decay=0.05)
+    accelerator = Accelerator(cpu=True)
+    module = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
+    optimizer = pretrain_setup.build_optimizer(module, cfg, accelerator.device)
+    if not fused:  # an optimizer without a found_inf hook: the skip takes the (syncing) host check
+        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    assert bool(optimizer.defaults["fused"]) is fused
+    module, optimizer = accelerator.prepare(module, optimizer)
+    params = list(module.parameters())
+
+    def step(nan: bool):
+        accelerator.backward(module(torch.randn(4, 6)).square().mean())
+        if nan:
+            params[0].grad[0, 0] = float("nan")
+        with no_host_reads() if fused else contextlib.nullcontext():
+            skipped = _optimizer_step(accelerator, optimizer, params, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        return skipped
+
+    assert not bool(step(nan=False))  # moments and step counters exist now: the skip must leave them alone too
+    before = copy.deepcopy((module.state_dict(), optimizer.state_dict()["state"]))
+    skipped = step(nan=True)
+    if fused:
+        assert isinstance(skipped, torch.Tensor) and skipped.device == accelerator.device  # read at log time only
+    assert bool(skipped)
+    after = (module.state_dict(), optimizer.state_dict()["state"])
+    for k, v in before[0].items():
+        assert torch.equal(v, after[0][k]), k
+    for i, state in before[1].items():
+        for k, v in state.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(after[1][i][k])), (i, k)
+    assert not bool(step(nan=False))
+    assert not torch.equal(before[0]["0.weight"], module.state_dict()["0.weight"])  # a finite step still updates
+
+
+def _nan_grads_at(monkeypatch, bad_steps: set[int]) -> None:
+    """Make the gradients of these optimizer steps (1-based) non-finite, right before the loop's optimizer step."""
+    from backbone_kd.pretrain import loop
+
+    real, calls = loop._optimizer_step, {"n": 0}
+
+    def step(accelerator, optimizer, params, cfg):
+        calls["n"] += 1
+        if calls["n"] in bad_steps:
+            params[0].grad.fill_(float("nan"))
+        return real(accelerator, optimizer, params, cfg)
+
+    monkeypatch.setattr(loop, "_optimizer_step", step)
+
+
+def test_nonfinite_steps_counted_exactly_at_log_time(image_dir, tmp_path, monkeypatch) -> None:
+    _nan_grads_at(monkeypatch, {2, 3, 5})
+    run = pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "w", steps=6, log_every=3, save_every=0)))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["nonfinite_steps"]) for r in rows] == [(3, 2), (6, 3)]
+    assert json.loads((run / "run_summary.json").read_text())["nonfinite_steps"] == 3
+
+
+def test_too_many_consecutive_nonfinite_steps_abort_at_log_time(image_dir, tmp_path, monkeypatch) -> None:
+    # Steps 2 and 3 are one run of 2 that spans two log windows (log_every=2): still counted as consecutive.
+    _nan_grads_at(monkeypatch, {2, 3})
+    args = tiny_pretrain_args(image_dir, tmp_path / "w", steps=6, log_every=2, save_every=0, max_nonfinite_steps=1)
+    with pytest.raises(RuntimeError, match="2 consecutive non-finite steps"):
+        pretrain(build_config(args))
+    monkeypatch.undo()
+    _nan_grads_at(monkeypatch, {2, 4})  # never two in a row: the run finishes
+    args = tiny_pretrain_args(image_dir, tmp_path / "v", steps=6, log_every=2, save_every=0, max_nonfinite_steps=1)
+    run = pretrain(build_config(args))
+    assert json.loads((run / "run_summary.json").read_text())["nonfinite_steps"] == 2

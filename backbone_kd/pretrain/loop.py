@@ -21,6 +21,7 @@ from backbone_kd.pretrain.cache import CachedTargets, prepare_teacher_cache
 from backbone_kd.pretrain.checkpoints import TrainState, resolve_resume, save_checkpoint
 from backbone_kd.pretrain.config import OFF, PretrainConfig, resolution_switches
 from backbone_kd.pretrain.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate, first_readable
+from backbone_kd.pretrain.ema import StudentEMA
 from backbone_kd.pretrain.loss import DistillationLoss, pair_levels
 from backbone_kd.pretrain.metrics import MetricsLogger
 from backbone_kd.pretrain.projector import DistillStudent, Projectors
@@ -40,6 +41,7 @@ from backbone_kd.pretrain.setup import (
 from backbone_kd.pretrain.sources import resolve_image_sources
 from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
 from backbone_kd.pretrain.teacher import build_teacher
+from backbone_kd.pretrain.validation import Validator, export_best, is_val_step, split_validation
 
 LOGGER = logging.getLogger("backbone_kd")
 
@@ -49,6 +51,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     paths = resolve_image_sources(cfg.unlabeled)  # fails on empty input before any model is built
     first_readable(paths, cfg.max_image_pixels)  # ... and on a folder of only broken files
     skipped_sources = paths.skipped
+    paths, val_paths = split_validation(cfg, paths)
     accelerator = make_accelerator(cfg)
     run_dir = resolve_run_dir(cfg, accelerator)
     resume_from = resolve_resume(cfg.resume, run_dir)
@@ -67,7 +70,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
         indices=cfg.teacher_indices,
         model_kwargs=cfg.teacher_kwargs,
         trust_pickle=cfg.trust_pickle,
+        per_level=cfg.teacher_per_level,
     ).to(device=device, dtype=t_dtype)
+    validator = None
+    if main and (val_paths or cfg.probe_data not in OFF):  # targets now: the teacher may be freed by the cache
+        validator = Validator(cfg, val_paths, teacher, t_dtype, device, run_dir)
     cache = None
     if cfg.teacher_cache not in OFF:
         cache = prepare_teacher_cache(cfg, teacher, paths, accelerator, run_dir, t_dtype)
@@ -106,12 +113,17 @@ def pretrain(cfg: PretrainConfig) -> Path:
     # The scheduler is stepped by us once per optimizer step (accelerate would step it num_processes times).
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
+    plain = accelerator.unwrap_model(module)  # the trainable module itself (no DDP / compile wrapper)
+    ema = StudentEMA(plain, cfg.ema_decay).to(device) if cfg.ema_decay > 0 else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # saved and restored with every checkpoint: exact resume
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    encode = teacher.encode if cache is None else None
     if cfg.compile:
-        if cache is None:
-            teacher = torch.compile(teacher)  # type: ignore[assignment]
+        if encode is not None:  # compile what runs: torch.compile(teacher) would compile forward(), which nothing calls
+            encode = teacher.compiled_encode()
         module = torch.compile(module)  # type: ignore[assignment]
 
     # --- data: resumable sharded order; workers only decode/augment ---
@@ -163,7 +175,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     stop = StopFlag()
     bad_images = set(state.bad_images)
     sums: dict[str, torch.Tensor] = {}
-    n_logged, consecutive_bad, t_log, seen = 0, 0, time.perf_counter(), 0
+    n_logged, t_log, seen = 0, time.perf_counter(), 0
+    nonfinite = NonfiniteSteps(device, cfg.max_nonfinite_steps)
     progress = _progress(main, steps, state.step)
     params = [p for p in module.parameters() if p.requires_grad]
     module.train()
@@ -185,14 +198,16 @@ def pretrain(cfg: PretrainConfig) -> Path:
             t_feats, t_global = cache.targets(batch, device)
         else:
             with torch.no_grad():
-                t_feats, t_global = teacher.encode(teacher_input(x, teacher, t_dtype))
+                t_feats, t_global = encode(teacher_input(x, teacher, t_dtype))
         with accelerator.accumulate(module):
             with accelerator.autocast():
                 s_feats, s_global = module(x)
             loss, logs = criterion(s_feats, t_feats, s_global, t_global)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                stepped = _optimizer_step(accelerator, optimizer, params, cfg)
+                nonfinite.add(_optimizer_step(accelerator, optimizer, params, cfg))
+                if ema is not None:
+                    ema.update(plain)
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
             else:
@@ -205,24 +220,31 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if not accelerator.sync_gradients:
             continue
         state.step += 1
-        if not stepped:
-            state.nonfinite_steps += 1
-            consecutive_bad += 1
-            if consecutive_bad > cfg.max_nonfinite_steps:
-                raise RuntimeError(
-                    f"{consecutive_bad} consecutive non-finite steps at step {state.step}: lower --lr, raise "
-                    "--grad-clip strictness, use bf16 instead of fp16, or check the teacher weights"
-                )
-        else:
-            consecutive_bad = 0
         progress.update(1)
         if state.step % cfg.log_every == 0 or state.step == steps:
+            nonfinite.read(state)
             row = _log_row(accelerator, state, sums, n_logged, seen, t_log, scheduler, len(bad_images))
             metrics.log(row)
             progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}")
             sums, n_logged, seen, t_log = {}, 0, 0, time.perf_counter()
+        if validator is not None and is_val_step(cfg, state.step, steps):
+            t_val = time.perf_counter()
+            val = validator(ema.module if ema is not None else plain, criterion)
+            validator.best = state.best_val
+            if validator.improved(val):
+                state.best_val = validator.best
+                export_best(
+                    ema.module if ema is not None else plain,
+                    run_dir,
+                    state.step,
+                    val,
+                    teacher.name,
+                )
+            metrics.log({"step": state.step, **val, "val_seconds": time.perf_counter() - t_val})
+            t_log += time.perf_counter() - t_val  # validation time is not training throughput
         interrupted = stop.requested(accelerator)
         if (cfg.save_every and state.step % cfg.save_every == 0) or interrupted or state.step == steps:
+            nonfinite.read(state)  # the checkpoint's count is exact too
             state.bad_images = sorted(bad_images)
             save_checkpoint(accelerator, run_dir, state.step, cfg.keep_checkpoints)
             metrics.flush()
@@ -240,7 +262,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         accelerator.print(f"images: {text} (details in run_summary.json)")
     if main:
         export_outputs(
-            accelerator.unwrap_model(module),
+            ema.module if ema is not None else accelerator.unwrap_model(module),  # the EMA weights when enabled
             cfg,
             run_dir,
             state,
@@ -255,21 +277,81 @@ def pretrain(cfg: PretrainConfig) -> Path:
     return run_dir
 
 
-def _optimizer_step(accelerator, optimizer, params, cfg: PretrainConfig) -> bool:
-    """Clip and step; returns False when the step was skipped for non-finite gradients.
+def _optimizer_step(accelerator, optimizer, params, cfg: PretrainConfig) -> torch.Tensor | bool:
+    """Clip and step, skipping the step when the gradients are not finite, without waiting for the device.
 
-    The gradient norm is all-reduced already, so every DDP rank takes the same decision without an extra collective.
-    Under fp16 the GradScaler itself skips inf steps (and must see them to lower its scale).
+    Returns:
+        Whether the step was skipped: a 0-dim bool tensor on the device (read it at log time, see
+        :class:`NonfiniteSteps`), or a Python bool where the host decided anyway (fp16, non-fused optimizers).
+
+    The skip: ``if not torch.isfinite(norm)`` would stop the host every step until the GPU has caught up. Instead
+    the non-finite flag goes to the fused AdamW kernel as ``found_inf`` (the hook GradScaler uses): where it is 1 the
+    kernel leaves every parameter, both moments and the step counter as they were, all on the device. Zeroing or
+    masking the gradients instead would not do: AdamW with a zero gradient still moves the weights by weight decay
+    and by the old momentum, and advances its step counter. The gradient norm is all-reduced already (DDP averages
+    the gradients before), so every rank skips the same steps without an extra collective. Under fp16 the GradScaler
+    itself skips inf steps (and must see them to lower its scale); it syncs on its own, as it always did.
     """
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     norm = accelerator.clip_grad_norm_(params, max_norm)
     if accelerator.mixed_precision == "fp16":
         optimizer.step()
-        return not accelerator.optimizer_step_was_skipped
-    if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+        return bool(accelerator.optimizer_step_was_skipped)
+    if norm is None:  # clipping done elsewhere (e.g. a DeepSpeed engine), which then also owns the skip
+        optimizer.step()
         return False
-    optimizer.step()
-    return True
+    found_inf = torch.logical_not(torch.isfinite(torch.as_tensor(norm))).to(torch.float32)
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps ours
+    if not inner.defaults.get("fused"):  # no found_inf hook: decide on the host (one sync per step)
+        if bool(found_inf):
+            return True
+        optimizer.step()
+        return False
+    inner.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf  # a stale flag must never reach a later step
+    return found_inf.bool()
+
+
+class NonfiniteSteps:
+    """Skipped (non-finite) optimizer steps, counted on the device so that no step waits for the host.
+
+    :meth:`read` runs at log and checkpoint steps (one small device-to-host copy, where the loop syncs anyway): it adds
+    the exact count to ``state.nonfinite_steps`` and enforces ``max_nonfinite_steps``. A run of consecutive skipped
+    steps is tracked across reads, so the abort is exact in what it counts but fires at the next log or checkpoint
+    step, up to ``log_every - 1`` steps after the limit was crossed; the skipped steps changed no weights meanwhile.
+    """
+
+    def __init__(self, device: torch.device, limit: int) -> None:
+        self.limit = limit
+        self.new = torch.zeros((), dtype=torch.int64, device=device)  # skipped since the last read
+        self.run = torch.zeros((), dtype=torch.int64, device=device)  # current run of consecutive skipped steps
+        self.longest = torch.zeros((), dtype=torch.int64, device=device)  # longest run seen since the last read
+
+    def add(self, skipped: torch.Tensor | bool) -> None:
+        """Count one optimizer step; ``skipped`` is a 0-dim bool tensor (no sync) or a bool."""
+        s = torch.as_tensor(skipped, device=self.new.device).to(torch.int64)
+        self.new.add_(s)
+        self.run.add_(1).mul_(s)  # +1 on a skipped step, back to 0 on a good one
+        torch.maximum(self.longest, self.run, out=self.longest)
+
+    def read(self, state: TrainState) -> None:
+        """Move the count into ``state`` (host sync).
+
+        Raises:
+            RuntimeError: More than ``limit`` consecutive steps were skipped.
+        """
+        new, longest = torch.stack([self.new, self.longest]).tolist()
+        state.nonfinite_steps += int(new)
+        self.new.zero_()
+        self.longest.copy_(self.run)  # a run still going continues into the next window
+        if longest > self.limit:
+            raise RuntimeError(
+                f"{longest} consecutive non-finite steps by step {state.step} (checked at log steps): lower "
+                "--lr, raise --grad-clip strictness, use bf16 instead of fp16, or check the teacher weights"
+            )
 
 
 def _log_row(accelerator, state, sums, n, seen, t0, scheduler, n_bad) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import json
@@ -33,16 +34,13 @@ def make_accelerator(cfg: PretrainConfig):
     from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
-    mp = mixed_precision(cfg)
-    if mp == "fp16" and PartialState(cpu=cfg.cpu).device.type == "cpu":
-        # accelerate accepts fp16 on a CPU and then silently runs without autocast; say so, and record what ran.
-        LOGGER.warning(
-            "mixed_precision=fp16 needs a GPU; on this CPU the run runs in fp32 (mixed_precision=no, as config.yaml "
-            "records). Use mixed_precision=bf16 for mixed precision on CPUs with AVX512-BF16/AMX"
-        )
-        mp = "no"
+    state = PartialState(cpu=cfg.cpu)
+    plan = resolve_precision(cfg, state.device)
+    if state.is_main_process:  # the precision notes once per run, not once per process
+        for level, text in plan.notes:
+            LOGGER.log(level, text)
     accelerator = Accelerator(
-        mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=cfg.cpu
+        mixed_precision=plan.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=cfg.cpu
     )
     set_seed(cfg.seed)
     return accelerator
@@ -115,17 +113,98 @@ def mixed_precision(cfg: PretrainConfig) -> str:
     return os.environ.get("ACCELERATE_MIXED_PRECISION") or cfg.mixed_precision
 
 
-def teacher_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype:
-    """Teacher weights/compute dtype: ``auto`` follows ``mixed_precision`` (bf16 also on CPU, fp16 only on GPUs).
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """What a run computes in, decided once by :func:`resolve_precision`.
 
-    bf16 on CPU pays off where the CPU has native bf16 (AVX512-BF16 / AMX): a ViT-B/14 forward at 224 px ran 2.8x
-    faster than fp32 on a 2-core Zen 4 (docs/results.md). CPU fp16 matmuls are emulated and slow, so fp16 stays fp32.
+    Attributes:
+        mixed_precision: The accelerator's autocast mode for the student: ``no``, ``bf16`` or ``fp16``.
+        teacher_dtype: The frozen teacher's weight/compute dtype.
+        notes: ``(logging level, message)`` pairs saying where the run differs from what was asked for, or why.
     """
+
+    mixed_precision: str
+    teacher_dtype: torch.dtype
+    notes: tuple[tuple[int, str], ...] = ()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 matmul units (AVX512-BF16 or AMX); elsewhere bf16 is converted to fp32 and back.
+
+    ``torch.backends.cpu.get_cpu_capability()`` names the vector ISA ATen dispatches to (``AVX2``, ``AVX512``...), which
+    does not tell AVX512 CPUs with BF16 units (Zen 4, Cooper Lake, Sapphire Rapids) from those without (Skylake-X), so
+    AVX512 is refined with torch's own cpuinfo probes. ARM and other CPUs count as non-native (fp32 is the safe bet).
+    """
+    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    if "BF16" in capability or "AMX" in capability:
+        return True
+    if capability != "AVX512":
+        return False
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
+def resolve_precision(cfg: PretrainConfig, device: torch.device | str) -> Precision:
+    """The one place that decides the run's precision from the request and the hardware.
+
+    ``teacher_dtype=auto`` follows ``mixed_precision`` (after ``accelerate launch``/env overrides) where the device
+    computes it natively: bf16 on GPUs and on CPUs with AVX512-BF16/AMX (a ViT-B/14 forward at 224 px ran 2.8x faster
+    than fp32 on a 2-core Zen 4, docs/results.md), fp16 on GPUs only. On CPUs without bf16 units (AVX2, AVX512 without
+    BF16, ARM) bf16 is emulated and slower than fp32 (a ViT-S/14 + YOLOv8n step ~3.5x slower on an AVX2 CPU), so
+    ``auto`` picks fp32 there and says why; an explicit bf16 request still runs, with a warning. fp16 on a CPU runs
+    in fp32 (accelerate would silently run it without autocast). Pure: callers log ``notes``.
+
+    Args:
+        cfg: The run config (``mixed_precision``, ``teacher_dtype``).
+        device: Where the run computes.
+    """
+    device = torch.device(device)
+    mp = mixed_precision(cfg)
+    notes: list[tuple[int, str]] = []
+    on_cpu = device.type == "cpu"
+    native_bf16 = not on_cpu or cpu_has_native_bf16()
+    if mp == "fp16" and on_cpu:
+        notes.append(
+            (
+                logging.WARNING,
+                "mixed_precision=fp16 needs a GPU; on this CPU the run runs in fp32 (mixed_precision=no, as "
+                "config.yaml records). Use mixed_precision=bf16 for mixed precision on CPUs with AVX512-BF16/AMX",
+            )
+        )
+        mp = "no"
     if cfg.teacher_dtype != "auto":
-        return DTYPES[cfg.teacher_dtype]
-    if device.type == "cpu":
-        return torch.bfloat16 if mixed_precision(cfg) == "bf16" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(cfg), torch.float32)
+        t_dtype = DTYPES[cfg.teacher_dtype]
+    elif on_cpu:  # CPU fp16 matmuls are emulated too: fp16 never reaches here (mp is "no" by now)
+        t_dtype = torch.bfloat16 if mp == "bf16" and native_bf16 else torch.float32
+    else:
+        t_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
+    if not native_bf16:
+        capability = torch.backends.cpu.get_cpu_capability()
+        asked = [
+            name for name, value in (("mixed_precision", mp), ("teacher_dtype", cfg.teacher_dtype)) if value == "bf16"
+        ]
+        if asked:  # one warning however many options asked for it
+            notes.append(
+                (
+                    logging.WARNING,
+                    f"{' and '.join(f'{name}=bf16' for name in asked)} on a CPU without native bf16 ({capability}: no "
+                    "AVX512-BF16/AMX): bf16 is emulated here and runs slower than fp32 (a ViT-S/14 + YOLOv8n step "
+                    "~3.5x slower on an AVX2 CPU); mixed_precision=no is faster on this machine",
+                )
+            )
+        if cfg.teacher_dtype == "auto" and mp == "bf16":
+            notes.append(
+                (
+                    logging.INFO,
+                    f"teacher_dtype=auto: fp32 teacher, this CPU ({capability}) has no native bf16 (AVX512-BF16/AMX)",
+                )
+            )
+    return Precision(mp, t_dtype, tuple(notes))
+
+
+def teacher_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype:
+    """The teacher's weight/compute dtype (see :func:`resolve_precision`, which decides it)."""
+    return resolve_precision(cfg, device).teacher_dtype
 
 
 def teacher_input(x: torch.Tensor, teacher: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -140,11 +219,25 @@ def teacher_input(x: torch.Tensor, teacher: nn.Module, dtype: torch.dtype) -> to
 
 
 def build_optimizer(module: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW without weight decay on norms and biases (1-D tensors); fused kernels on CUDA."""
+    """AdamW without weight decay on norms and biases (1-D tensors); fused kernels wherever torch has them.
+
+    Fused kernels (CUDA; CPU since torch 2.4) are one launch per step, and they take a ``found_inf`` tensor that skips
+    a non-finite step on the device, which the loop uses to avoid a host sync per step (``loop._optimizer_step``).
+    """
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=_fused_optimizer_supported(device))
+
+
+def _fused_optimizer_supported(device: torch.device) -> bool:
+    """Whether torch has fused AdamW kernels for ``device`` (the list is private API: fall back to CUDA only)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        return device.type in _get_fused_kernels_supported_devices()
+    except (ImportError, AttributeError):
+        return device.type == "cuda"
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: PretrainConfig, steps: int):
@@ -229,7 +322,7 @@ def export_outputs(
     from backbone_kd.inject import inject_backbone
 
     backbone = module.backbone
-    final = rows[-1] if rows else {}
+    final = next((r for r in reversed(rows) if "loss" in r), {})  # val_* rows sit between training rows
     meta = {
         "teacher": teacher_name,
         "teacher_weights": cfg.teacher_weights,

@@ -7,6 +7,9 @@ timm pretrained cfg for timm models; none for YOLO, which is trained on [0, 1]).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -49,6 +52,21 @@ class FrozenTeacher(nn.Module):
         """x: (B, 3, H, W) in [0, 1]. Returns (feature maps [(B, C_i, h_i, w_i)], global embedding (B, D) or None)."""
         return self._encode(self.normalize(x))
 
+    def compiled_encode(self, **compile_kwargs: Any) -> Callable[[torch.Tensor], Output]:
+        """:meth:`encode` through ``torch.compile`` (normalisation, blocks and grid assembly in one graph).
+
+        ``torch.compile(teacher)`` is not the same thing: it compiles ``forward``, which nothing calls, and the
+        ``OptimizedModule`` it returns hands ``.encode`` to the plain eager method. The teacher module is left
+        as it is, so validation and the teacher cache keep the eager ``encode``.
+
+        Args:
+            compile_kwargs: ``torch.compile`` options (``backend``, ``mode``, ``dynamic``...).
+
+        Returns:
+            A callable with :meth:`encode`'s signature: (B, 3, H, W) in [0, 1] -> (grids, global or None).
+        """
+        return torch.compile(self.encode, **compile_kwargs)
+
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.encode(x)[0]
 
@@ -64,9 +82,18 @@ class ViTTeacher(FrozenTeacher):
         last_k: Concatenate the patch tokens of the last ``last_k`` blocks along channels (DINOv2 linear-probe style).
         indices: Explicit block indices instead of ``last_k``.
         norm: Apply the final norm to the intermediates (DINOv2 features are used after the norm).
+        per_level: Return one grid per chosen block instead of one concatenated grid, so each student level gets its
+            own target (e.g. blocks 4/8/12 for P3/P4/P5: earlier blocks hold more local detail).
     """
 
-    def __init__(self, model: nn.Module, last_k: int = 1, indices: list[int] | None = None, norm: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        last_k: int = 1,
+        indices: list[int] | None = None,
+        norm: bool = True,
+        per_level: bool = False,
+    ) -> None:
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         super().__init__(cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)))
         self.model = model
@@ -77,8 +104,9 @@ class ViTTeacher(FrozenTeacher):
         self.norm = norm
         patch = model.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, tuple | list) else patch)
-        self.channels = [model.embed_dim * len(self.indices)]
-        self.strides = [self.patch_size]
+        self.per_level = per_level
+        self.channels = [model.embed_dim] * len(self.indices) if per_level else [model.embed_dim * len(self.indices)]
+        self.strides = [self.patch_size] * len(self.channels)
         self.global_dim = model.embed_dim
         self.freeze()
 
@@ -89,10 +117,10 @@ class ViTTeacher(FrozenTeacher):
         final, inter = self.model.forward_intermediates(
             x, indices=self.indices, norm=self.norm, output_fmt="NCHW", return_prefix_tokens=False
         )
-        grid = inter[0] if len(inter) == 1 else torch.cat(inter, dim=1)
+        grids = list(inter) if self.per_level else [inter[0] if len(inter) == 1 else torch.cat(inter, dim=1)]
         # CLS token of the final sequence (already normed by timm) as the global embedding, when the model has one.
         cls = final[:, 0] if getattr(self.model, "cls_token", None) is not None else None
-        return [grid], cls
+        return grids, cls
 
 
 class TimmCNNTeacher(FrozenTeacher):
@@ -137,6 +165,7 @@ def build_teacher(
     indices: list[int] | None = None,
     model_kwargs: dict | None = None,
     trust_pickle: bool = False,
+    per_level: bool = False,
 ) -> FrozenTeacher:
     """Build a frozen teacher from a spec.
 
@@ -145,9 +174,11 @@ def build_teacher(
             ``yolo:<path.pt>`` / a path ending in ``.pt`` for a YOLO backbone teacher.
         weights: Local weights file for timm teachers (official DINOv2 ``.pth``, timm state dict, ``.safetensors``).
         pretrained: Download timm weights when ``weights`` is not given; False gives a random-init teacher.
-        image_size: Training resolution (ViT position embeddings are resampled once to this grid).
+        image_size: Training resolution (ViTs keep their native position grid and interpolate it to each input
+            size; see :func:`~backbone_kd.pretrain.teacher_weights.create_timm_model`).
         last_k / indices: ViT blocks to take (see :class:`ViTTeacher`); for CNNs, ``indices`` are ``out_indices``.
         model_kwargs: Extra ``timm.create_model`` kwargs (e.g. ``depth``/``embed_dim`` for tiny test teachers).
+        per_level: ViT only: one target grid per block of ``indices`` (one per student level), see :class:`ViTTeacher`.
         trust_pickle: Open a ``yolo:`` teacher ``.pt`` with full unpickling (runs code stored in it); only for
             files you trust.
     """
@@ -157,7 +188,11 @@ def build_teacher(
     kwargs = dict(model_kwargs or {})
     if is_vit_name(name):
         model = create_timm_model(name, weights=weights, pretrained=pretrained, image_size=image_size, **kwargs)
-        return _named(ViTTeacher(model, last_k=last_k, indices=indices), name)
+        if per_level and not indices:
+            raise ValueError(
+                "teacher_per_level needs teacher_indices, one ViT block per student level, e.g. [3, 7, 11]"
+            )
+        return _named(ViTTeacher(model, last_k=last_k, indices=indices, per_level=per_level), name)
     out_indices = tuple(indices) if indices else (-3, -2, -1)
     model = create_timm_model(
         name,
