@@ -78,7 +78,10 @@ class PretrainConfig:
     trust_pickle: bool = _f(
         False, "open yolo: teacher / .pt student with full unpickling (runs code in them); trusted files only"
     )
-    teacher_dtype: str = _f("auto", "teacher dtype: auto (= mixed_precision; CPU: bf16 or fp32), fp32, bf16, fp16")
+    teacher_dtype: str = _f(
+        "auto",
+        "teacher dtype: auto (= mixed_precision where the device computes it natively, else fp32), fp32, bf16, fp16",
+    )
     teacher_cache: Any = _f(
         None,
         "null: run the teacher every step; auto: precompute its features once into <output>/teacher_cache/<key> "
@@ -121,7 +124,7 @@ class PretrainConfig:
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     mixed_precision: str = _f("no", "no, fp16 or bf16 (also settable through accelerate config/launch)")
     seed: int = _f(0, "seed for init, data order and augmentation")
-    max_nonfinite_steps: int = _f(20, "stop after this many consecutive non-finite steps")
+    max_nonfinite_steps: int = _f(20, "stop after this many consecutive non-finite steps (checked at log steps)")
     channels_last: bool = _f(False, "channels_last memory format for the student (faster convs on GPU)")
     compile: bool = _f(False, "torch.compile teacher and student (fixed shapes)")
     cpu: bool = _f(False, "force CPU even if a GPU is present")
