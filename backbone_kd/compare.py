@@ -7,6 +7,10 @@ Each input is an ultralytics run folder (``results.csv``, ``weights/best.pt``, `
 
 Run folders report the best epoch of ``results.csv`` (the epoch best.pt holds); with ``--data`` every input's weights
 are validated on that dataset instead, so all rows share one benchmark. A ``.pt`` input needs ``--data``.
+
+Every ``.pt`` (a ``.pt`` input, a run's ``weights/best.pt``) is opened with ``weights_only=True`` through
+:mod:`backbone_kd.safe_load`, all of them before any validation; ``--trust-pickle`` unpickles them in full (runs code
+stored in them: trusted files only).
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from backbone_kd.compare_report import RunResult, to_markdown, write_report
+from backbone_kd.safe_load import TRUST_FLAG, load_yolo_model
 
 CSV_KEYS = {
     "map50": "metrics/mAP50(B)",
@@ -84,29 +90,89 @@ def load_run(folder: str | Path, name: str | None = None) -> RunResult:
     return result
 
 
-def validate(weights: str, data: str, imgsz: int, batch: int, device: str, project: Path, name: str) -> dict:
-    """``YOLO(weights).val(data=...)``; returns ``{"map50", "map50_95", "precision", "recall"}``."""
-    from ultralytics import YOLO
+def load_model(weights: str | Path | Any, trust_pickle: bool = False) -> Any:
+    """The model of an ultralytics ``.pt`` as ``YOLO(weights).model`` holds it, read without running code from the
+    file (:func:`backbone_kd.safe_load.load_yolo_model`) unless ``trust_pickle``; an ``nn.Module`` is returned as is.
 
-    metrics = YOLO(weights).val(
-        data=data, imgsz=imgsz, batch=batch, device=device, workers=0, plots=False, verbose=False,
-        project=str(project.resolve()), name=name, exist_ok=True,
+    Raises:
+        FileNotFoundError: ``weights`` does not exist.
+        ValueError: Not a checkpoint, or refused (``UnsafeCheckpointError``, one line naming ``--trust-pickle``).
+    """
+    from torch import nn
+
+    return weights if isinstance(weights, nn.Module) else load_yolo_model(weights, trust_pickle=trust_pickle)
+
+
+def _validator_class(model: Any, weights: str) -> type:
+    """The ultralytics validator ``YOLO(weights).val()`` would use for ``model`` (box-metric tasks only)."""
+    from ultralytics.models import rtdetr, yolo
+
+    if "RTDETR" in type(model.model[-1]).__name__:
+        return rtdetr.RTDETRValidator
+    validators = {
+        "detect": yolo.detect.DetectionValidator,
+        "segment": yolo.segment.SegmentationValidator,
+        "pose": yolo.pose.PoseValidator,
+        "obb": yolo.obb.OBBValidator,
+    }
+    if model.task not in validators:
+        raise ValueError(f"{weights} is a {model.task} model; bkd compare reports box mAP of detection models only")
+    return validators[model.task]
+
+
+def validate(
+    weights: str | Path | Any,
+    data: str,
+    imgsz: int,
+    batch: int,
+    device: str,
+    project: Path,
+    name: str,
+    trust_pickle: bool = False,
+) -> dict:
+    """What ``YOLO(weights).val(data=...)`` reports, with the model read by :func:`load_model`.
+
+    Args:
+        weights: A ``.pt`` path, or a model :func:`load_model` returned (validation works on a copy of it).
+        trust_pickle: Unpickle the ``.pt`` in full (runs code stored in it); trusted files only.
+
+    Returns:
+        ``{"map50", "map50_95", "precision", "recall"}``.
+    """
+    model = load_model(weights, trust_pickle)
+    source = getattr(model, "pt_path", None) or str(weights)
+    single_cls = bool((getattr(model, "args", None) or {}).get("single_cls", False))
+    # the arguments YOLO(weights).val() builds: the model's task, the checkpoint's single_cls, rect=True, then ours
+    args = dict(
+        model=source, task=model.task, single_cls=single_cls, rect=True, mode="val", data=data, imgsz=imgsz,
+        batch=batch, device=device, workers=0, plots=False, verbose=False, project=str(project.resolve()), name=name,
+        exist_ok=True,
     )  # fmt: skip
-    rd = metrics.results_dict
+    validator = _validator_class(model, source)(args=args)
+    validator(model=copy.deepcopy(model))  # the backend may fuse Conv+BN in place: the caller's model stays as it is
+    rd = validator.metrics.results_dict
     return {attr: float(rd[key]) for attr, key in CSV_KEYS.items()}
 
 
-def model_stats(weights: str, imgsz: int, device: str = "cpu", warmup: int = 3, runs: int = 10) -> dict:
+def model_stats(
+    weights: str | Path | Any,
+    imgsz: int,
+    device: str = "cpu",
+    warmup: int = 3,
+    runs: int = 10,
+    trust_pickle: bool = False,
+) -> dict:
     """Parameters, GFLOPs at ``imgsz`` and batch-1 forward ms/img of the fused model (``runs=0`` skips timing).
+
+    ``weights`` is a ``.pt`` path or a model from :func:`load_model` (left unchanged); ``trust_pickle`` as there.
 
     Returns:
         ``{"params": int, "gflops": float, "ms_per_img": float | None}``.
     """
     import torch
-    from ultralytics import YOLO
     from ultralytics.utils.torch_utils import get_flops
 
-    model = YOLO(weights).model.float().eval()
+    model = load_model(weights, trust_pickle).float().eval()
     params = sum(p.numel() for p in model.parameters())
     gflops = float(get_flops(model, imgsz))
     ms = None
@@ -127,12 +193,9 @@ def model_stats(weights: str, imgsz: int, device: str = "cpu", warmup: int = 3, 
     return {"params": params, "gflops": gflops, "ms_per_img": ms}
 
 
-def _pt_imgsz(weights: str) -> int | None:
-    """Training imgsz stored in an ultralytics checkpoint, if any."""
-    import torch
-
-    ckpt = torch.load(weights, map_location="cpu", weights_only=False)
-    imgsz = (ckpt.get("train_args") or {}).get("imgsz") if isinstance(ckpt, dict) else None
+def _pt_imgsz(model: Any) -> int | None:
+    """Training imgsz of a loaded checkpoint model (its ``train_args``; ultralytics' default 640 when absent)."""
+    imgsz = (getattr(model, "args", None) or {}).get("imgsz")
     return int(imgsz) if isinstance(imgsz, (int, float)) else None
 
 
@@ -146,6 +209,7 @@ def compare(
     device: str = "cpu",
     speed_runs: int = 10,
     warmup: int = 3,
+    trust_pickle: bool = False,
 ) -> list[RunResult]:
     """Collect one :class:`RunResult` per input and write ``comparison.{md,csv,json,png}`` into ``out``.
 
@@ -158,35 +222,43 @@ def compare(
         batch: Validation batch size.
         device: ``cpu``, ``0``, ``cuda:0``, ...
         speed_runs: Timed forward passes per model (0 disables timing); ``warmup`` untimed passes come first.
+        trust_pickle: Unpickle the ``.pt`` files in full (runs code stored in them); by default they are opened with
+            ``weights_only=True`` (:mod:`backbone_kd.safe_load`) and refused if they need more. Trusted files only.
 
     Raises:
-        ValueError: Name count mismatch, or a ``.pt`` input without ``data``.
+        ValueError: Name count mismatch, a ``.pt`` input without ``data``, or a ``.pt`` refused by safe_load (every
+            input is checked and loaded before anything is validated or written).
         FileNotFoundError: An input that is neither a run folder nor an existing ``.pt``.
     """
     if names is not None and len(names) != len(inputs):
         raise ValueError(f"--names has {len(names)} labels for {len(inputs)} inputs; give one per input")
     device = "cuda:0" if device.isdigit() else device
-    results = []
-    for i, src in enumerate(inputs):
+    results, models = [], []
+    for i, src in enumerate(inputs):  # every input read (and every .pt checked) before any validation
         path, label = Path(src), names[i] if names else None
         if path.is_dir():
             r = load_run(path, label)
         elif path.suffix == ".pt" and path.is_file():
             if not data:
                 raise ValueError(f"{src} is a weights file; pass --data DATA.yaml to evaluate it")
-            r = RunResult(name=label or path.stem, source=str(path), weights=str(path), imgsz=_pt_imgsz(str(path)))
+            r = RunResult(name=label or path.stem, source=str(path), weights=str(path))
         else:
             raise FileNotFoundError(f"{src} is neither a run folder nor an existing .pt file")
+        model = load_model(r.weights, trust_pickle) if r.weights else None
+        if model is not None and not path.is_dir():
+            r.imgsz = _pt_imgsz(model)
         r.imgsz = imgsz or r.imgsz or 640
-        if data and r.weights:
-            vals = validate(r.weights, data, r.imgsz, batch, device, Path(out) / "val", r.name)
+        results.append(r)
+        models.append(model)
+    for r, model in zip(results, models):
+        if data and model is not None:
+            vals = validate(model, data, r.imgsz, batch, device, Path(out) / "val", r.name)
             for attr, v in vals.items():
                 setattr(r, attr, v)
             r.metrics_from = f"val on {Path(data).name}"
-        if r.weights:
-            stats = model_stats(r.weights, r.imgsz, device, warmup, speed_runs)
+        if model is not None:
+            stats = model_stats(model, r.imgsz, device, warmup, speed_runs)
             r.params, r.gflops, r.ms_per_img = stats["params"], stats["gflops"], stats["ms_per_img"]
-        results.append(r)
     write_report(results, out, device)
     return results
 
@@ -203,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="report folder (default runs/compare)")
     p.add_argument("--speed-runs", type=int, default=10, help="timed forward passes per model; 0 skips timing")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up passes before timing (default 3)")
+    p.add_argument(
+        TRUST_FLAG,
+        action="store_true",
+        help="open .pt files with full unpickling (runs code stored in them); only for files you trust",
+    )
     return p
 
 
@@ -213,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = compare(
             args.inputs, out=args.out, names=names, data=args.data, imgsz=args.imgsz, batch=args.batch,
-            device=args.device, speed_runs=args.speed_runs, warmup=args.warmup,
+            device=args.device, speed_runs=args.speed_runs, warmup=args.warmup, trust_pickle=args.trust_pickle,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         print(f"bkd compare: error: {e}", file=sys.stderr)

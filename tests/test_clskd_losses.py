@@ -163,3 +163,7 @@ def test_config_validation_and_split():
     train, kd = split_kd_overrides({"model": "m.yaml", "epochs": 1, "teacher": "t.pt", "T": 3, "feat_weight": 1})
     assert train == {"model": "m.yaml", "epochs": 1}
     assert kd == {"teacher": "t.pt", "temperature": 3, "feat_weight": 1}
+    # trust_pickle is split off for the trainer (not an ultralytics arg) but is no config field: never saved/resumed
+    train, kd = split_kd_overrides({"model": "m.yaml", "trust_pickle": True})
+    assert train == {"model": "m.yaml"} and kd == {"trust_pickle": True}
+    assert "trust_pickle" not in ClsKDConfig(teacher="t.pt").to_dict()

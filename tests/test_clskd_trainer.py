@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from ultralytics import YOLO
@@ -25,6 +26,8 @@ from backbone_kd.clskd.config import ClsKDConfig
 from backbone_kd.clskd.model import KDClassificationModel
 from backbone_kd.clskd.teacher import load_teacher
 from backbone_kd.clskd.trainer import KD_STATE, DistillationClassificationTrainer
+from backbone_kd.safe_load import UnsafeCheckpointError, load_state_file
+from tests.test_safe_load import MarkerPayload
 
 CLASSES = ("ant", "bee", "cow")  # ultralytics sorts class folders, so this is also the dataset's order
 TINY_TEACHER = {
@@ -367,3 +370,52 @@ def test_yolo_api_with_trainer_argument(work):
     )
     assert type(model.model) is ClassificationModel
     assert "train/kd" in read_results(model.trainer.csv)[0]
+
+
+def test_teacher_pickle_payload_refused_unless_trusted(work, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    ckpt = torch.load(work.teacher, map_location="cpu", weights_only=False)  # our own clean teacher file
+    evil = tmp_path / "evil-cls.pt"
+    torch.save({**ckpt, "payload": MarkerPayload(marker)}, evil)
+    names = dict(enumerate(CLASSES))
+    with pytest.raises(UnsafeCheckpointError, match=r"builtins\.exec.*trust_pickle") as err:
+        load_teacher(ClsKDConfig(teacher=str(evil)), names, "cpu")
+    assert "\n" not in str(err.value)
+    argv = ["model=yolo11n-cls.yaml", f"teacher={evil}", f"data={work.data}", f"project={tmp_path / 'runs'}"]
+    assert cls_main([*argv, "device=cpu"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "builtins.exec" in lines[0] and "trust_pickle" in lines[0]
+    # a timm teacher's teacher_weights: torch's weights_only loader refuses it; the error is one line too
+    sd = {"state_dict": dict(timm.create_model("test_resnet", num_classes=3).state_dict())}
+    torch.save({**sd, "payload": MarkerPayload(marker)}, tmp_path / "evil.pth")
+    timm_cfg = dict(teacher="timm:test_resnet", teacher_classes=3, teacher_weights=str(tmp_path / "evil.pth"))
+    with pytest.raises(UnsafeCheckpointError, match=r"global 'exec'.*trust_pickle") as err:
+        load_teacher(ClsKDConfig(**timm_cfg), names, "cpu")
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+    # trust_pickle=true: full unpickling (the payload really runs); the teacher loads and the key is not persisted
+    trainer = DistillationClassificationTrainer(
+        overrides={**FAST, "model": "yolo11n-cls.yaml", "data": str(work.data), "teacher": str(evil)}
+        | {"project": str(tmp_path / "runs"), "name": "trusted", "trust_pickle": True}
+    )
+    assert marker.exists() and isinstance(trainer.kd_teacher.model, ClassificationModel)
+    assert "trust_pickle" not in trainer.kd_config.to_dict() and "trust_pickle" not in vars(trainer.args)
+    marker.unlink()
+    assert load_teacher(ClsKDConfig(**timm_cfg), names, "cpu", trust_pickle=True).model.num_classes == 3
+    assert marker.exists()
+
+
+def test_kd_state_is_plain_and_read_weights_only(yolo_run, tmp_path):
+    state = load_state_file(yolo_run.second.wdir / KD_STATE)  # what save_model wrote: plain dicts and tensors
+    assert type(state["adapters"]) is dict and state["epoch"] == 1
+    read = DistillationClassificationTrainer._read_kd_state
+    assert read(yolo_run.second.wdir / KD_STATE)["config"] == state["config"]
+
+    marker = tmp_path / "pwned"
+    torch.save({**state, "payload": MarkerPayload(marker)}, tmp_path / KD_STATE)
+    with pytest.raises(UnsafeCheckpointError, match=r"builtins\.exec") as err:
+        read(tmp_path / KD_STATE)
+    assert "\n" not in str(err.value) and not marker.exists()
+    assert read(tmp_path / KD_STATE, trust_pickle=True)["epoch"] == 1
+    assert marker.exists()

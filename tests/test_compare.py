@@ -8,9 +8,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from backbone_kd.compare import compare, load_run, main, read_results_csv
+from backbone_kd.demo import make_shapes_dataset
+from tests.test_safe_load import MarkerPayload
 
 HEADER = [
     "epoch",
@@ -44,6 +47,16 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     path = tmp_path_factory.mktemp("w") / "best.pt"
     model.save(path)
     return path, sum(p.numel() for p in model.model.parameters())
+
+
+@pytest.fixture(scope="module")
+def evil_weights(tiny_weights: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``tiny_weights`` plus a pickled payload that creates a marker file when unpickled in full; (file, marker)."""
+    root = tmp_path_factory.mktemp("evil")
+    ckpt = torch.load(tiny_weights[0], map_location="cpu", weights_only=False)  # our own clean file
+    marker = root / "pwned"
+    torch.save({**ckpt, "payload": MarkerPayload(marker)}, root / "evil.pt")
+    return root / "evil.pt", marker
 
 
 def test_read_results_csv_strips_padded_names(tmp_path: Path) -> None:
@@ -98,3 +111,36 @@ def test_cli_names_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture, tin
     assert main([str(a), str(tiny_weights[0]), "--out", str(out)]) == 2  # a .pt needs --data
     assert "--data" in capsys.readouterr().err
     assert main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_pickle_payload_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture, evil_weights: tuple[Path, Path]
+) -> None:
+    evil, marker = evil_weights
+    marker.unlink(missing_ok=True)
+    run = fake_run(tmp_path / "run", [[1, 1, 2, 0.2, 0.1, 0.25, 0.10, 3]])
+    (run / "weights").mkdir()
+    (run / "weights" / "best.pt").write_bytes(evil.read_bytes())
+    out = tmp_path / "cmp"
+    # a .pt input (read for its imgsz, then validated) and a run folder's best.pt (params/GFLOPs/speed)
+    assert main([str(evil), "--data", str(tmp_path / "never_read.yaml"), "--out", str(out)]) == 2
+    assert main([str(run), "--out", str(out), "--speed-runs", "0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all("builtins.exec" in x and "--trust-pickle" in x for x in lines)  # one line each
+    assert not marker.exists() and not out.exists()
+
+
+def test_pt_input_validated_and_trust_pickle(
+    tmp_path: Path, capsys: pytest.CaptureFixture, tiny_weights: tuple[Path, int], evil_weights: tuple[Path, Path]
+) -> None:
+    weights, n_params = tiny_weights
+    data = make_shapes_dataset(tmp_path / "data", n_train=1, n_val=2, size=64)
+    (r,) = compare([str(weights)], out=tmp_path / "cmp", data=str(data), imgsz=64, speed_runs=0)
+    assert r.metrics_from == "val on shapes.yaml" and r.params == n_params and r.imgsz == 64
+    assert all(0.0 <= v <= 1.0 for v in (r.map50, r.map50_95, r.precision, r.recall))
+    evil, marker = evil_weights
+    marker.unlink(missing_ok=True)
+    argv = [str(evil), "--data", str(data), "--imgsz", "64", "--speed-runs", "0", "--out", str(tmp_path / "t")]
+    assert main([*argv, "--trust-pickle"]) == 0
+    assert marker.exists()  # full unpickling ran the file's code: that is what the flag means
+    marker.unlink()

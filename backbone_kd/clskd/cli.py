@@ -28,6 +28,8 @@ KD keys (everything else goes to ultralytics' trainer, e.g. epochs= imgsz= batch
   at_weight=0             attention transfer (spatial attention maps) on the same layer pairs (0 = off)
   student_layers=4,6 teacher_layers=4,6   layer pairs (timm: module names or feature_info indices);
                           default: last backbone layer of each
+  trust_pickle=true       open the teacher .pt / teacher_weights / kd_state.pt with full unpickling (runs code in
+                          them; trusted files only; not saved: pass it again on resume)
   resume=LAST.pt          resume; teacher/KD config/adapters come from weights/kd_state.pt
 """
 

@@ -126,13 +126,20 @@ class ClsKDConfig:
 
 KD_KEYS = tuple(f.name for f in dataclasses.fields(ClsKDConfig))
 ALIASES = {"T": "temperature", "kd_alpha": "alpha", "kd_beta": "beta"}
+# per-run choices the trainer takes out of the KD args itself: no config field, so never saved in kd_state.pt (a file
+# from elsewhere must not be able to switch on trust_pickle when it is resumed)
+RUN_KEYS = ("trust_pickle",)
 
 
 def split_kd_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split trainer overrides into (ultralytics args, KD args); KD args are :data:`KD_KEYS` and :data:`ALIASES`."""
+    """Split trainer overrides into (ultralytics args, KD args).
+
+    KD args are :data:`KD_KEYS`, :data:`ALIASES` (renamed) and :data:`RUN_KEYS` (``trust_pickle``, which the trainer
+    removes before building the :class:`ClsKDConfig`).
+    """
     train, kd = {}, {}
     for key, value in overrides.items():
-        if key in KD_KEYS or key in ALIASES:
+        if key in KD_KEYS or key in ALIASES or key in RUN_KEYS:
             kd[ALIASES.get(key, key)] = value
         else:
             train[key] = value

@@ -3,11 +3,17 @@
 The teacher lives on the trainer, never inside the student, so it is not in the optimizer, the EMA or checkpoints.
 It sees the student's batch ([0, 1] RGB from ultralytics' classify transforms), resized to ``teacher_imgsz`` if set
 and normalised with the timm model's own mean/std; its logits are re-ordered to the dataset's class order.
+
+Teacher files are read without running code stored in them: a YOLO ``.pt`` through :mod:`backbone_kd.safe_load`
+(``weights_only=True`` plus an allow-list), timm ``teacher_weights`` with ``weights_only=True``. ``trust_pickle=True``
+unpickles them in full (trusted files only).
 """
 
 from __future__ import annotations
 
 import math
+import pickle
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,11 +21,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from ultralytics.nn.tasks import ClassificationModel, load_checkpoint
+from ultralytics.nn.tasks import ClassificationModel
 from ultralytics.utils import LOGGER
 
 from backbone_kd.clskd.config import ClsKDConfig
 from backbone_kd.clskd.model import capture_features
+from backbone_kd.safe_load import UnsafeCheckpointError, load_yolo_model
 
 TIMM_PREFIX = "timm:"
 
@@ -69,8 +76,30 @@ def read_class_names(spec: str | int, nc: int) -> list[str] | None:
     return [str(n) for n in names]
 
 
-def _build_timm(config: ClsKDConfig, name: str, nc: int) -> nn.Module:
-    """Create the timm classifier: local weights, timm's pretrained weights, or random init."""
+def _unpickling_error(err: BaseException | None) -> pickle.UnpicklingError | None:
+    """The ``UnpicklingError`` in ``err``'s chain (timm wraps torch's in a RuntimeError in some versions), or None."""
+    while err is not None and not isinstance(err, pickle.UnpicklingError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _refused(path: str | Path, err: pickle.UnpicklingError) -> UnsafeCheckpointError:
+    """torch's (multi-line) ``weights_only`` refusal as a one-line :class:`UnsafeCheckpointError` naming the global."""
+    lines = [x.strip() for x in str(err).split("WeightsUnpickler error:", 1)[-1].splitlines() if x.strip()]
+    found = re.search(r"GLOBAL (\S+) was not an allowed global", lines[0] if lines else "")
+    if found:
+        return UnsafeCheckpointError(
+            path, f"it needs global {found[1]!r}, which weights_only loading refuses", found[1]
+        )
+    detail = lines[0] if lines else type(err).__name__
+    return UnsafeCheckpointError(path, f"torch's weights_only loader refused it ({detail})", detail)
+
+
+def _build_timm(config: ClsKDConfig, name: str, nc: int, trust_pickle: bool = False) -> nn.Module:
+    """Create the timm classifier: local weights, timm's pretrained weights, or random init.
+
+    ``teacher_weights`` is read with ``weights_only=True`` (timm's default) unless ``trust_pickle``.
+    """
     import timm
 
     if not timm.is_model(name):
@@ -80,8 +109,15 @@ def _build_timm(config: ClsKDConfig, name: str, nc: int) -> nn.Module:
             raise FileNotFoundError(f"teacher_weights {config.teacher_weights} not found; pass an existing file")
         model = timm.create_model(name, pretrained=False, num_classes=nc)
         try:
-            timm.models.load_checkpoint(model, config.teacher_weights, strict=True)
-        except RuntimeError as e:  # missing/unexpected keys or a head of another size
+            if trust_pickle:  # full unpickling: runs code stored in the file
+                timm.models.load_checkpoint(model, config.teacher_weights, strict=True, weights_only=False)
+            else:
+                timm.models.load_checkpoint(model, config.teacher_weights, strict=True)
+        except (pickle.UnpicklingError, RuntimeError) as e:
+            refused = _unpickling_error(e)  # torch's weights_only loader met a global it does not allow
+            if refused is not None and "WeightsUnpickler error" in str(refused):
+                raise _refused(config.teacher_weights, refused) from e
+            # missing/unexpected keys or a head of another size
             raise ValueError(
                 f"teacher_weights {config.teacher_weights} does not fit timm {name} with {nc} classes ({e}); pass a "
                 "checkpoint of this architecture whose head was trained on the dataset's classes"
@@ -206,13 +242,22 @@ def _pick_layers(model: nn.Module, layers: list | None, is_timm: bool) -> list[n
     return out
 
 
-def load_teacher(config: ClsKDConfig, data_names: dict[int, str], device: torch.device | str) -> ClassifierTeacher:
+def load_teacher(
+    config: ClsKDConfig, data_names: dict[int, str], device: torch.device | str, trust_pickle: bool = False
+) -> ClassifierTeacher:
     """Build the frozen teacher described by ``config`` and check its classes against the dataset's.
 
     Args:
         config: ``teacher`` (``.pt`` / ``.yaml`` / ``timm:<name>``) and teacher options.
         data_names: The dataset's ``{index: name}``.
         device: Where the teacher runs.
+        trust_pickle: Unpickle a ``.pt`` teacher / timm ``teacher_weights`` in full (runs code stored in the file);
+            by default they are read with ``weights_only=True`` and refused if they need more. Trusted files only.
+
+    Raises:
+        UnsafeCheckpointError: A teacher file that needs full unpickling (one line naming ``trust_pickle``).
+        ValueError: Class lists that do not match, a wrong model type or layer choice.
+        FileNotFoundError: A missing teacher file.
     """
     source = str(config.teacher or "")
     names = [data_names[i] for i in range(len(data_names))]
@@ -225,7 +270,7 @@ def load_teacher(config: ClsKDConfig, data_names: dict[int, str], device: torch.
             )
         t_names = read_class_names(config.teacher_classes, len(names))
         order = None if t_names is None else match_classes(t_names, names)
-        model = _build_timm(config, source[len(TIMM_PREFIX) :], len(t_names or names))
+        model = _build_timm(config, source[len(TIMM_PREFIX) :], len(t_names or names), trust_pickle)
         from timm.data import resolve_model_data_config
 
         dc = resolve_model_data_config(model)
@@ -243,7 +288,7 @@ def load_teacher(config: ClsKDConfig, data_names: dict[int, str], device: torch.
                 f"teacher {source} not found; pass a local YOLO-cls .pt (model hubs are not used), a *-cls.yaml for "
                 "a random-init teacher, or timm:<name>"
             )
-        model, _ = load_checkpoint(source)
+        model = load_yolo_model(source, trust_pickle=trust_pickle)  # fp32, eval; EMA preferred, as ultralytics does
         if not isinstance(model, ClassificationModel):
             raise ValueError(f"teacher {source} is a {type(model).__name__}; distill-classify needs a YOLO -cls model")
         order = match_classes([str(model.names[i]) for i in range(len(model.names))], names)

@@ -4,7 +4,9 @@ ultralytics keeps doing everything it does (AMP, EMA, gradient clipping, validat
 subclass only (1) loads the teacher and checks its classes before anything runs, (2) builds the student as a
 :class:`KDClassificationModel` with its feature adapters (so they are in the optimizer, the AMP scaler and the EMA),
 (3) adds the teacher's outputs to each training and validation batch, and (4) writes checkpoints as plain
-``ClassificationModel`` s plus a ``weights/kd_state.pt`` side file (KD config, adapter weights) that resume reads back.
+``ClassificationModel`` s plus a ``weights/kd_state.pt`` side file (KD config, adapter weights: plain dicts and
+tensors) that resume reads back with ``weights_only=True``. The teacher file is opened without running code from it
+(:mod:`backbone_kd.safe_load`); ``trust_pickle=True`` unpickles teacher and ``kd_state.pt`` in full (trusted files).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from backbone_kd.clskd.losses import TEACHER_FEATS, TEACHER_LOGITS
 from backbone_kd.clskd.model import FeatureAdapters, KDClassificationModel, capture_features, plain_view
 from backbone_kd.clskd.teacher import ClassifierTeacher, load_teacher
 from backbone_kd.io_utils import atomic_torch_save
+from backbone_kd.safe_load import as_trust_flag, load_state_file
 
 KD_STATE = "kd_state.pt"
 PROBE_SIZE = 64  # fallback probe size when imgsz is not a plain int; channel counts do not depend on it
@@ -92,13 +95,16 @@ class DistillationClassificationTrainer(ClassificationTrainer):
     Args:
         cfg: ultralytics default config.
         overrides: ultralytics train args plus KD args (the :class:`ClsKDConfig` fields, e.g. ``teacher``, ``alpha``,
-            ``beta``, ``temperature``/``T``, ``feat_weight``, ``at_weight``, ``student_layers``, ``teacher_layers``).
+            ``beta``, ``temperature``/``T``, ``feat_weight``, ``at_weight``, ``student_layers``, ``teacher_layers``)
+            and ``trust_pickle`` (unpickle the teacher file and ``kd_state.pt`` in full; for this run only, never
+            saved, so a resume must pass it again).
         _callbacks: ultralytics callbacks.
         kd: A :class:`ClsKDConfig` or dict; ``overrides`` KD keys win over it. On resume the saved config is the base.
 
     Raises:
         ValueError: No teacher, a class-list mismatch between teacher and data, ``distill_model=`` given, multi-GPU,
-            or a resume that would change the adapters' structure.
+            a resume that would change the adapters' structure, or a teacher / ``kd_state.pt`` file that needs full
+            unpickling without ``trust_pickle`` (``UnsafeCheckpointError``, one line).
         FileNotFoundError: Teacher or teacher files missing.
 
     Example:
@@ -118,6 +124,9 @@ class DistillationClassificationTrainer(ClassificationTrainer):
         kd: ClsKDConfig | dict[str, Any] | None = None,
     ) -> None:
         train_args, kd_args = split_kd_overrides(dict(overrides or {}))
+        given = {**(kd.to_dict() if isinstance(kd, ClsKDConfig) else dict(kd or {})), **kd_args}
+        # per run, not part of the saved config: a resumed kd_state.pt cannot switch full unpickling on
+        self.trust_pickle = as_trust_flag(given.pop("trust_pickle", False))
         super().__init__(cfg, train_args, _callbacks)
         if self.args.distill_model is not None:
             raise ValueError("distill_model= is ultralytics' built-in KD; with this trainer pass teacher= instead")
@@ -125,8 +134,8 @@ class DistillationClassificationTrainer(ClassificationTrainer):
             raise ValueError(
                 "multi-GPU KD is not supported (the teacher config cannot reach DDP workers); use device=0"
             )
-        self._kd_state = self._read_kd_state(Path(str(self.args.model)).with_name(KD_STATE)) if self.resume else {}
-        given = {**(kd.to_dict() if isinstance(kd, ClsKDConfig) else dict(kd or {})), **kd_args}
+        kd_state = Path(str(self.args.model)).with_name(KD_STATE)
+        self._kd_state = self._read_kd_state(kd_state, self.trust_pickle) if self.resume else {}
         saved = dict(self._kd_state.get("config") or {})
         self.kd_config = ClsKDConfig.from_dict({**saved, **given})
         if saved:
@@ -139,16 +148,22 @@ class DistillationClassificationTrainer(ClassificationTrainer):
             LOGGER.warning("KD: compile=True is turned off: feature/attention terms need hooks on an eager forward")
             self.args.compile = False
         # load now so a wrong path or class list fails before any model is built or data is read
-        self.kd_teacher = load_teacher(self.kd_config, self.data["names"], self.device)
+        self.kd_teacher = load_teacher(self.kd_config, self.data["names"], self.device, self.trust_pickle)
 
     # -- setup ---------------------------------------------------------------------------------------------------
     @staticmethod
-    def _read_kd_state(path: Path) -> dict:
-        """``kd_state.pt`` contents, or {} (with a warning) when it is missing."""
+    def _read_kd_state(path: Path, trust_pickle: bool = False) -> dict:
+        """``kd_state.pt`` contents, or {} (with a warning) when it is missing.
+
+        It holds only plain dicts, values and tensors, so it is read with ``weights_only=True`` (``load_state_file``:
+        anything else is refused with one line) unless ``trust_pickle``.
+        """
         if not path.is_file():
             LOGGER.warning(f"KD: {path} not found; adapters start from scratch and teacher= must be given")
             return {}
-        return torch.load(path, map_location="cpu", weights_only=True)  # plain dicts and tensors only
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        return load_state_file(path)
 
     @staticmethod
     def _check_resume_config(saved: ClsKDConfig, new: ClsKDConfig) -> None:
@@ -250,7 +265,7 @@ class DistillationClassificationTrainer(ClassificationTrainer):
             ) from e
         candidates = [self._kd_state]
         if (self.wdir / KD_STATE).is_file():
-            candidates.insert(0, self._read_kd_state(self.wdir / KD_STATE))
+            candidates.insert(0, self._read_kd_state(self.wdir / KD_STATE, self.trust_pickle))
         state = next((s for s in candidates if s.get("epoch") == ckpt.get("epoch")), None)
         if state is None:
             state = next((s for s in candidates if s), {})
@@ -281,9 +296,9 @@ class DistillationClassificationTrainer(ClassificationTrainer):
         if saved and RANK in {-1, 0}:
             # the EMA adapters: resume and NaN recovery restore the student from the EMA, so its adapters match it
             adapters = getattr(kd_ema, "kd_adapters", None)
-            state = {
+            state = {  # plain dicts and tensors: read back with torch.load(weights_only=True)
                 "config": self.kd_config.to_dict(),
-                "adapters": adapters.state_dict() if adapters is not None and len(adapters) else None,
+                "adapters": dict(adapters.state_dict()) if adapters is not None and len(adapters) else None,
                 "epoch": self.epoch,
             }
             atomic_torch_save(state, self.wdir / KD_STATE)
