@@ -417,3 +417,11 @@ def test_too_many_consecutive_nonfinite_steps_abort_at_log_time(image_dir, tmp_p
     args = tiny_pretrain_args(image_dir, tmp_path / "v", steps=6, log_every=2, save_every=0, max_nonfinite_steps=1)
     run = pretrain(build_config(args))
     assert json.loads((run / "run_summary.json").read_text())["nonfinite_steps"] == 2
+
+
+def test_mixup_and_affinity_run_and_mixup_refuses_the_cache(image_dir, tmp_path) -> None:
+    run = pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "o", mixup="true", affinity_weight=1)))
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"aff_p3", "aff_p4", "aff_p5"} <= set(row)
+    with pytest.raises(ValueError, match="mixup"):
+        build_config(tiny_pretrain_args(image_dir, tmp_path / "c", mixup="true", teacher_cache="auto"))

@@ -99,6 +99,9 @@ class PretrainConfig:
     level_weights: Any = _f(None, "loss weight per tapped level (default equal)")
     smooth_l1_weight: float = _f(0.0, "weight of smooth-L1 to per-channel standardised teacher features")
     global_weight: float = _f(0.0, "weight of 1-cos(pooled last student level, teacher CLS)")
+    affinity_weight: float = _f(0.0, "weight of the token-affinity KL per level (lightly-train v3's local loss)")
+    affinity_temperature: float = _f(0.07, "softmax temperature of the token-affinity KL")
+    mixup: bool = _f(False, "mix each batch with a shuffled copy of itself (lambda ~ U(0, 1)); online teacher only")
     # data
     image_size: int = _f(224, "square training size; a multiple of the teacher patch size and 32")
     image_size_schedule: Any = _f(
@@ -324,10 +327,15 @@ def _check_values(cfg: PretrainConfig) -> None:
     for key in ("lr", "epochs"):
         value = getattr(cfg, key)
         need(math.isfinite(value) and value > 0, f"{key}={value} must be a positive number")
-    for key in ("weight_decay", "grad_clip", "color_jitter", "smooth_l1_weight", "global_weight"):
+    for key in ("weight_decay", "grad_clip", "color_jitter", "smooth_l1_weight", "global_weight", "affinity_weight"):
         value = getattr(cfg, key)
         need(math.isfinite(value) and value >= 0, f"{key}={value} must be >= 0 (0 turns it off)")
     need(0 <= cfg.min_lr_ratio <= 1, f"min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
+    need(cfg.affinity_temperature > 0, f"affinity_temperature={cfg.affinity_temperature} must be > 0 (e.g. 0.07)")
+    need(
+        not (cfg.mixup and cfg.teacher_cache not in OFF),
+        "mixup needs the online teacher (cached targets belong to unmixed images); drop teacher_cache or mixup",
+    )
     need(0 <= cfg.hflip <= 1, f"hflip={cfg.hflip} is a probability: give a value in [0, 1]")
     need(cfg.image_size >= 32, f"image_size={cfg.image_size} must be >= 32 (a positive multiple of 32)")
     for key in ("batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints", "nc", "teacher_last_k"):

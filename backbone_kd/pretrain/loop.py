@@ -102,6 +102,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         cfg.smooth_l1_weight,
         cfg.global_weight,
         level_names=[f"p{int(math.log2(s))}" for s in backbone.strides],
+        affinity_weight=cfg.affinity_weight,
+        affinity_temperature=cfg.affinity_temperature,
     )
     steps = cfg.steps or max(
         1,
@@ -192,6 +194,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
         state.micro_step += 1
         bad_images.update(batch["bad"])
         x = batch["image"].to(device, non_blocking=True)
+        if cfg.mixup:  # lightly-train's mixup: one lambda per batch; teacher and student see the same mixed images
+            lam = torch.rand((), device=device)
+            x = lam * x + (1 - lam) * x[torch.randperm(x.shape[0], device=device)]
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if cache is not None:
