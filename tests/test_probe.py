@@ -33,6 +33,14 @@ def colour_folder(root: Path, per_class: int = 12, split: bool = True, seed: int
     return root
 
 
+def probe_json(tmp_path: Path, folder: Path, backbones: list[str], *extra: str) -> dict:
+    """Run ``bkd probe`` at 64 px on ``folder``; assert exit 0 and return its JSON."""
+    out_json = tmp_path / "probe.json"
+    argv = ["--backbones", *backbones, "--data", str(folder), "--imgsz", "64", *extra]
+    assert main([*argv, "--json", str(out_json), "--out", str(tmp_path / "work")]) == 0
+    return json.loads(out_json.read_text())
+
+
 def test_knn_and_linear_separate_clusters_and_stay_at_chance_on_noise() -> None:
     gen = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 16, generator=gen) * 5
@@ -94,24 +102,7 @@ def test_probe_ranks_a_real_backbone_above_a_degenerate_one(tmp_path: Path, caps
         for p in model.parameters():
             p.zero_()
     dead = write_backbone_file(model, tmp_path / "dead" / "backbone.safetensors")
-    out_json = tmp_path / "probe.json"
-    rc = main(
-        [
-            "--backbones",
-            "random=yolov8n.yaml",
-            f"dead={dead}",
-            "--data",
-            str(folder),
-            "--imgsz",
-            "64",
-            "--json",
-            str(out_json),
-            "--out",
-            str(tmp_path / "work"),
-        ]
-    )
-    assert rc == 0
-    result = json.loads(out_json.read_text())
+    result = probe_json(tmp_path, folder, ["random=yolov8n.yaml", f"dead={dead}"])
     random_, dead_ = result["backbones"]["random"], result["backbones"]["dead"]
     assert random_["knn10"] > 0.9 and random_["linear"] > 0.9
     assert dead_["knn10"] <= 0.5 and dead_["linear"] <= 0.5
@@ -200,23 +191,5 @@ def test_cross_validation_scores_every_sample_and_keeps_groups_together() -> Non
 
 def test_probe_cli_cross_validation(tmp_path: Path) -> None:
     folder = colour_folder(tmp_path / "colours")
-    out_json = tmp_path / "cv.json"
-    rc = main(
-        [
-            "--backbones",
-            "random=yolov8n.yaml",
-            "--data",
-            str(folder),
-            "--imgsz",
-            "64",
-            "--cv",
-            "3",
-            "--json",
-            str(out_json),
-            "--out",
-            str(tmp_path / "work"),
-        ]
-    )
-    assert rc == 0
-    result = json.loads(out_json.read_text())
+    result = probe_json(tmp_path, folder, ["random=yolov8n.yaml"], "--cv", "3")
     assert result["data"]["cv_folds"] == 3 and result["backbones"]["random"]["knn10"] > 0.9
