@@ -11,7 +11,8 @@ from backbone_kd.backbone_file import read_backbone_file
 from backbone_kd.pretrain.cli import main
 from backbone_kd.pretrain.config import build_config
 from backbone_kd.pretrain.sources import PathList
-from backbone_kd.pretrain.validation import in_val_split, is_val_step, split_validation
+from backbone_kd.pretrain.validation import is_val_step, split_validation
+from backbone_kd.probe.folder import in_val_split
 from tests.conftest import make_images, tiny_pretrain_args
 from tests.test_probe import colour_folder
 

@@ -119,6 +119,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     ema = StudentEMA(plain, cfg.ema_decay).to(device) if cfg.ema_decay > 0 else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)  # saved and restored with every checkpoint: exact resume
+    exported = ema.module if ema is not None else plain  # what validation scores and the output files hold
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
@@ -234,17 +235,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
             sums, n_logged, seen, t_log = {}, 0, 0, time.perf_counter()
         if validator is not None and is_val_step(cfg, state.step, steps):
             t_val = time.perf_counter()
-            val = validator(ema.module if ema is not None else plain, criterion)
-            validator.best = state.best_val
-            if validator.improved(val):
-                state.best_val = validator.best
-                export_best(
-                    ema.module if ema is not None else plain,
-                    run_dir,
-                    state.step,
-                    val,
-                    teacher.name,
-                )
+            val = validator(exported, criterion)
+            score = validator.score(val)
+            if score is not None and (state.best_val is None or score > state.best_val):  # best kept in checkpoints
+                state.best_val = score
+                export_best(exported, run_dir, state.step, val, teacher.name)
             metrics.log({"step": state.step, **val, "val_seconds": time.perf_counter() - t_val})
             t_log += time.perf_counter() - t_val  # validation time is not training throughput
         interrupted = stop.requested(accelerator)
@@ -267,7 +262,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         accelerator.print(f"images: {text} (details in run_summary.json)")
     if main:
         export_outputs(
-            ema.module if ema is not None else accelerator.unwrap_model(module),  # the EMA weights when enabled
+            exported,  # the EMA weights when enabled
             cfg,
             run_dir,
             state,

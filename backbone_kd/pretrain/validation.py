@@ -12,7 +12,6 @@ Held-out teacher targets are computed once, right after the teacher is built (so
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
@@ -22,12 +21,7 @@ from backbone_kd.pretrain.config import OFF, PretrainConfig
 from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, collate
 from backbone_kd.pretrain.setup import teacher_input
 from backbone_kd.pretrain.sources import PathList, resolve_image_sources
-
-
-def in_val_split(path: str, fraction: float) -> bool:
-    """Deterministic hold-out by a hash of the file name (stable across machines and added files)."""
-    digest = hashlib.sha1(Path(path).name.encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+from backbone_kd.probe.folder import in_val_split
 
 
 def split_validation(cfg: PretrainConfig, paths: PathList) -> tuple[PathList, list[str]]:
@@ -81,7 +75,6 @@ class Validator:
     ) -> None:
         self.cfg, self.device = cfg, device
         self.images, self.targets = self._targets(val_paths, teacher, t_dtype) if val_paths else (None, None)
-        self.best: float | None = None
         self.run_dir = run_dir
         self.probe = None
         if cfg.probe_data not in OFF and not Path(cfg.probe_data).exists():  # fail before training, not at step N
@@ -157,15 +150,11 @@ class Validator:
         vy = torch.tensor([y for _, y in probe.val])
         return {f"val_knn{k}": knn_accuracy(feats["train"], ty, feats["val"], vy, k) for k in (10, 20)}
 
-    def improved(self, metrics: dict[str, float]) -> bool:
-        """True when this validation is the best so far (k-NN-20 accuracy if probing, else mean held-out cosine)."""
+    @staticmethod
+    def score(metrics: dict[str, float]) -> float | None:
+        """What "best" means: k-NN-20 accuracy when probing, else mean held-out cosine; None if neither is usable."""
         score = metrics.get("val_knn20", metrics.get("val_cos"))
-        if score is None or (isinstance(score, float) and math.isnan(score)):
-            return False
-        if self.best is None or score > self.best:
-            self.best = score
-            return True
-        return False
+        return None if score is None or math.isnan(score) else float(score)
 
 
 def is_val_step(cfg: PretrainConfig, step: int, total: int) -> bool:

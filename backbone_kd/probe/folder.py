@@ -51,9 +51,10 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _in_val(path: Path, val_fraction: float) -> bool:
-    digest = hashlib.sha1(path.name.encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+def in_val_split(path: str | Path, fraction: float) -> bool:
+    """Deterministic hold-out by a hash of the file name (stable across machines and when files are added)."""
+    digest = hashlib.sha1(Path(path).name.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def labelled_splits(root: str | Path, val_fraction: float = 0.3) -> LabelledSplits:
@@ -81,7 +82,7 @@ def labelled_splits(root: str | Path, val_fraction: float = 0.3) -> LabelledSpli
         out = LabelledSplits([d.name for d in dirs])
         for y, d in enumerate(dirs):
             for p in _images(d):
-                (out.val if _in_val(p, val_fraction) else out.train).append((p, y))
+                (out.val if in_val_split(p, val_fraction) else out.train).append((p, y))
     out.crops = (root / "crops.json").is_file()
     if not out.classes or not out.train or not out.val:
         raise ValueError(
