@@ -135,9 +135,8 @@ def cv_probe_scores(
         for key, value in part.items():
             if key == "per_level":
                 for name, sub in value.items():
-                    for m, v in sub.items():
-                        totals.setdefault(f"per_level/{name}/{m}", 0.0)
-                        totals[f"per_level/{name}/{m}"] += v * n if m != "linear_wd" else 0.0
+                    for m in ("knn10", "knn20", "linear"):  # accuracies only: a chosen weight decay does not average
+                        totals[f"per_level/{name}/{m}"] = totals.get(f"per_level/{name}/{m}", 0.0) + sub[m] * n
             elif key != "linear_wd":
                 totals[key] = totals.get(key, 0.0) + value * n
     n_all = len(y)
