@@ -98,7 +98,15 @@ class PretrainConfig:
     align: str = _f("student_to_teacher", "student_to_teacher (resize student maps) or teacher_to_student")
     level_weights: Any = _f(None, "loss weight per tapped level (default equal)")
     smooth_l1_weight: float = _f(0.0, "weight of smooth-L1 to per-channel standardised teacher features")
-    global_weight: float = _f(0.0, "weight of 1-cos(pooled last student level, teacher CLS)")
+    cosine_weight: float = _f(1.0, "weight of the per-token 1-cos(student, teacher) term (0: relational terms only)")
+    global_weight: float = _f(0.0, "weight of the global term on the pooled last student level vs the teacher CLS")
+    global_loss: str = _f(
+        "cosine",
+        "cosine: 1-cos(student, teacher CLS); queue: KL of their softmax similarities to a queue of recent teacher "
+        "CLS embeddings (lightly-train v3's global loss)",
+    )
+    global_queue_size: Any = _f("auto", "teacher CLS embeddings in the queue: auto (data-set size based) or a number")
+    global_temperature: float = _f(0.07, "softmax temperature of the queue KL")
     affinity_weight: float = _f(0.0, "weight of the token-affinity KL per level (lightly-train v3's local loss)")
     affinity_temperature: float = _f(0.07, "softmax temperature of the token-affinity KL")
     mixup: bool = _f(False, "mix each batch with a shuffled copy of itself (lambda ~ U(0, 1)); online teacher only")
@@ -327,11 +335,30 @@ def _check_values(cfg: PretrainConfig) -> None:
     for key in ("lr", "epochs"):
         value = getattr(cfg, key)
         need(math.isfinite(value) and value > 0, f"{key}={value} must be a positive number")
-    for key in ("weight_decay", "grad_clip", "color_jitter", "smooth_l1_weight", "global_weight", "affinity_weight"):
+    for key in (
+        "weight_decay",
+        "grad_clip",
+        "color_jitter",
+        "smooth_l1_weight",
+        "global_weight",
+        "affinity_weight",
+        "cosine_weight",
+    ):
         value = getattr(cfg, key)
         need(math.isfinite(value) and value >= 0, f"{key}={value} must be >= 0 (0 turns it off)")
     need(0 <= cfg.min_lr_ratio <= 1, f"min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
     need(cfg.affinity_temperature > 0, f"affinity_temperature={cfg.affinity_temperature} must be > 0 (e.g. 0.07)")
+    need(cfg.global_temperature > 0, f"global_temperature={cfg.global_temperature} must be > 0 (e.g. 0.07)")
+    need(cfg.global_loss in ("cosine", "queue"), f"global_loss must be cosine or queue, got {cfg.global_loss!r}")
+    queue = cfg.global_queue_size
+    need(
+        queue == "auto" or (_is_number(queue, whole=True) and queue >= 1),
+        f"global_queue_size={queue!r} must be auto or a whole number >= 1, e.g. 1024",
+    )
+    need(
+        cfg.cosine_weight + cfg.smooth_l1_weight + cfg.affinity_weight + cfg.global_weight > 0,
+        "every loss weight is 0: keep cosine_weight > 0 or turn on affinity_weight / global_weight / smooth_l1_weight",
+    )
     need(
         not (cfg.mixup and cfg.teacher_cache not in OFF),
         "mixup needs the online teacher (cached targets belong to unmixed images); drop teacher_cache or mixup",

@@ -25,6 +25,7 @@ from backbone_kd.pretrain.ema import StudentEMA
 from backbone_kd.pretrain.loss import DistillationLoss, pair_levels
 from backbone_kd.pretrain.metrics import MetricsLogger
 from backbone_kd.pretrain.projector import DistillStudent, Projectors
+from backbone_kd.pretrain.queue import global_queue
 from backbone_kd.pretrain.setup import (
     StopFlag,
     build_optimizer,
@@ -104,7 +105,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
         level_names=[f"p{int(math.log2(s))}" for s in backbone.strides],
         affinity_weight=cfg.affinity_weight,
         affinity_temperature=cfg.affinity_temperature,
-    )
+        cosine_weight=cfg.cosine_weight,
+        queue=global_queue(cfg.global_loss, cfg.global_queue_size, len(paths), teacher.global_dim)
+        if cfg.global_weight > 0
+        else None,
+        global_temperature=cfg.global_temperature,
+    ).to(device)
     steps = cfg.steps or max(
         1,
         round(cfg.epochs * len(paths) / (cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps)),
@@ -117,6 +123,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     accelerator.register_for_checkpointing(scheduler, state)
     plain = accelerator.unwrap_model(module)  # the trainable module itself (no DDP / compile wrapper)
     ema = StudentEMA(plain, cfg.ema_decay).to(device) if cfg.ema_decay > 0 else None
+    if criterion.queue is not None:
+        accelerator.register_for_checkpointing(criterion.queue)  # the queue is training state: exact resume
     if ema is not None:
         accelerator.register_for_checkpointing(ema)  # saved and restored with every checkpoint: exact resume
     exported = ema.module if ema is not None else plain  # what validation scores and the output files hold

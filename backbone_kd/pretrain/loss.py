@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backbone_kd.pretrain.queue import TeacherQueue, queue_kl
+
 ALIGN_MODES = ("student_to_teacher", "teacher_to_student")
 
 
@@ -110,8 +112,11 @@ class DistillationLoss(nn.Module):
         pairing: Teacher level per student level (:func:`pair_levels`).
         align_mode: See :func:`align`.
         smooth_l1_weight: Weight of :func:`standardized_smooth_l1` (0 disables).
-        global_weight: Weight of ``1 - cos(pooled student, teacher CLS)`` (0 disables).
+        global_weight: Weight of the global term (0 disables): ``1 - cos(pooled student, teacher CLS)``, or with a
+            ``queue`` the queue KL (:func:`backbone_kd.pretrain.queue.queue_kl`) at ``global_temperature``.
         affinity_weight: Weight of :func:`patch_affinity_kl` per level (0 disables); ``affinity_temperature`` its T.
+        cosine_weight: Weight of the per-token cosine term (0: relational terms only; ``cos_<level>`` is still logged).
+        queue: The teacher-CLS queue of the queue KL (None: the cosine global term).
     """
 
     def __init__(
@@ -124,9 +129,13 @@ class DistillationLoss(nn.Module):
         level_names: list[str] | None = None,
         affinity_weight: float = 0.0,
         affinity_temperature: float = 0.07,
+        cosine_weight: float = 1.0,
+        queue: TeacherQueue | None = None,
+        global_temperature: float = 0.07,
     ) -> None:
         super().__init__()
         self.affinity_weight, self.affinity_temperature = affinity_weight, affinity_temperature
+        self.cosine_weight, self.queue, self.global_temperature = cosine_weight, queue, global_temperature
         if align_mode not in ALIGN_MODES:
             raise ValueError(f"align must be one of {ALIGN_MODES}, got {align_mode!r}")
         if len(level_weights) != len(pairing) or any(w < 0 for w in level_weights) or sum(level_weights) <= 0:
@@ -157,7 +166,8 @@ class DistillationLoss(nn.Module):
             loss, cos = cosine_token_loss(s_al, t_al)
             name = self.level_names[i]
             logs[f"loss_{name}"], logs[f"cos_{name}"] = loss.detach(), cos
-            total = total + w * loss
+            if self.cosine_weight > 0:
+                total = total + self.cosine_weight * w * loss
             if self.smooth_l1_weight > 0:
                 l1 = standardized_smooth_l1(s_al, t_al)
                 logs[f"l1_{name}"] = l1.detach()
@@ -170,6 +180,9 @@ class DistillationLoss(nn.Module):
             if student_global is None or teacher_global is None:
                 raise ValueError("global_weight > 0 needs a teacher with a CLS token (ViT) and a global head")
             g_loss, g_cos = cosine_token_loss(student_global[..., None, None], teacher_global[..., None, None])
+            if self.queue is not None:
+                queue, valid = self.queue.push(teacher_global)
+                g_loss = queue_kl(student_global, teacher_global, queue, self.global_temperature, valid)
             logs["loss_global"], logs["cos_global"] = g_loss.detach(), g_cos
             total = total + self.global_weight * g_loss
         logs["loss"] = total.detach()

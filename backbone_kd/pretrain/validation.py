@@ -19,6 +19,7 @@ import torch
 
 from backbone_kd.pretrain.config import OFF, PretrainConfig
 from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, collate
+from backbone_kd.pretrain.loss import align, cosine_token_loss
 from backbone_kd.pretrain.setup import teacher_input
 from backbone_kd.pretrain.sources import PathList, resolve_image_sources
 from backbone_kd.probe.folder import in_val_split
@@ -120,10 +121,12 @@ class Validator:
                     x = self.images[start : start + self.cfg.batch_size].to(self.device).float() / 255
                     t = [level[start : start + len(x)].to(self.device).float() for level in self.targets]
                     s_feats, _ = module(x)
-                    _, logs = criterion([f.float() for f in s_feats], t, None, None)
-                    for k, v in logs.items():
-                        if k.startswith("cos_") and k != "cos_global":
-                            sums[k] = sums.get(k, 0.0) + float(v) * len(x)
+                    # Per-level cosine only, not the criterion: its global / queue / affinity terms need inputs
+                    # validation does not have (and the queue must not see held-out images).
+                    for i, s in enumerate(s_feats):
+                        s_al, t_al = align(s.float(), t[criterion.pairing[i]], criterion.align_mode)
+                        key = f"cos_{criterion.level_names[i]}"
+                        sums[key] = sums.get(key, 0.0) + float(cosine_token_loss(s_al, t_al)[1]) * len(x)
                     n += len(x)
                 out = {f"val_{k}": v / n for k, v in sums.items()}
                 out["val_cos"] = sum(out.values()) / max(1, len(out))
