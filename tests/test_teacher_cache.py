@@ -9,12 +9,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from backbone_kd.pretrain.cache import CachedTargets, crop_grids, prepare_teacher_cache
+from backbone_kd.pretrain.cache import (
+    CachedTargets,
+    crop_grids,
+    decode_values,
+    encode_values,
+    prepare_teacher_cache,
+    stored_tensor,
+)
 from backbone_kd.pretrain.cli import main
 from backbone_kd.pretrain.config import build_config
 from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, ViewTransform, collate, load_rgb
@@ -176,3 +184,128 @@ def test_cli_cached_run_matches_online_and_reuses_cache(tmp_path, capsys) -> Non
     assert "teacher cache: reusing" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamp  # not rebuilt
     assert (out / "cached2" / "backbone.safetensors").is_file()
+
+
+STORAGE = {"fp16": (np.float16, 0.999), "bf16": (np.uint16, 0.999), "int8": (np.int8, 0.99)}  # file dtype, min cos
+
+
+@pytest.mark.parametrize("storage", list(STORAGE))
+def test_storage_dtype_round_trip_matches_the_fp32_teacher(tmp_path, storage, capsys) -> None:
+    paths = _square_images(tmp_path / "sq", 6)
+    cfg, teacher, cache = _setup(tmp_path, paths, teacher_cache_dtype=storage, **NO_AUG)
+    file_dtype, min_cos = STORAGE[storage]
+    folder = tmp_path / "cache"
+    assert np.load(folder / "level0.npy", mmap_mode="r").dtype == file_dtype
+    assert np.load(folder / "global.npy", mmap_mode="r").dtype == file_dtype
+    scales = sorted(p.name for p in folder.glob("*_scale.npy"))
+    assert scales == (["global_scale.npy", "level0_scale.npy"] if storage == "int8" else [])
+    # The printed size is the size on disk (headers aside) for this storage.
+    number, unit = capsys.readouterr().out.split(f"{storage} = ")[1].split()[:2]
+    printed = float(number) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+    on_disk = sum(p.stat().st_size - 128 for p in folder.glob("*.npy"))  # less the .npy headers
+    assert printed == pytest.approx(on_disk, rel=0.01)
+    data = CachedTargets(UnlabeledImages(paths, 64, AugmentConfig(None, 0.0, 0.0)), cache)
+    batch = collate([data[i] for i in range(6)])
+    online, online_cls = teacher.encode(teacher_input(batch["image"], teacher, torch.float32))
+    cached, cached_cls = cache.targets(batch, torch.device("cpu"))
+    assert cached[0].dtype == cached_cls.dtype == torch.float32 and cached[0].shape == online[0].shape
+    token_cos = F.cosine_similarity(cached[0], online[0], dim=1)  # (B, h, w)
+    assert float(token_cos.min()) > min_cos, (storage, float(token_cos.min()))
+    assert float(F.cosine_similarity(cached_cls, online_cls, dim=1).min()) > min_cos
+    # Lossier storage, larger error: bf16 keeps 8 mantissa bits to fp16's 11, so it must not equal fp16.
+    error = float((cached[0] - online[0]).abs().max() / online[0].abs().max())
+    assert {"fp16": error < 2e-3, "bf16": 1e-4 < error < 1e-2, "int8": error < 2e-2}[storage], error
+
+
+def test_int8_quantisation_is_per_token_and_zero_tokens_stay_zero() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 4, 5) * torch.logspace(-3, 3, 16).view(1, 16, 1, 1)  # channels spanning 6 decades
+    x[0, :, 1, 2] = 0.0  # a zero token
+    x[2] = 0.0  # a whole zero image
+    values, scale = encode_values(x, "int8")
+    assert values.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (3, 4, 5)
+    y = decode_values(stored_tensor(values, "int8"), torch.from_numpy(scale))
+    assert torch.isfinite(y).all() and not y[0, :, 1, 2].any() and not y[2].any()
+    bound = torch.from_numpy(scale).unsqueeze(1) / 2  # round-to-nearest: at most half a step per token
+    assert ((y - x).abs() <= bound * (1 + 1e-5) + 1e-12).all()
+    assert np.abs(values).max() == 127  # each token's largest channel uses the full range
+    # A global vector (B, D) is one token per image.
+    g, g_scale = encode_values(torch.tensor([[0.0, 0.0], [1.0, -4.0]]), "int8")
+    assert g_scale.tolist() == pytest.approx([0.0, 4.0 / 127]) and g.tolist() == [[0, 0], [32, -127]]
+    for storage in ("fp16", "bf16"):
+        values, none = encode_values(x, storage)
+        back = decode_values(stored_tensor(values, storage), none)
+        assert none is None and torch.allclose(back, x, rtol=1e-2, atol=0)
+
+
+def test_storage_dtype_and_grid_are_part_of_the_fingerprint(tmp_path) -> None:
+    paths = [str(p) for p in make_images(tmp_path / "imgs", 4)]
+    torch.manual_seed(0)
+    teacher = build_teacher(TINY_VIT, pretrained=False, image_size=64, model_kwargs=TINY_VIT_KWARGS)
+
+    def folder(**extra) -> Path:
+        cfg = build_config(tiny_pretrain_args(tmp_path, tmp_path / "w", teacher_cache="auto", **extra))
+        return prepare_teacher_cache(cfg, teacher, paths, ACCEL, tmp_path / "run", torch.float32).folder
+
+    folders = {s: folder(teacher_cache_dtype=s) for s in STORAGE}
+    assert len(set(folders.values())) == 3
+    # fp16 is the format from before the option: no storage key, so existing caches keep their fingerprint.
+    metas = {s: json.loads((f / "meta.json").read_text()) for s, f in folders.items()}
+    assert "storage_dtype" not in metas["fp16"] and metas["int8"]["storage_dtype"] == "int8"
+    assert folder() == folders["fp16"]
+    pooled = folder(teacher_cache_grid=3)
+    assert pooled not in folders.values() and json.loads((pooled / "meta.json").read_text())["grid_sizes"] == [[3, 3]]
+    assert folder(teacher_cache_grid=5) == folders["fp16"]  # the full grid is 5 x 5 already: the same cache
+    # An explicit folder holding another storage is refused, not overwritten.
+    _setup(tmp_path, paths, teacher_cache_dtype="fp16")  # builds fp16 into tmp_path / "cache"
+    with pytest.raises(ValueError, match="storage_dtype"):
+        _setup(tmp_path, paths, teacher_cache_dtype="int8")
+
+
+def test_cache_grid_stores_the_pooled_grid_and_targets_keep_the_online_size(tmp_path) -> None:
+    paths = _square_images(tmp_path / "sq", 4)
+    _, teacher, cache = _setup(tmp_path, paths, teacher_cache_grid=2, **NO_AUG)
+    stored = np.load(tmp_path / "cache" / "level0.npy")
+    assert stored.shape == (4, 48, 2, 2)
+    full = torch.stack(
+        [TF.to_dtype(TF.resize(TF.pil_to_tensor(load_rgb(p)), [64, 64]), torch.float32, scale=True) for p in paths]
+    )
+    grid = teacher.encode(teacher_input(full, teacher, torch.float32))[0][0]  # (4, 48, 5, 5)
+    expected = F.adaptive_avg_pool2d(grid, 2)
+    assert torch.allclose(torch.from_numpy(stored).float(), expected, rtol=2e-3, atol=2e-3 * float(grid.abs().max()))
+    batch = collate(
+        [CachedTargets(UnlabeledImages(paths, 64, AugmentConfig(None, 0.0, 0.0)), cache)[i] for i in range(4)]
+    )
+    assert cache.targets(batch, torch.device("cpu"))[0][0].shape == (4, 48, 5, 5)
+
+
+@pytest.mark.parametrize(
+    ("arg", "match"),
+    [
+        ("teacher_cache_dtype=fp8", "teacher_cache_dtype must be fp16, bf16 or int8"),
+        ("teacher_cache_dtype=INT8", "teacher_cache_dtype must be fp16, bf16 or int8"),
+        ("teacher_cache_grid=0", "teacher_cache_grid=0 must be >= 1"),
+        ("teacher_cache_grid=many", "teacher_cache_grid"),
+    ],
+)
+def test_cache_storage_options_are_checked(arg, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_config(["unlabeled=x", "teacher_cache=auto", arg])
+
+
+def test_cli_int8_cached_run_trains_like_online(tmp_path, capsys) -> None:
+    folder = tmp_path / "sq"
+    _square_images(folder, 8)
+    out = tmp_path / "w"
+    common = {**NO_AUG, "steps": 2, "save_every": 0}
+    assert main(tiny_pretrain_args(folder, out, name="online", **common)) == 0
+    args = tiny_pretrain_args(folder, out, name="int8", teacher_cache="auto", teacher_cache_dtype="int8", **common)
+    assert main(args) == 0
+    assert "int8 = " in capsys.readouterr().out
+    cache = Path(json.loads((out / "int8" / "run_summary.json").read_text())["teacher_cache"])
+    assert (cache / "level0_scale.npy").is_file() and (out / "int8" / "backbone.safetensors").is_file()
+    rows = {
+        n: [json.loads(x) for x in (out / n / "metrics.jsonl").read_text().splitlines()] for n in ("online", "int8")
+    }
+    for a, b in zip(rows["online"], rows["int8"], strict=True):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=2e-2)

@@ -1,8 +1,22 @@
 """Teacher-feature cache: one teacher pass over the data set, then every step reads its targets from disk.
 
-Layout of a cache folder: ``level<i>.npy`` (N, C_i, h_i, w_i) float16 memory-mapped grids, ``global.npy`` (N, D_g)
-float16 when the teacher has a CLS token, and ``meta.json`` (fingerprint + unreadable files). It is assembled under a
-hidden temp name and renamed when complete, so a folder with ``meta.json`` is always whole.
+Layout of a cache folder: ``level<i>.npy`` (N, C_i, h_i, w_i) memory-mapped grids, ``global.npy`` (N, D_g) when the
+teacher has a CLS token, and ``meta.json`` (fingerprint + unreadable files). It is assembled under a hidden temp name
+and renamed when complete, so a folder with ``meta.json`` is always whole. ``teacher_cache_dtype`` sets the storage:
+
+- ``fp16`` (default): float16 arrays, 2 bytes per value.
+- ``bf16``: the bfloat16 bits as uint16 arrays (numpy has no bfloat16), 2 bytes per value; fp32's range (no overflow
+  for teachers with very large activations) at 3 fewer mantissa bits than fp16.
+- ``int8``: symmetric per-token quantisation, 1 byte per value: each token (one image's (h, w) position, all
+  channels; for ``global.npy`` the whole vector) stores ``round(x / s)`` with ``s = max|x| / 127`` over the channels,
+  and its float32 ``s`` in a sibling ``level<i>_scale.npy`` (N, h_i, w_i) / ``global_scale.npy`` (N,). Targets are
+  dequantised (``q * s``) on the training device, so the loader moves half the bytes of fp16. A zero token has
+  ``s = 0`` and reads back as zeros.
+
+``teacher_cache_grid`` G additionally average-pools (adaptive) each stored grid down to at most G x G tokens; lookups
+resample to the online grid size anyway (below), so only the targets' spatial detail drops. Size, e.g. 1M images x
+256 tokens (16 x 16) x 384 channels: fp16/bf16 ~197 GB, int8 ~99 GB (1 GB of it scales); G = 8 stores a quarter.
+The build prints the size for the chosen storage before it starts.
 
 Design decisions and trade-offs:
 - Each image is squash-resized (no crop, aspect ratio not kept) to ``cache_size`` x ``cache_size`` and encoded once.
@@ -16,20 +30,29 @@ Design decisions and trade-offs:
 - A fingerprint (teacher spec, a digest of the teacher's weights, cache size, compute dtype, hash of the ordered file
   list) names the ``auto`` folder ``<output>/teacher_cache/<key>``, shared by all runs and resumes over the same data;
   an explicit folder holding a different fingerprint is refused rather than overwritten.
-- Under DDP every rank encodes a contiguous shard into the shared memmaps and rank 0 finalises (the folder must be on
-  a filesystem all ranks see).
+- A cache built with another storage dtype or grid is another cache (``storage_dtype`` / ``grid_sizes`` in the
+  fingerprint); the default fp16 at the teacher's full grid keeps the fingerprint of caches built before these options.
+- Multi-process and multi-node (``accelerate launch`` with ``--num_machines``): every rank of every node encodes the
+  contiguous shard ``[r * N / W, (r + 1) * N / W)`` of the global rank order (r = global rank, W = world size) into the
+  same arrays, which rank 0 created sparse; rank 0 then collects the unreadable files, writes ``meta.json`` and renames
+  the folder. The cache folder (``output``, or the explicit ``teacher_cache`` folder) must therefore be on a filesystem
+  every node sees (NFS, Lustre, GPFS, ...). Ranks write their rows with ``pwrite`` into disjoint byte ranges rather
+  than through a writable mmap: a network-filesystem client writes a dirty mmap page back whole, which could
+  overwrite the neighbouring rank's rows where two shards share a page.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numpy.lib.format import open_memmap
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import roi_align
@@ -39,6 +62,45 @@ from backbone_kd.pretrain.data import load_rgb
 from backbone_kd.pretrain.setup import teacher_input
 
 FORMAT_VERSION = 1
+STORAGE_DTYPES = ("fp16", "bf16", "int8")
+_NP_DTYPES = {"fp16": np.float16, "bf16": np.uint16, "int8": np.int8}  # bf16: its bits, numpy has no bfloat16
+_BYTES = {"fp16": 2, "bf16": 2, "int8": 1}
+_SCALE_BYTES = 4  # int8: one float32 scale per token
+
+
+def encode_values(x: torch.Tensor, storage: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Teacher outputs in the cache's storage format.
+
+    Args:
+        x: (B, C, ...) float teacher output: a grid (B, C, h, w) or a global vector (B, C).
+        storage: One of :data:`STORAGE_DTYPES`.
+
+    Returns:
+        ``(values, scale)``: values (B, C, ...) float16 / uint16 (bfloat16 bits) / int8; scale (B, ...) float32 per
+        token (max |x| over C / 127) for int8, else None.
+    """
+    x = x.detach().float().cpu()
+    if storage == "fp16":
+        return x.to(torch.float16).numpy(), None
+    if storage == "bf16":
+        return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), None
+    scale = x.abs().amax(dim=1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a zero token: q = 0 and s = 0, never 0 / 0
+    q = torch.round(x / safe.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return q.numpy(), scale.numpy()
+
+
+def stored_tensor(values: np.ndarray, storage: str) -> torch.Tensor:
+    """A stored row or batch (numpy) as a torch tensor of the stored type (bf16 bits reinterpreted as bfloat16)."""
+    if storage == "bf16":
+        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(values)
+
+
+def decode_values(values: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Stored values (B, C, ...) (+ int8 scales (B, ...)) back to float32 (B, C, ...) on ``values``' device."""
+    x = values.float()
+    return x if scale is None else x * scale.to(x.device, torch.float32).unsqueeze(1)
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -104,33 +166,61 @@ class TeacherCache:
         self.name = self.meta["teacher"]
         self.channels, self.strides = self.meta["channels"], self.meta["strides"]
         self.global_dim = self.meta["global_dim"]
+        self.storage: str = self.meta.get("storage_dtype", "fp16")  # caches from before the option are fp16
         self.bad: list[int] = self.meta["bad"]
         self._arrays: list[np.ndarray] | None = None
+        self._scales: list[np.ndarray] | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_arrays": None}
+        return {**self.__dict__, "_arrays": None, "_scales": None}
 
     def arrays(self) -> list[np.ndarray]:
+        """The stored arrays, read-only memmaps: per level (N, C_i, h_i, w_i), then global (N, D_g) if any."""
         if self._arrays is None:
-            names = [f"level{i}.npy" for i in range(len(self.channels))] + (["global.npy"] if self.global_dim else [])
+            names = array_names(len(self.channels), self.global_dim)
             self._arrays = [np.load(self.folder / n, mmap_mode="r") for n in names]
+            if self.storage == "int8":
+                self._scales = [np.load(self.folder / scale_name(n), mmap_mode="r") for n in names]
         return self._arrays
 
     def rows(self, index: int) -> dict[str, Any]:
-        """Cached rows of one image: ``teacher`` [(C_i, h_i, w_i) fp16] and, with a CLS, ``teacher_global`` (D_g,)."""
+        """Stored rows of one image, in the stored type (decoded later, on the device, by :meth:`targets`).
+
+        Returns ``teacher`` [(C_i, h_i, w_i)] (float16, bfloat16 or int8) and, with a CLS, ``teacher_global`` (D_g,);
+        int8 caches add ``teacher_scale`` [(h_i, w_i) float32] and ``teacher_global_scale`` (0-dim float32).
+        """
         arrays = self.arrays()
-        rows = [torch.from_numpy(np.array(a[index])) for a in arrays]  # np.array: a private, writable copy
-        out: dict[str, Any] = {"teacher": rows[: len(self.channels)]}
+        rows = [stored_tensor(np.array(a[index]), self.storage) for a in arrays]  # np.array: a private, writable copy
+        levels = len(self.channels)
+        out: dict[str, Any] = {"teacher": rows[:levels]}
         if self.global_dim:
             out["teacher_global"] = rows[-1]
+        if self._scales is not None:
+            scales = [torch.from_numpy(np.array(a[index])) for a in self._scales]
+            out["teacher_scale"] = scales[:levels]
+            if self.global_dim:
+                out["teacher_global_scale"] = scales[-1]
         return out
 
     def targets(self, batch: dict, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The online teacher's outputs, approximated: ([(B, C_i, h_i, w_i) fp32], (B, D_g) fp32 or None)."""
-        grids = [g.to(device, non_blocking=True) for g in batch["teacher"]]
+        scales = batch.get("teacher_scale") or [None] * len(batch["teacher"])
+        grids = [decode_values(g.to(device, non_blocking=True), s) for g, s in zip(batch["teacher"], scales)]
         feats = crop_grids(grids, batch["box"], batch["flip"], self.out_sizes)
         glob = batch.get("teacher_global")
-        return feats, (glob.to(device, torch.float32) if glob is not None else None)
+        if glob is not None:
+            glob = decode_values(glob.to(device, non_blocking=True), batch.get("teacher_global_scale"))
+        return feats, glob
+
+
+def array_names(levels: int, global_dim: int | None) -> list[str]:
+    """File names of the value arrays: ``level<i>.npy`` per level, then ``global.npy`` when there is a CLS."""
+    return [f"level{i}.npy" for i in range(levels)] + (["global.npy"] if global_dim else [])
+
+
+def scale_name(name: str) -> str:
+    """The int8 scale file beside a value array: ``level0.npy`` -> ``level0_scale.npy``."""
+    return name.removesuffix(".npy") + "_scale.npy"
 
 
 class CachedTargets(Dataset):
@@ -166,17 +256,21 @@ class _FullImages(Dataset):
 
 
 def _build(tmp: Path, teacher, paths, meta: dict, accelerator, dtype, batch_size: int, workers: int, max_px: int):
-    """Every rank encodes its contiguous shard into the memmaps that rank 0 created in ``tmp``."""
+    """Every rank encodes its contiguous shard into the arrays that rank 0 created in ``tmp``."""
     n, rank, world = len(paths), accelerator.process_index, accelerator.num_processes
-    names = [f"level{i}.npy" for i in range(len(meta["channels"]))]
+    storage = meta.get("storage_dtype", "fp16")
+    names = array_names(len(meta["channels"]), meta["global_dim"])
     shapes = [(n, c, *hw) for c, hw in zip(meta["channels"], meta["grid_sizes"])]
     if meta["global_dim"]:
-        names, shapes = [*names, "global.npy"], [*shapes, (n, meta["global_dim"])]
+        shapes.append((n, meta["global_dim"]))
+    files = [(name, _NP_DTYPES[storage], shape) for name, shape in zip(names, shapes)]
+    if storage == "int8":  # one scale per token: the value shape without the channel axis
+        files += [(scale_name(name), np.float32, (shape[0], *shape[2:])) for name, shape in zip(names, shapes)]
     if accelerator.is_main_process:
-        for name, shape in zip(names, shapes):
-            open_memmap(tmp / name, mode="w+", dtype=np.float16, shape=shape).flush()  # sized, sparse, on disk
+        for name, np_dtype, shape in files:
+            open_memmap(tmp / name, mode="w+", dtype=np_dtype, shape=shape).flush()  # sized, sparse, on disk
     accelerator.wait_for_everyone()
-    arrays = [np.load(tmp / name, mmap_mode="r+") for name in names]
+    writers = [_RowWriter(tmp / name) for name, _, _ in files]
     shard = range(rank * n // world, (rank + 1) * n // world)
     loader = DataLoader(
         _FullImages(paths, shard, meta["cache_size"], max_px),
@@ -187,15 +281,46 @@ def _build(tmp: Path, teacher, paths, meta: dict, accelerator, dtype, batch_size
     from tqdm.auto import tqdm
 
     bad, start = [], shard.start
-    for x, ok in tqdm(loader, desc="teacher cache", disable=not accelerator.is_main_process, dynamic_ncols=True):
-        feats, glob = teacher.encode(teacher_input(x.to(accelerator.device), teacher, dtype))
-        for arr, t in zip(arrays, [*feats, *([glob] if meta["global_dim"] else [])]):
-            arr[start : start + len(x)] = t.float().cpu().numpy().astype(np.float16)
-        bad += [start + i for i in torch.nonzero(~ok).flatten().tolist()]
-        start += len(x)
-    for arr in arrays:
-        arr.flush()
+    try:
+        for x, ok in tqdm(loader, desc="teacher cache", disable=not accelerator.is_main_process, dynamic_ncols=True):
+            feats, glob = teacher.encode(teacher_input(x.to(accelerator.device), teacher, dtype))
+            # teacher_cache_grid: grids larger than the stored size are average-pooled down before storing
+            feats = [
+                f if list(f.shape[-2:]) == hw else F.adaptive_avg_pool2d(f.float(), hw)
+                for f, hw in zip(feats, meta["grid_sizes"])
+            ]
+            encoded = [encode_values(t, storage) for t in [*feats, *([glob] if meta["global_dim"] else [])]]
+            parts = [v for v, _ in encoded] + ([s for _, s in encoded] if storage == "int8" else [])
+            for writer, part in zip(writers, parts):
+                writer.write(start, part)
+            bad += [start + i for i in torch.nonzero(~ok).flatten().tolist()]
+            start += len(x)
+    finally:
+        for writer in writers:
+            writer.close()
     (tmp / f"bad.{rank}.json").write_text(json.dumps(bad))
+
+
+class _RowWriter:
+    """Writes rows of a ``.npy`` file at their byte offset with ``pwrite`` (see the module docstring: multi-node)."""
+
+    def __init__(self, path: Path) -> None:
+        array = np.load(path, mmap_mode="r")  # only for the header's size and the row layout
+        self.offset, self.row_bytes = array.offset, array.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+        del array
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write(self, row: int, values: np.ndarray) -> None:
+        """Store ``values`` (B, ...) as rows ``row .. row + B - 1``."""
+        data = memoryview(np.ascontiguousarray(values)).cast("B")
+        pos = self.offset + row * self.row_bytes
+        while data:  # pwrite may write less than asked (signals, some network filesystems)
+            done = os.pwrite(self.fd, data, pos)
+            data, pos = data[done:], pos + done
+
+    def close(self) -> None:
+        os.fsync(self.fd)  # on disk (and on the file server) before rank 0 marks the folder whole
+        os.close(self.fd)
 
 
 def prepare_teacher_cache(cfg, teacher, paths, accelerator, run_dir: Path, dtype: torch.dtype) -> TeacherCache:
@@ -213,9 +338,15 @@ def prepare_teacher_cache(cfg, teacher, paths, accelerator, run_dir: Path, dtype
     size = int(cfg.teacher_cache_size or cfg.image_size)
     if size < max(teacher.strides):
         raise ValueError(f"teacher_cache_size={size} is below the teacher stride {max(teacher.strides)}; raise it")
+    storage = cfg.teacher_cache_dtype
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"teacher_cache_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {storage!r}")
     device = accelerator.device
     grid_sizes, global_dim = probe(teacher, size, device, dtype)
     out_sizes, _ = probe(teacher, cfg.image_size, device, dtype)
+    max_grid = cfg.teacher_cache_grid
+    if max_grid is not None:  # stored grids: at most max_grid tokens per side (pooled in _build)
+        grid_sizes = [[min(h, int(max_grid)), min(w, int(max_grid))] for h, w in grid_sizes]
     meta = {
         "format": FORMAT_VERSION,
         "teacher": teacher.name,
@@ -237,13 +368,17 @@ def prepare_teacher_cache(cfg, teacher, paths, accelerator, run_dir: Path, dtype
         "n_images": len(paths),
         "files": files_digest(paths),
     }
+    if storage != "fp16":  # only when not the default: fp16 caches keep the fingerprint they had before the option
+        meta["storage_dtype"] = storage
     meta = json.loads(json.dumps(meta))  # compared with meta.json below: same JSON types (lists, not tuples)
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     auto = str(cfg.teacher_cache).lower() == "auto"
     folder = Path(cfg.output) / "teacher_cache" / key if auto else Path(str(cfg.teacher_cache))
     found = _read_meta(folder)
     if found is not None and {k: found.get(k) for k in meta} == meta:
-        accelerator.print(f"teacher cache: reusing {folder} ({len(paths)} images, {_gib(meta):.2f} GiB)")
+        accelerator.print(
+            f"teacher cache: reusing {folder} ({len(paths)} images, {storage}, {_size(cache_bytes(meta))})"
+        )
         return TeacherCache(folder, out_sizes)
     if not auto and found is not None:
         diff = ", ".join(k for k in meta if found.get(k) != meta[k])
@@ -255,14 +390,16 @@ def prepare_teacher_cache(cfg, teacher, paths, accelerator, run_dir: Path, dtype
         raise ValueError(f"teacher_cache {folder} is a non-empty folder without meta.json; choose a new folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder.parent).free  # checked on every rank, so all of them raise together
+    need = cache_bytes(meta)
     accelerator.print(
         f"teacher cache: building {folder}: {len(paths)} images x grids {grid_sizes} of {teacher.channels} channels "
-        f"(+ global {global_dim}), fp16 = {_gib(meta):.2f} GiB ({free / 2**30:.1f} GiB free)"
+        f"(+ global {global_dim}), {storage} = {_size(need)} ({free / 2**30:.1f} GiB free)"
     )
-    if _gib(meta) * 2**30 > 0.95 * free:
+    if need > 0.95 * free:
         raise ValueError(
-            f"the teacher cache needs {_gib(meta):.2f} GiB but {folder.parent} has {free / 2**30:.1f} GiB free; "
-            "set teacher_cache to a folder on a larger disk or lower teacher_cache_size"
+            f"the teacher cache needs {_size(need)} but {folder.parent} has {free / 2**30:.1f} GiB free; "
+            "set teacher_cache to a folder on a larger disk, lower teacher_cache_size or teacher_cache_grid, or use "
+            "teacher_cache_dtype=int8"
         )
     tmp = folder.parent / f".tmp_{folder.name}_{Path(run_dir).name}"
     if accelerator.is_main_process:
@@ -292,7 +429,24 @@ def _read_meta(folder: Path) -> dict | None:
         return None
 
 
-def _gib(meta: dict) -> float:
-    """Size of the cache's arrays: N * (sum_i C_i * h_i * w_i + D_g) * 2 bytes, in GiB."""
-    per_image = sum(c * h * w for c, (h, w) in zip(meta["channels"], meta["grid_sizes"])) + (meta["global_dim"] or 0)
-    return meta["n_images"] * per_image * 2 / 2**30
+def cache_bytes(meta: dict) -> int:
+    """Size of the cache's arrays: N * (values * bytes per value + tokens * 4 bytes of int8 scales).
+
+    Values per image: sum_i C_i * h_i * w_i + D_g; tokens per image (int8 only): sum_i h_i * w_i + 1 (the global's).
+    """
+    storage = meta.get("storage_dtype", "fp16")
+    tokens = [h * w for h, w in meta["grid_sizes"]]
+    values = sum(c * t for c, t in zip(meta["channels"], tokens)) + (meta["global_dim"] or 0)
+    per_image = values * _BYTES[storage]
+    if storage == "int8":
+        per_image += (sum(tokens) + (1 if meta["global_dim"] else 0)) * _SCALE_BYTES
+    return meta["n_images"] * per_image
+
+
+def _size(n_bytes: float) -> str:
+    """``n_bytes`` in binary units with 3 significant digits: ``14.2 KiB``, ``1.23 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1000 or unit == "GiB":
+            break
+        n_bytes /= 1024
+    return f"{n_bytes:.3g} {unit}" if unit != "B" else f"{int(n_bytes)} B"

@@ -88,6 +88,12 @@ class PretrainConfig:
         "(reused by later runs on the same teacher and data); or a cache folder. No colour jitter in the targets",
     )
     teacher_cache_size: int | None = _f(None, "square full-image resize the cache is encoded at (default image_size)")
+    teacher_cache_dtype: str = _f(
+        "fp16", "cache storage: fp16, bf16 (fp32 range) or int8 (per-token scales, half the disk of fp16)"
+    )
+    teacher_cache_grid: int | None = _f(
+        None, "store the cached grids average-pooled to at most this many tokens per side (null: the full grid)"
+    )
     # student
     student: str = _f("yolov8n.yaml", "ultralytics model yaml or .pt whose backbone is trained in place")
     nc: int = _f(80, "classes of a yaml-built student's head (kept in student.pt)")
@@ -373,6 +379,14 @@ def _check_values(cfg: PretrainConfig) -> None:
     for key in ("steps", "projector_hidden", "teacher_cache_size"):
         value = getattr(cfg, key)
         need(value is None or value >= 1, f"{key}={value} must be >= 1 (or null for the default)")
+    need(
+        cfg.teacher_cache_dtype in ("fp16", "bf16", "int8"),
+        f"teacher_cache_dtype must be fp16, bf16 or int8, got {cfg.teacher_cache_dtype!r}",
+    )
+    need(
+        cfg.teacher_cache_grid is None or cfg.teacher_cache_grid >= 1,
+        f"teacher_cache_grid={cfg.teacher_cache_grid} must be >= 1 tokens per side, e.g. 8 (or null for the full grid)",
+    )
     need(cfg.warmup_steps is None or cfg.warmup_steps >= 0, f"warmup_steps={cfg.warmup_steps} must be >= 0")
     need(cfg.projector in ("mlp", "linear"), f"projector must be mlp or linear, got {cfg.projector!r}")
     need(
