@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,7 +32,7 @@ from backbone_kd.pretrain.projector import DistillStudent, Projectors
 from backbone_kd.pretrain.setup import teacher_input
 from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
 from backbone_kd.pretrain.teacher import build_teacher
-from tests.conftest import TINY_VIT, TINY_VIT_KWARGS, make_images, tiny_pretrain_args
+from tests.conftest import REPO, TINY_VIT, TINY_VIT_KWARGS, make_images, tiny_pretrain_args
 
 NO_AUG = {"crop_scale": "null", "hflip": 0, "color_jitter": 0}
 ACCEL = SimpleNamespace(  # a single-process stand-in for accelerate.Accelerator (all the cache builder touches)
@@ -309,3 +310,29 @@ def test_cli_int8_cached_run_trains_like_online(tmp_path, capsys) -> None:
     }
     for a, b in zip(rows["online"], rows["int8"], strict=True):
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=2e-2)
+
+
+def test_cache_dtype_benchmark_reports_size_and_fidelity_per_storage(tmp_path, capsys) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import cache_dtype
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    make_images(tmp_path / "imgs", 5)
+    out = tmp_path / "r.json"
+    result = cache_dtype.run(
+        ["--unlabeled", str(tmp_path / "imgs"), "--n", "4", "--image-size", "64", "--grids", "2", "--json", str(out)]
+        + ["--teacher-weights", "none", "--teacher-kwargs", "{depth: 2, embed_dim: 48, num_heads: 2}"]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result)) and "rel L2" in capsys.readouterr().out
+    rows = {(r["storage"], r["grid"]): r for r in result["rows"]}
+    assert set(rows) == {(s, g) for s in STORAGE for g in (None, 2)} and result["n_images"] == 4
+    for (storage, grid), r in rows.items():
+        assert r["bytes_per_image_estimate"] <= r["bytes_per_image"] < r["bytes_per_image_estimate"] + 1024  # headers
+        assert r["grid_sizes"] == ([[2, 2]] if grid else [[5, 5]])
+        if grid is None:
+            assert r["token_cos_min"] > STORAGE[storage][1] and r["cls_cos_mean"] > STORAGE[storage][1]
+    fp16, int8 = rows[("fp16", None)]["bytes_per_image"], rows[("int8", None)]["bytes_per_image"]
+    assert 0.5 < int8 / fp16 < 0.6  # 1 byte per value + 4 per token of 48 channels, headers
+    assert rows[("fp16", None)]["rel_l2"] < rows[("bf16", None)]["rel_l2"] < rows[("int8", None)]["rel_l2"]
+    assert rows[("fp16", 2)]["token_cos_mean"] < rows[("fp16", None)]["token_cos_mean"]  # pooling loses detail
