@@ -71,6 +71,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--det-imgsz", type=int, default=160)
     p.add_argument("--skip-det", action="store_true", help="k-NN / linear probes only")
     p.add_argument(
+        "--ft-epochs",
+        type=int,
+        default=0,
+        help="> 0 adds the full fine-tuning column: every layer trained on the coco128 split, this many epochs",
+    )
+    p.add_argument("--ft-imgsz", type=int, default=256)
+    p.add_argument("--ft-rows", nargs="*", default=None, help="rows that get the fine-tuning column (default: all)")
+    p.add_argument(
         "--cv", type=int, default=5, help="k-NN / linear by grouped K-fold CV over all crops (0 = val split)"
     )
     p.add_argument("--name", default="quality_compare", help="stem of the result files in --work")
@@ -322,6 +330,25 @@ def main(argv: list[str] | None = None) -> int:
             results[name]["det_final"] = {m: _ms([r[m] for r in finals]) for m in ("map50_95", "map50")}
             results[name]["det_best"] = {m: _ms([r[m] for r in bests]) for m in ("map50_95", "map50")}
             print(f"[quality] {name}: det final mAP50-95 {results[name]['det_final']['map50_95']['mean']:.4f}")
+    if args.ft_epochs > 0:  # full fine-tuning: what a user does next; same schedule and seeds for every row
+        from backbone_kd.probe.detection import DetProbeSettings, build_probe_model, train_probe
+        from backbone_kd.probe.yolo_data import mirror_dataset
+
+        ft = DetProbeSettings(epochs=args.ft_epochs, imgsz=args.ft_imgsz, lr0=1e-3, seeds=tuple(args.seeds), full=True)
+        local = mirror_dataset(data_yaml, work / "det" / "data")
+        tag = f"ft{args.ft_epochs}e{args.ft_imgsz}"
+        for name in names if args.ft_rows is None else [n for n in names if n in args.ft_rows]:
+            finals = []
+            for seed, spec in backbones[name]:
+                done = work / "ft" / f"{name}_{tag}_s{seed}.json"
+                if not done.is_file():
+                    path = work / "ft" / "models" / f"{name}_s{seed}.pt"
+                    model = build_probe_model(spec, "yolov8n.yaml", 80, seed, path)
+                    rows = train_probe(model, local, ft, seed, work / "ft" / "runs", f"{name}_{tag}_s{seed}")
+                    atomic_write_text(json.dumps(rows), done)
+                finals.append(json.loads(done.read_text())[-1])
+            results[name]["ft_final"] = {m: _ms([r[m] for r in finals]) for m in ("map50_95", "map50")}
+            print(f"[quality] {name}: fine-tuned mAP50-95 {results[name]['ft_final']['map50_95']['mean']:.4f}")
     out = {"settings": vars(args), "images_seen": images_seen, "crops": splits.summary(), "rows": results}
     atomic_write_text(json.dumps(out, indent=1, default=str), work / f"{args.name}.json")
     table = markdown(out)
@@ -341,6 +368,7 @@ def markdown(out: dict) -> str:
         "det mAP50-95 (final)",
         "det mAP50 (final)",
         "det mAP50-95 (best)",
+        "fine-tuned mAP50-95",
         "k-NN 10",
         "k-NN 20",
         "linear",
@@ -360,6 +388,7 @@ def markdown(out: dict) -> str:
                     f(r.get("det_final", {}).get("map50_95"), 4),
                     f(r.get("det_final", {}).get("map50"), 4),
                     f(r.get("det_best", {}).get("map50_95"), 4),
+                    f(r.get("ft_final", {}).get("map50_95"), 4),
                     f(r["knn10"]),
                     f(r["knn20"]),
                     f(r["linear"]),
