@@ -18,6 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from backbone_kd.pretrain.cache import (
     CachedTargets,
+    _build,
     crop_grids,
     decode_values,
     encode_values,
@@ -336,3 +337,30 @@ def test_cache_dtype_benchmark_reports_size_and_fidelity_per_storage(tmp_path, c
     assert 0.5 < int8 / fp16 < 0.6  # 1 byte per value + 4 per token of 48 channels, headers
     assert rows[("fp16", None)]["rel_l2"] < rows[("bf16", None)]["rel_l2"] < rows[("int8", None)]["rel_l2"]
     assert rows[("fp16", 2)]["token_cos_mean"] < rows[("fp16", None)]["token_cos_mean"]  # pooling loses detail
+
+
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+def test_sharded_build_writes_each_rank_rows_in_place(tmp_path, storage) -> None:
+    """Two ranks (run one after the other) fill one cache; it equals the single-process build row for row."""
+    paths = [str(p) for p in make_images(tmp_path / "imgs", 5)]  # shards [0, 2) and [2, 5): unequal, odd boundary
+    cfg, teacher, cache = _setup(tmp_path, paths, teacher_cache_dtype=storage)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for rank in (0, 1):  # rank 0 creates the sparse files first, as it does before the barrier
+        accel = SimpleNamespace(
+            **{**vars(ACCEL), "process_index": rank, "num_processes": 2, "is_main_process": not rank}
+        )
+        _build(sharded, teacher, paths, cache.meta, accel, torch.float32, cfg.batch_size, 0, cfg.max_image_pixels)
+    names = sorted(p.name for p in cache.folder.glob("*.npy"))
+    assert names == sorted(p.name for p in sharded.glob("*.npy")) and len(names) == (4 if storage == "int8" else 2)
+    for name in names:
+        single, split = np.load(cache.folder / name), np.load(sharded / name)
+        assert single.dtype == split.dtype and single.shape == split.shape
+        a, b = (
+            stored_tensor(x, storage).float() if "scale" not in name else torch.from_numpy(x) for x in (single, split)
+        )
+        assert (
+            b.reshape(len(b), -1).abs().amax(1) > 0
+        ).all()  # every row written (an unwritten one reads back as zeros)
+        tol = 1.0 if storage == "int8" and "scale" not in name else 1e-2 * float(a.abs().max())  # batch-size jitter
+        assert torch.allclose(a, b, rtol=0, atol=tol), name
