@@ -20,10 +20,11 @@
    Also reported: PSS without file pages (Pss - Pss_File). File pages, mostly shared libraries, are shared with
    every process on the host that maps the same files, so their share moves when unrelated processes start or exit
    (the main process once jumped by 160 MiB mid-run when another torch process ended); anonymous pages are shared
-   only through our own fork. ``--mmap-threshold N`` is an A/B for the workers' C heap: each worker first calls glibc's
-   ``mallopt(M_MMAP_THRESHOLD, N)``. Otherwise glibc raises its mmap threshold to the largest block freed (here the
-   collated batch, 3 MiB at 16 x 128 px), later batches come from the heap, and fragmentation grows each worker's
-   heap by tens of MiB over a run; a fixed threshold (e.g. 131072, glibc's initial one) keeps such blocks in mmap.
+   only through our own fork. ``--mmap-threshold N`` makes each worker first call glibc's
+   ``mallopt(M_MMAP_THRESHOLD, N)``, as training's loader does (:func:`backbone_kd.pretrain.data.fix_worker_heap`,
+   the default); ``0`` is the A/B without it. Without it glibc raises its mmap threshold to the largest block freed
+   (here the collated batch, 3 MiB at 16 x 128 px), later batches come from the heap, and fragmentation grows each
+   worker's heap by tens of MiB over a run; a fixed threshold (131072, glibc's initial one) keeps them in mmap.
 
 Prints a table and writes JSON. ``--work-dir`` keeps the generated files for a rerun (they are reused when the
 count matches); by default they go to a temp dir that is removed at the end.
@@ -46,6 +47,8 @@ from pathlib import Path
 import torch
 from bench_data import shared_dir
 
+from backbone_kd.pretrain.data import WORKER_MMAP_THRESHOLD, fix_worker_heap
+
 DEFAULT_IMAGES = shared_dir() / "data" / "unlabeled" / "bsds500"
 LINKS_PER_COPY = 50_000  # below ext4's 65,000 hard links per inode
 PER_FOLDER = 10_000  # entries per generated folder
@@ -66,8 +69,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--mmap-threshold",
         type=int,
-        default=None,
-        help="workers call glibc mallopt(M_MMAP_THRESHOLD, N) first, e.g. 131072 (default: off, as in training)",
+        default=WORKER_MMAP_THRESHOLD,
+        help="workers call glibc mallopt(M_MMAP_THRESHOLD, N) first, as training's loader does (default "
+        f"{WORKER_MMAP_THRESHOLD}); 0 = glibc's dynamic default, the A/B",
     )
     p.add_argument("--work-dir", default=None, help="generated files (kept); default: a temp dir, removed after")
     p.add_argument("--json", default=None, help="write results here")
@@ -77,8 +81,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.workers < 0:
         p.error("--workers must be >= 0")
-    if args.mmap_threshold is not None and args.mmap_threshold < 1:
-        p.error("--mmap-threshold must be a size in bytes >= 1, e.g. 131072")
+    if args.mmap_threshold < 0:
+        p.error("--mmap-threshold must be a size in bytes (e.g. 131072) or 0 for glibc's default")
     if args.image_size % 32:
         p.error("--image-size must be a multiple of 32 (the student's largest stride)")
     return args
@@ -123,15 +127,6 @@ def generate(work: Path, n_files: int, images: str, n_real: int) -> tuple[Path, 
     list_file.write_text("\n".join(names) + "\n")  # relative entries: resolved against the list's folder
     marker.write_text(json.dumps({"files": n_files}))
     return list_file, time.perf_counter() - t0
-
-
-def fixed_mmap_threshold(n_bytes: int, worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: glibc ``mallopt(M_MMAP_THRESHOLD, n_bytes)`` (also ends its dynamic threshold)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "mallopt") or libc.mallopt(-3, n_bytes) != 1:  # -3: M_MMAP_THRESHOLD; 1 means success
-        raise RuntimeError(f"worker {worker_id}: mallopt(M_MMAP_THRESHOLD, {n_bytes}) failed (glibc only)")
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -199,7 +194,7 @@ def run(argv: list[str] | None = None) -> dict:
             drop_last=True,
             persistent_workers=args.workers > 0,
             prefetch_factor=4 if args.workers > 0 else None,
-            worker_init_fn=functools.partial(fixed_mmap_threshold, args.mmap_threshold)
+            worker_init_fn=functools.partial(fix_worker_heap, n_bytes=args.mmap_threshold)
             if args.mmap_threshold
             else None,
         )

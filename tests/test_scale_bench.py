@@ -24,7 +24,7 @@ def test_scale_benchmark_lists_every_generated_file_and_measures_pss(tmp_path, c
     make_images(tmp_path / "real", 3)
     work, out = tmp_path / "work", tmp_path / "scale.json"
     argv = ["--files", "2000", "--steps", "3", "--workers", "1", "--batch-size", "4", "--image-size", "64"]
-    argv += ["--warmup", "2", "--mmap-threshold", "131072"]  # the A/B switch: a fixed glibc mmap threshold
+    argv += ["--warmup", "2"]  # default --mmap-threshold: training's fixed glibc mmap threshold
     result = scale.run([*argv, "--images", str(tmp_path / "real"), "--work-dir", str(work), "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     # run() raises unless all 2,000 entries were listed: distinct names, not deduplicated as links to 3 files

@@ -20,7 +20,14 @@ from torch.utils.data import DataLoader
 from backbone_kd.pretrain.cache import CachedTargets, prepare_teacher_cache
 from backbone_kd.pretrain.checkpoints import TrainState, resolve_resume, save_checkpoint
 from backbone_kd.pretrain.config import OFF, PretrainConfig, resolution_switches
-from backbone_kd.pretrain.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate, first_readable
+from backbone_kd.pretrain.data import (
+    AugmentConfig,
+    ShardedInfiniteSampler,
+    UnlabeledImages,
+    collate,
+    first_readable,
+    fix_worker_heap,
+)
 from backbone_kd.pretrain.ema import StudentEMA
 from backbone_kd.pretrain.loss import DistillationLoss, pair_levels
 from backbone_kd.pretrain.metrics import MetricsLogger
@@ -174,6 +181,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             drop_last=True,
             persistent_workers=cfg.workers > 0,
             prefetch_factor=4 if cfg.workers > 0 else None,
+            worker_init_fn=fix_worker_heap if cfg.workers > 0 else None,
         )
 
     create_run_dir(run_dir, accelerator)  # only now: a start that failed above leaves no folder (and no name2) behind
