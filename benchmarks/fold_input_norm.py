@@ -10,7 +10,11 @@ writes the backbone with the normalisation folded in, for the probe to score wha
 
 (exact away from the image border; zero padding of the normalised image is padding with ``mean`` in [0, 1] units).
 
-    python benchmarks/fold_input_norm.py IN.safetensors OUT.safetensors
+    python benchmarks/fold_input_norm.py IN.safetensors OUT.safetensors [--inverse]
+
+``--inverse`` does the opposite, to test the explanation: a backbone trained on [0, 1] images is made to see what
+lightly-train's sees in the probe (its [0, 1] training input x arrives as ``x * std + mean``), i.e. ``fold`` with
+mean ``-mean / std`` and std ``1 / std``.
 """
 
 from __future__ import annotations
@@ -45,13 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument("--inverse", action="store_true", help="impose the mismatch instead of removing it")
     args = p.parse_args(argv)
     if Path(args.dst).exists():
         raise SystemExit(f"{args.dst} exists; choose a new output path (inputs are never overwritten)")
     with safe_open(args.src, "pt") as f:  # raw: keep every tensor and the metadata strings as they are
         state, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
-    meta["folded_input_norm"] = json.dumps({"mean": IMAGENET_MEAN, "std": IMAGENET_STD})
-    atomic_save_safetensors(fold(state), args.dst, metadata=meta, overwrite=False)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if args.inverse:
+        mean, std = tuple(-m / s for m, s in zip(mean, std)), tuple(1 / s for s in std)
+    meta["folded_input_norm"] = json.dumps({"mean": mean, "std": std})
+    atomic_save_safetensors(fold(state, mean, std), args.dst, metadata=meta, overwrite=False)
     print(f"wrote {args.dst}")
     return 0
 

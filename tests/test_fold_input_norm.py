@@ -24,3 +24,14 @@ def test_folded_first_layer_matches_away_from_the_border() -> None:
     got = layer(x)
     assert torch.allclose(got[..., 1:-1, 1:-1], want[..., 1:-1, 1:-1], atol=1e-4)
     assert not torch.allclose(got[..., :1, :], want[..., :1, :], atol=1e-4)  # the border is where padding differs
+
+
+def test_inverse_fold_undoes_the_fold() -> None:
+    fold = bench("fold_input_norm")
+    model = DetectionModel("yolov8n.yaml", verbose=False)
+    state = {f"model.0.{k}": v for k, v in model.model[0].state_dict().items()}
+    inverse_mean = tuple(-m / s for m, s in zip(fold.IMAGENET_MEAN, fold.IMAGENET_STD))
+    inverse_std = tuple(1 / s for s in fold.IMAGENET_STD)
+    back = fold.fold(fold.fold(state), inverse_mean, inverse_std)
+    for key in ("model.0.conv.weight", "model.0.bn.running_mean"):
+        assert torch.allclose(back[key], state[key], atol=1e-5)
