@@ -425,3 +425,27 @@ def test_mixup_and_affinity_run_and_mixup_refuses_the_cache(image_dir, tmp_path)
     assert {"aff_p3", "aff_p4", "aff_p5"} <= set(row)
     with pytest.raises(ValueError, match="mixup"):
         build_config(tiny_pretrain_args(image_dir, tmp_path / "c", mixup="true", teacher_cache="auto"))
+
+
+def test_student_input_imagenet_feeds_normalised_images(image_dir, tmp_path, monkeypatch) -> None:
+    """``student_input=imagenet`` (lightly-train's convention, an A/B): the student sees (x - mean) / std, the
+    teacher the same view (it normalises on its own), and the backbone file says which inputs its BN expects."""
+    from backbone_kd.pretrain.projector import DistillStudent
+    from backbone_kd.pretrain.setup import student_view
+
+    x = torch.rand(2, 3, 8, 8)
+    assert student_view(x, "unit") is x
+    assert torch.allclose(student_view(x, "imagenet")[:, 0], (x[:, 0] - 0.485) / 0.229)
+    seen = []
+    forward = DistillStudent.forward
+
+    def spy(self, inputs):
+        seen.append(float(inputs.min()))
+        return forward(self, inputs)
+
+    monkeypatch.setattr(DistillStudent, "forward", spy)
+    run = pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path, steps=2, student_input="imagenet")))
+    assert seen and min(seen) < -0.5  # [0, 1] images normalised: min (0 - 0.485) / 0.229 = -2.1
+    assert read_backbone_file(run / "backbone.safetensors")[1]["student_input"] == "imagenet"
+    with pytest.raises(ValueError, match="student_input must be unit or imagenet"):
+        build_config(["student_input=bgr"])

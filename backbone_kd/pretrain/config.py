@@ -116,6 +116,11 @@ class PretrainConfig:
     affinity_weight: float = _f(0.0, "weight of the token-affinity KL per level (lightly-train v3's local loss)")
     affinity_temperature: float = _f(0.07, "softmax temperature of the token-affinity KL")
     mixup: bool = _f(False, "mix each batch with a shuffled copy of itself (lambda ~ U(0, 1)); online teacher only")
+    student_input: str = _f(
+        "unit",
+        "unit: the student sees [0, 1] images, as ultralytics feeds them; imagenet: ImageNet-normalised images, as "
+        "lightly-train trains its student (an A/B: the exported BN statistics then do not match YOLO's inputs)",
+    )
     # data
     image_size: int = _f(224, "square training size; a multiple of the teacher patch size and 32")
     image_size_schedule: Any = _f(
@@ -355,6 +360,9 @@ def _check_values(cfg: PretrainConfig) -> None:
     need(0 <= cfg.min_lr_ratio <= 1, f"min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
     need(cfg.affinity_temperature > 0, f"affinity_temperature={cfg.affinity_temperature} must be > 0 (e.g. 0.07)")
     need(cfg.global_temperature > 0, f"global_temperature={cfg.global_temperature} must be > 0 (e.g. 0.07)")
+    need(
+        cfg.student_input in ("unit", "imagenet"), f"student_input must be unit or imagenet, got {cfg.student_input!r}"
+    )
     need(cfg.global_loss in ("cosine", "queue"), f"global_loss must be cosine or queue, got {cfg.global_loss!r}")
     queue = cfg.global_queue_size
     need(

@@ -42,6 +42,7 @@ from backbone_kd.pretrain.setup import (
     image_counts,
     make_accelerator,
     resolve_run_dir,
+    student_view,
     teacher_dtype,
     teacher_input,
     write_run_config,
@@ -223,7 +224,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 t_feats, t_global = encode(teacher_input(x, teacher, t_dtype))
         with accelerator.accumulate(module):
             with accelerator.autocast():
-                s_feats, s_global = module(x)
+                s_feats, s_global = module(student_view(x, cfg.student_input))
             loss, logs = criterion(s_feats, t_feats, s_global, t_global)
             accelerator.backward(loss)
             if accelerator.sync_gradients:

@@ -218,6 +218,19 @@ def teacher_input(x: torch.Tensor, teacher: nn.Module, dtype: torch.dtype) -> to
     return x.to(dtype=dtype, memory_format=torch.contiguous_format)
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def student_view(x: torch.Tensor, student_input: str) -> torch.Tensor:
+    """What the student is fed: (B, 3, H, W) [0, 1] images as they are (``unit``, YOLO's convention) or
+    ImageNet-normalised (``imagenet``, lightly-train's; the exported BN statistics then expect normalised inputs)."""
+    if student_input == "unit":
+        return x
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def build_optimizer(module: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW without weight decay on norms and biases (1-D tensors); fused kernels wherever torch has them.
 
@@ -331,6 +344,7 @@ def export_outputs(
         "taps": backbone.taps,
         "image_size": cfg.image_size,
         "image_size_schedule": cfg.image_size_schedule,
+        "student_input": cfg.student_input,  # "imagenet": the BN statistics expect ImageNet-normalised inputs
         "steps": state.step,
         "final_loss": final.get("loss"),
         "final_metrics": final,
