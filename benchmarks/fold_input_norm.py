@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from backbone_kd.io_utils import atomic_save_safetensors
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # what lightly-train normalises with
 
 
 def fold(state: dict[str, torch.Tensor], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict[str, torch.Tensor]:

@@ -218,17 +218,24 @@ def teacher_input(x: torch.Tensor, teacher: nn.Module, dtype: torch.dtype) -> to
     return x.to(dtype=dtype, memory_format=torch.contiguous_format)
 
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def student_view(x: torch.Tensor, student_input: str) -> torch.Tensor:
     """What the student is fed: (B, 3, H, W) [0, 1] images as they are (``unit``, YOLO's convention) or
     ImageNet-normalised (``imagenet``, lightly-train's; the exported BN statistics then expect normalised inputs)."""
     if student_input == "unit":
         return x
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean, std = _imagenet_constants(x.device, x.dtype)
     return (x - mean) / std
+
+
+@functools.cache
+def _imagenet_constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean / std as (1, 3, 1, 1) tensors, built once per device and dtype (not a host copy every step)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return tuple(
+        torch.tensor(v, device=device, dtype=dtype).view(1, 3, 1, 1)
+        for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    )
 
 
 def build_optimizer(module: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from backbone_kd.pretrain.teacher_weights import create_timm_model, is_vit_name
@@ -95,7 +96,7 @@ class ViTTeacher(FrozenTeacher):
         per_level: bool = False,
     ) -> None:
         cfg = getattr(model, "pretrained_cfg", {}) or {}
-        super().__init__(cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)))
+        super().__init__(cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
         self.model = model
         n_blocks = len(model.blocks)
         self.indices = list(indices) if indices else list(range(n_blocks - last_k, n_blocks))
@@ -128,7 +129,7 @@ class TimmCNNTeacher(FrozenTeacher):
 
     def __init__(self, model: nn.Module) -> None:
         cfg = getattr(model, "pretrained_cfg", {}) or {}
-        super().__init__(cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)))
+        super().__init__(cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
         self.model = model
         self.channels = list(model.feature_info.channels())
         self.strides = list(model.feature_info.reduction())
