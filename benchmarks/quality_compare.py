@@ -69,6 +69,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-imgsz", type=int, default=160)
     p.add_argument("--det-epochs", type=int, default=30)
     p.add_argument("--det-imgsz", type=int, default=160)
+    p.add_argument(
+        "--det-single-cls",
+        action="store_true",
+        help="class-agnostic detection probe (every box one class; results kept apart from the 80-class ones)",
+    )
     p.add_argument("--skip-det", action="store_true", help="k-NN / linear probes only")
     p.add_argument(
         "--ft-epochs",
@@ -312,17 +317,24 @@ def main(argv: list[str] | None = None) -> int:
         from backbone_kd.probe.detection import DetProbeSettings, build_probe_model, train_probe
         from backbone_kd.probe.yolo_data import mirror_dataset
 
-        settings = DetProbeSettings(epochs=args.det_epochs, imgsz=args.det_imgsz, seeds=tuple(args.seeds))
+        settings = DetProbeSettings(
+            epochs=args.det_epochs, imgsz=args.det_imgsz, seeds=tuple(args.seeds), single_cls=args.det_single_cls
+        )
+        # The 80-class probe at its defaults keeps its original file names (finished runs stay reusable); any other
+        # schedule gets its own tag so results of two protocols never mix.
+        default = (args.det_epochs, args.det_imgsz, args.det_single_cls) == (30, 160, False)
+        dtag = "" if default else f"{'agn' if args.det_single_cls else 'c80'}{args.det_epochs}e{args.det_imgsz}_"
         local = mirror_dataset(data_yaml, work / "det" / "data")
         for name in names:
             finals, bests = [], []
             for seed, spec in backbones[name]:
-                done = work / "det" / f"{name}_s{seed}.json"
+                done = work / "det" / f"{name}_{dtag}s{seed}.json"
                 if not done.is_file():
+                    nc = 1 if args.det_single_cls else 80
                     model = build_probe_model(
-                        spec, "yolov8n.yaml", 80, seed, work / "det" / "models" / f"{name}_s{seed}.pt"
+                        spec, "yolov8n.yaml", nc, seed, work / "det" / "models" / f"{name}_{dtag}s{seed}.pt"
                     )
-                    rows = train_probe(model, local, settings, seed, work / "det" / "runs", f"{name}_s{seed}")
+                    rows = train_probe(model, local, settings, seed, work / "det" / "runs", f"{name}_{dtag}s{seed}")
                     atomic_write_text(json.dumps(rows), done)
                 rows = json.loads(done.read_text())
                 finals.append(rows[-1])
@@ -409,6 +421,11 @@ def markdown(out: dict) -> str:
             else "on the val crops"
         )
         + f". Images seen per pretraining run: {out['images_seen']}."
+    )
+    st = out["settings"]
+    lines.append(
+        f"Detection probe: frozen backbone, {'class-agnostic' if st.get('det_single_cls') else '80-class'}, "
+        f"{st.get('det_epochs')} epochs at {st.get('det_imgsz')} px on the coco128 split."
     )
     return "\n".join(lines)
 

@@ -172,6 +172,18 @@ def test_detection_probe_trains_on_the_injected_frozen_backbone(tmp_path: Path) 
     assert not torch.allclose(trained.state_dict()[head].float(), source.state_dict()[head].float(), atol=1e-3)
 
 
+def test_class_agnostic_detection_probe_trains_one_class(tmp_path: Path) -> None:
+    """``single_cls``: the head is built for one class and every box of the 2-class set counts as that class."""
+    from backbone_kd.probe.detection import DetProbeSettings, detection_probe
+
+    data = make_shapes_dataset(tmp_path / "shapes", n_train=4, n_val=2, size=64)
+    settings = DetProbeSettings(epochs=1, imgsz=64, batch=2, seeds=(0,), mosaic=0.0, single_cls=True)
+    out = detection_probe({"rand": "yolov8n.yaml"}, data, tmp_path / "det", settings)
+    assert out["settings"]["single_cls"] is True and len(out["backbones"]["rand"]["runs"][0]["rows"]) == 1
+    trained = load_yolo_model(str(tmp_path / "det" / "runs" / "rand_s0" / "weights" / "last.pt"))
+    assert trained.model[-1].nc == 1
+
+
 def test_cross_validation_scores_every_sample_and_keeps_groups_together() -> None:
     from backbone_kd.probe.classify import cv_probe_scores
 

@@ -91,3 +91,37 @@ def test_manifest_yaml_syntax_error_is_one_line(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"m\.yaml: not valid YAML \(.* at line 2, column 1\)") as err:
         resolve_image_sources(str(tmp_path / "m.yaml"))
     assert "\n" not in str(err.value)
+
+
+def test_list_entries_keep_pathlib_spelling_and_rules(tmp_path, monkeypatch) -> None:
+    """The fast list path (no Path per line) yields exactly the strings pathlib gave: the cache fingerprint hashes them.
+
+    Lines in every spelling pathlib normalises, a link, a folder, a nested list, a missing entry, a duplicate.
+    """
+    from pathlib import Path
+
+    make_images(tmp_path / "imgs" / "sub", 2)
+    make_images(tmp_path / "more", 1, suffix=".png")
+    (tmp_path / "imgs" / "link.jpg").symlink_to(tmp_path / "more" / "img_000.png")
+    (tmp_path / "inner.txt").write_text("imgs/sub/img_001.jpg\n")
+    lines = [
+        "imgs/sub/img_000.jpg",
+        "./imgs/sub/img_001.jpg",
+        "imgs//sub/./img_000.jpg",  # the same file again, spelled otherwise: dropped
+        str(tmp_path / "more" / "img_000.png"),
+        "imgs/link.jpg",  # a link to a listed file: dropped
+        "more",  # a folder
+        "inner.txt",  # a nested list
+        "missing.jpg",
+    ]
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    # The reference: every line through pathlib, as the listing did before it had a fast path.
+    want = [str(p if p.is_absolute() else tmp_path / p) for p in map(Path, lines[:2] + lines[3:4])]
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        resolve_image_sources(str(tmp_path / "list.txt"))
+    (tmp_path / "list.txt").write_text("\n".join(lines[:-1]) + "\n")
+    got = resolve_image_sources(str(tmp_path / "list.txt"))
+    assert list(got) == want
+    # Relative to the working directory: a list in "." joins no prefix, as Path(".") / line does.
+    monkeypatch.chdir(tmp_path)
+    assert list(resolve_image_sources("list.txt")) == ["imgs/sub/img_000.jpg", "imgs/sub/img_001.jpg", want[2]]

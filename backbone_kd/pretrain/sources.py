@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -114,11 +115,13 @@ class _Listing:
                 self.skip(path, f"dangling link to {printable(os.readlink(path))}")
                 return
         else:
-            head, tail = os.path.split(path)
+            head, sep, tail = path.rpartition("/")
+            if not head or head.endswith("/"):  # "a", "/a", "a//b": os.path's rules (the common case is cheaper)
+                head, tail = os.path.split(path)
             real_head = self._real_dirs.get(head)
             if real_head is None:
                 real_head = self._real_dirs[head] = os.path.realpath(head)
-            key = os.path.join(real_head, tail)
+            key = f"{real_head}/{tail}" if real_head != "/" else f"/{tail}"
         if key not in self._keys:
             self._keys.add(key)
             self.paths.append(path)
@@ -146,20 +149,57 @@ def _walk_images(root: str, listing: _Listing) -> None:
             if is_dir:
                 if not entry.name.startswith("."):
                     subdirs.append(entry.path)
-            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:  # = Path(name).suffix, without a Path
                 listing.add_file(entry.path, entry.is_symlink())
         stack.extend(reversed(subdirs))  # depth-first in sorted order, as os.walk walked
 
 
+def _is_pathlib_normal(s: str) -> bool:
+    """True when ``str(Path(s)) == s``: no empty or ``.`` parts, no trailing slash, no leading ``~``.
+
+    The listed strings feed the teacher cache's fingerprint, so they must stay exactly what pathlib made of them
+    (``a//b`` -> ``a/b``, ``./a`` -> ``a``); checking that a line is already in that form costs a few substring tests,
+    where building a ``Path`` per line was most of the time of listing millions of files.
+    """
+    return (
+        bool(s)
+        and "//" not in s
+        and "/./" not in s
+        and not s.startswith("./")
+        and not s.endswith(("/", "/."))
+        and s != "."
+    )
+
+
 def _read_list_file(path: Path) -> list[str]:
+    """The entries of a ``.txt`` list as ``str(Path)`` strings; relative ones joined to the list's folder."""
     out: list[str] = []
+    base = str(path.parent)
+    prefix = "" if base == "." else base if base.endswith("/") else base + "/"
     # surrogateescape: a line that is not UTF-8 names a file we skip and count, it does not abort the whole list
     for line in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
         line = line.strip()
-        if line and not line.startswith("#"):
+        if not line or line.startswith("#"):
+            continue
+        if _is_pathlib_normal(line):  # the common case, same string as the general rule below
+            out.append(line if line.startswith("/") else prefix + line)
+        else:
             p = Path(line)
             out.append(str(p if p.is_absolute() else path.parent / p))
     return out
+
+
+def _expand_listed(entry: str, depth: int, listing: _Listing) -> None:
+    """One entry of a list or manifest: a single ``lstat`` when it is a plain image file, else :func:`_expand`."""
+    if not entry.startswith("~"):
+        try:
+            mode = os.lstat(entry).st_mode
+        except OSError:
+            mode = 0
+        if stat.S_ISREG(mode) and os.path.splitext(entry)[1].lower() not in LIST_SUFFIXES | MANIFEST_SUFFIXES:
+            listing.add_file(entry, is_link=False)
+            return
+    _expand(entry, depth + 1, listing)
 
 
 def _read_manifest(path: Path) -> list[str]:
@@ -195,10 +235,10 @@ def _expand(source: str, depth: int, listing: _Listing) -> None:
         suffix = path.suffix.lower()
         if suffix in LIST_SUFFIXES:
             for entry in _read_list_file(path):
-                _expand(entry, depth + 1, listing)
+                _expand_listed(entry, depth, listing)
         elif suffix in MANIFEST_SUFFIXES:
             for entry in _read_manifest(path):
-                _expand(entry, depth + 1, listing)
+                _expand_listed(entry, depth, listing)
         else:  # any other file is taken as an image; if it is not one, the dataset skips and counts it
             listing.add_file(str(path))
         return
