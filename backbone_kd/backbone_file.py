@@ -4,6 +4,9 @@ A backbone is the first ``len(model.yaml["backbone"])`` layers of an ultralytics
 their tensors under the keys ``model.state_dict()`` uses (``"model.{i}.…"``: parameters *and* buffers, so BatchNorm
 running statistics travel too) and string metadata, each value JSON-encoded. ``format`` identifies the file; the
 other keys record what the backbone is (``student_yaml``, ``layers``) and where it came from (``teacher``, ``steps``…).
+
+A run with ``distill_neck=true`` writes the neck too: layers ``0 .. n_layers - 1`` (everything before the head), with
+``"neck": true`` and ``n_layers`` in the metadata. Files without a ``neck`` key (older versions) hold the backbone only.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from backbone_kd.io_utils import atomic_save_safetensors
 
 FORMAT = "backbone_kd.backbone/1"
 # Written by write_backbone_file itself; a caller may pass them only with the value we would write anyway.
-RESERVED_KEYS = ("format", "student_yaml", "n_backbone_layers", "layers", "backbone_kd_version")
+RESERVED_KEYS = ("format", "student_yaml", "n_backbone_layers", "n_layers", "neck", "layers", "backbone_kd_version")
 
 
 def _detection_model(model: Any) -> nn.Module:
@@ -49,6 +52,19 @@ def layer_index(key: str) -> int | None:
     """``"model.3.conv.weight"`` -> 3; None for keys outside ``model.model`` (which detectors do not have)."""
     parts = key.split(".")
     return int(parts[1]) if len(parts) > 2 and parts[0] == "model" and parts[1].isdigit() else None
+
+
+def file_holds_neck(meta: dict[str, Any]) -> bool:
+    """Whether a backbone file's metadata says it carries the neck too (old files have no ``neck`` key: backbone)."""
+    return meta.get("neck") is True
+
+
+def contents_label(meta: dict[str, Any]) -> str:
+    """``"backbone + neck (layers 0–21)"`` or ``"backbone (layers 0–9)"`` from a backbone file's metadata."""
+    layers = meta.get("layers") or []
+    last = meta["n_layers"] - 1 if isinstance(meta.get("n_layers"), int) else layers[-1] if layers else None
+    span = f" (layers 0–{last})" if last is not None else ""
+    return ("backbone + neck" if file_holds_neck(meta) else "backbone") + span
 
 
 def backbone_state_dict(model: Any, n_layers: int | None = None) -> dict[str, torch.Tensor]:
@@ -91,7 +107,9 @@ def write_backbone_file(
         path: Destination file, conventionally ``backbone.safetensors``.
         metadata: Extra provenance (teacher, image_size, steps, final_loss, taps, source_run…); any JSON-able values.
             ``created`` may be given to override the timestamp; the keys in ``RESERVED_KEYS`` are computed here.
-        n_layers: Number of leading layers to export; defaults to the whole backbone.
+        n_layers: Number of leading layers to export; defaults to the whole backbone. More than the backbone (the
+            student's ``export_layers`` with ``distill_neck``) exports the neck too and records ``"neck": true``;
+            the head (last layer) is never exported.
         overwrite: If False, refuse to replace an existing file (``FileExistsError``).
 
     Returns:
@@ -100,13 +118,22 @@ def write_backbone_file(
     from backbone_kd import __version__
 
     inner = _detection_model(model)
-    tensors = backbone_state_dict(inner, n_layers)
+    n_backbone = backbone_layer_count(inner)
+    if n_layers is not None and int(n_layers) >= len(inner.model):
+        # The head is rebuilt for each dataset's classes by inject-backbone / the probe: it never travels in the file.
+        raise ValueError(f"n_layers={n_layers} would export the head (layer {len(inner.model) - 1}); at most the neck")
+    n = n_backbone if n_layers is None else int(n_layers)
+    tensors = backbone_state_dict(inner, n)
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    # Layers that hold tensors: parameter-free neck layers (Upsample, Concat) have none, so a neck file's list has gaps.
     layers = sorted({layer_index(k) for k in tensors})
     fixed = {
         "format": FORMAT,
         "student_yaml": inner.yaml,
-        "n_backbone_layers": len(layers),
+        "n_backbone_layers": len([i for i in layers if i < n_backbone]),
+        "n_layers": n,  # the file covers layers 0 .. n-1
+        # from what is written, not passed in: a file cannot claim a neck it does not hold
+        "neck": n > n_backbone,
         "layers": layers,
         "backbone_kd_version": __version__,
     }
@@ -167,9 +194,42 @@ def read_backbone_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
 
 
 def check_backbone_fits(
-    tensors: dict[str, torch.Tensor], target_sd: dict[str, torch.Tensor], weights: str | os.PathLike, into: str
+    tensors: dict[str, torch.Tensor],
+    target_sd: dict[str, torch.Tensor],
+    weights: str | os.PathLike,
+    into: str,
+    meta: dict[str, Any] | None = None,
 ) -> None:
-    """Raise ValueError naming the first key (in layer order) that is missing or has another shape in the target."""
+    """Raise ValueError naming the first key (in layer order) that is missing or has another shape in the target.
+
+    Backbone and neck tensors are checked alike (every file key must exist in the target with the same shape, and
+    every target key of a layer the file touches must be in the file). Two more guard neck files: no file layer may
+    reach the target's head (its last layer, built for the target's own classes; a neck distilled for a deeper model
+    could otherwise match some shapes by chance), and a file whose metadata says ``"neck": true`` must hold tensors
+    past the backbone (else it was damaged or hand-edited).
+
+    Args:
+        tensors: ``{"model.{i}.…": tensor}`` read from the file.
+        target_sd: ``state_dict()`` of the model to inject into.
+        weights / into: Names for the messages.
+        meta: The file's metadata (:func:`read_backbone_file`); None skips the metadata check.
+    """
+    file_layers = {layer_index(k) for k in tensors}
+    target_layers = {layer_index(k) for k in target_sd} - {None}
+    head = max(target_layers) if target_layers else None
+    if head is not None and max(file_layers) >= head:
+        raise ValueError(
+            f"backbone {weights} does not fit {into}: the file holds layer {max(file_layers)} but the target's head is "
+            f"layer {head} (its neck ends at layer {head - 1}); the neck was distilled for a deeper model, inject it "
+            "into the model it was trained for"
+        )
+    if meta is not None and file_holds_neck(meta):
+        n_backbone = meta.get("n_backbone_layers")
+        if isinstance(n_backbone, int) and max(file_layers) < n_backbone:
+            raise ValueError(
+                f"backbone {weights} says it holds the neck but has no tensor past backbone layer {n_backbone - 1}; "
+                "the file is damaged, re-export it"
+            )
     order = {k: i for i, k in enumerate(target_sd)}
     for key in sorted(tensors, key=lambda k: (layer_index(k), order.get(k, len(order)), k)):
         if key not in target_sd:

@@ -1,5 +1,8 @@
 """``inject-backbone`` / ``bkd inject``: write a distilled backbone into a YOLO model, verified tensor by tensor.
 
+A file written with ``distill_neck=true`` carries the neck too (layers up to the head); its neck tensors are written
+and verified exactly like the backbone ones, and only the head keeps the target's weights.
+
 The output is laid out like ultralytics' stripped release files: the module under ``"model"``, ``"ema": None``
 (``load_checkpoint`` prefers a non-empty ``ema``, which would shadow the injected weights), ``"epoch": -1`` (not
 resumable), ``train_args`` without ``resume``/``pretrained``/``freeze``; provenance under ``ckpt["backbone_kd"]``.
@@ -26,7 +29,13 @@ import torch
 import yaml
 from torch import nn
 
-from backbone_kd.backbone_file import check_backbone_fits, layer_index, read_backbone_file
+from backbone_kd.backbone_file import (
+    check_backbone_fits,
+    contents_label,
+    file_holds_neck,
+    layer_index,
+    read_backbone_file,
+)
 from backbone_kd.io_utils import atomic_path
 from backbone_kd.safe_load import UnsafeCheckpointError, load_yolo_checkpoint
 
@@ -52,16 +61,17 @@ class InjectReport:
     max_cast_error: float = 0.0
     transferred_into_new_head: int | None = None  # set when the head was rebuilt for another nc
     notes: list[str] = field(default_factory=list)
+    neck: bool = False  # the file carried the neck too (distill_neck=true): only the head was left untouched
 
     def __str__(self) -> str:
         meta = self.source_metadata
+        left = "head" if self.neck else "neck/head"
         lines = [
-            f"injected {self.tensors_copied} tensors (layers {self.layers_touched[0]}-{self.layers_touched[-1]}) "
-            f"from {self.weights} into {self.into}",
+            f"injected {self.tensors_copied} tensors ({contents_label(meta)}) from {self.weights} into {self.into}",
             f"  teacher: {meta.get('teacher', '?')}, steps: {meta.get('steps', '?')}, "
             f"run: {meta.get('source_run', '?')}",
             f"  target: nc={self.nc}, dtype={self.dtype} (max |cast error| {self.max_cast_error:.2e}), "
-            f"{len(self.untouched_keys)} neck/head tensors left as they were",
+            f"{len(self.untouched_keys)} {left} tensors left as they were",
         ]
         if self.transferred_into_new_head is not None:
             lines.append(f"  head rebuilt for nc={self.nc}: {self.transferred_into_new_head} tensors carried over")
@@ -191,7 +201,7 @@ def inject_backbone(
         into, nc, trust_pickle
     )  # architecture and dtype of the target decide the fit
     target_sd = model.state_dict()
-    check_backbone_fits(tensors, target_sd, weights, into)
+    check_backbone_fits(tensors, target_sd, weights, into, meta)
 
     with torch.no_grad():
         for key, value in tensors.items():
@@ -206,7 +216,10 @@ def inject_backbone(
         p.requires_grad_(False)
 
     layers, n_target = sorted({layer_index(k) for k in tensors}), len(model.yaml["backbone"])
-    notes = [] if layers == list(range(n_target)) else [f"file has layers {layers}; target backbone: {n_target}"]
+    neck = file_holds_neck(meta)
+    # a neck file covers the backbone and more (with gaps where neck layers hold no tensors): nothing to note
+    whole = layers[:n_target] == list(range(n_target)) if neck else layers == list(range(n_target))
+    notes = [] if whole else [f"file has layers {layers}; target backbone: {n_target}"]
     now = datetime.now().astimezone().isoformat(timespec="seconds")
     provenance = {
         "format": INJECT_FORMAT,
@@ -218,6 +231,7 @@ def inject_backbone(
         "nc": int(model.model[-1].nc),
         "tensors_copied": len(tensors),
         "layers": layers,
+        "neck": neck,
         "head_rebuilt": transferred is not None,
         "source": meta,
     }
@@ -251,6 +265,7 @@ def inject_backbone(
         max_cast_error=cast_err,
         transferred_into_new_head=transferred,
         notes=notes,
+        neck=neck,
     )
     if verbose:
         print(report)
@@ -280,7 +295,8 @@ def describe(path: str | Path, trust_pickle: bool = False) -> str:
     if path.suffix == ".safetensors":
         tensors, meta = read_backbone_file(path)
         return "\n".join(
-            [f"{path}: backbone export, {len(tensors)} tensors"] + [_fmt(k, v) for k, v in sorted(meta.items())]
+            [f"{path}: {contents_label(meta)} export, {len(tensors)} tensors"]
+            + [_fmt(k, v) for k, v in sorted(meta.items())]
         )
     if path.suffix != ".pt" or not path.is_file():
         raise FileNotFoundError(f"--info {path}: pass an existing backbone .safetensors or a .pt checkpoint")
@@ -292,6 +308,8 @@ def describe(path: str | Path, trust_pickle: bool = False) -> str:
     if not prov:
         return "\n".join([*head, "  no backbone_kd provenance (no backbone was injected by backbone_kd)"])
     source = prov.get("source", {})
+    # what was injected, from the source metadata: checkpoints injected before neck files existed say "backbone"
+    head.append(f"  injected: {contents_label(source)}")
     lines = [*head, "backbone_kd provenance:"] + [_fmt(k, v) for k, v in prov.items() if k != "source"]
     return "\n".join([*lines, "source backbone metadata:"] + [_fmt(k, v) for k, v in source.items()])
 

@@ -70,6 +70,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--det-epochs", type=int, default=30)
     p.add_argument("--det-imgsz", type=int, default=160)
     p.add_argument(
+        "--det-freeze",
+        choices=("backbone", "neck"),
+        default="backbone",
+        help="detection probe: freeze the backbone (train neck + head) or backbone + neck (train the head; for "
+        "distill_neck=true rows, whose neck is loaded)",
+    )
+    p.add_argument(
         "--det-single-cls",
         action="store_true",
         help="class-agnostic detection probe (every box one class; results kept apart from the 80-class ones)",
@@ -149,9 +156,16 @@ def run_ours(name: str, args: argparse.Namespace, seed: int, work: Path, weights
 
     run = work / "runs" / f"{name}_s{seed}"
     if not (run / "backbone.safetensors").is_file():
+        cfg = ours_config(name, args, seed, work, weights, extra)
+        # A run killed part way (a session ended) continues from its last checkpoint; its wall time then covers only
+        # the last part, so it is not reported.
+        resumed = any((run / "checkpoints").glob("step_*"))
+        if resumed:
+            cfg["resume"] = True
         t0 = time.perf_counter()
-        pretrain(build_config(**ours_config(name, args, seed, work, weights, extra)))
-        (run / "bench_wall.json").write_text(json.dumps({"wall_s": time.perf_counter() - t0}))
+        pretrain(build_config(**cfg))
+        wall_s = None if resumed else time.perf_counter() - t0
+        (run / "bench_wall.json").write_text(json.dumps({"wall_s": wall_s, "resumed": resumed}))
     wall = json.loads((run / "bench_wall.json").read_text())["wall_s"] if (run / "bench_wall.json").is_file() else None
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     last = rows[-1] if rows else {}
@@ -318,12 +332,18 @@ def main(argv: list[str] | None = None) -> int:
         from backbone_kd.probe.yolo_data import mirror_dataset
 
         settings = DetProbeSettings(
-            epochs=args.det_epochs, imgsz=args.det_imgsz, seeds=tuple(args.seeds), single_cls=args.det_single_cls
+            epochs=args.det_epochs,
+            imgsz=args.det_imgsz,
+            seeds=tuple(args.seeds),
+            single_cls=args.det_single_cls,
+            freeze=args.det_freeze,
         )
         # The 80-class probe at its defaults keeps its original file names (finished runs stay reusable); any other
         # schedule gets its own tag so results of two protocols never mix.
-        default = (args.det_epochs, args.det_imgsz, args.det_single_cls) == (30, 160, False)
+        protocol = (args.det_epochs, args.det_imgsz, args.det_single_cls, args.det_freeze)
+        default = protocol == (30, 160, False, "backbone")
         dtag = "" if default else f"{'agn' if args.det_single_cls else 'c80'}{args.det_epochs}e{args.det_imgsz}_"
+        dtag += "headonly_" if args.det_freeze == "neck" else ""
         local = mirror_dataset(data_yaml, work / "det" / "data")
         for name in names:
             finals, bests = [], []
@@ -424,7 +444,8 @@ def markdown(out: dict) -> str:
     )
     st = out["settings"]
     lines.append(
-        f"Detection probe: frozen backbone, {'class-agnostic' if st.get('det_single_cls') else '80-class'}, "
+        f"Detection probe: frozen {'backbone + neck' if st.get('det_freeze') == 'neck' else 'backbone'}, "
+        f"{'class-agnostic' if st.get('det_single_cls') else '80-class'}, "
         f"{st.get('det_epochs')} epochs at {st.get('det_imgsz')} px on the coco128 split."
     )
     return "\n".join(lines)

@@ -107,3 +107,44 @@ def test_check_fits_names_key_and_shapes():
         check_backbone_fits({"model.0.x": torch.ones(1)}, target, "f", "t")
     with pytest.raises(ValueError, match=r"target key 'model.0.b' \(shape \(2,\)\) of layer 0 is missing"):
         check_backbone_fits({"model.0.w": torch.ones(2, 3)}, target, "f", "t")
+
+
+def _strip_neck_keys(path, out):
+    """Rewrite a backbone file with the metadata an older backbone_kd wrote (no ``neck`` / ``n_layers`` keys)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in (f.metadata() or {}).items() if k not in ("neck", "n_layers")}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+def test_neck_file_holds_layers_up_to_the_head_and_says_so(yolo, tmp_path):
+    from backbone_kd.backbone_file import contents_label, file_holds_neck
+
+    tensors, meta = read_backbone_file(write_backbone_file(yolo, tmp_path / "neck.safetensors", n_layers=22))
+    full = yolo.model.state_dict()
+    assert sorted(tensors) == sorted(k for k in full if int(k.split(".")[1]) < 22)  # every neck tensor, no head
+    assert all(torch.equal(tensors[k], full[k].float() if full[k].is_floating_point() else full[k]) for k in tensors)
+    assert meta["neck"] is True and meta["n_layers"] == 22 and meta["n_backbone_layers"] == 10
+    assert meta["layers"][-1] == 21 and 10 not in meta["layers"]  # Upsample / Concat layers hold no tensors
+    assert file_holds_neck(meta) and contents_label(meta) == "backbone + neck (layers 0–21)"
+    _, plain = read_backbone_file(write_backbone_file(yolo, tmp_path / "bb.safetensors"))
+    assert plain["neck"] is False and plain["n_layers"] == 10 and contents_label(plain) == "backbone (layers 0–9)"
+    # A file from before neck distillation (no neck / n_layers keys) still reads, as a backbone-only file.
+    _, old = read_backbone_file(_strip_neck_keys(tmp_path / "bb.safetensors", tmp_path / "old.safetensors"))
+    assert "neck" not in old and not file_holds_neck(old) and contents_label(old) == "backbone (layers 0–9)"
+    with pytest.raises(ValueError, match="would export the head"):
+        write_backbone_file(yolo, tmp_path / "head.safetensors", n_layers=23)
+    with pytest.raises(ValueError, match="reserved"):
+        write_backbone_file(yolo, tmp_path / "c.safetensors", metadata={"neck": True})  # the file holds no neck
+
+
+def test_check_fits_refuses_a_neck_that_reaches_the_head_or_is_missing():
+    target = {"model.0.w": torch.zeros(2), "model.1.w": torch.zeros(2), "model.2.w": torch.zeros(2)}  # head: layer 2
+    check_backbone_fits({"model.0.w": torch.ones(2), "model.1.w": torch.ones(2)}, target, "f", "t", {"neck": True})
+    with pytest.raises(ValueError, match=r"the file holds layer 2 but the target's head is layer 2"):
+        check_backbone_fits({"model.2.w": torch.ones(2)}, target, "f", "t")
+    with pytest.raises(ValueError, match="says it holds the neck but has no tensor past backbone layer 1"):
+        check_backbone_fits({"model.0.w": torch.ones(2)}, target, "f", "t", {"neck": True, "n_backbone_layers": 2})

@@ -126,3 +126,26 @@ def test_training_loader_workers_pin_the_glibc_mmap_threshold(image_dir, tmp_pat
     monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
     data_module.fix_worker_heap(0)
     assert calls == [(-3, data_module.WORKER_MMAP_THRESHOLD)]  # M_MMAP_THRESHOLD
+
+
+def test_training_loader_forks_workers_from_frozen_objects(image_dir, tmp_path, monkeypatch) -> None:
+    """Fixed defect: worker PSS grew ~4-5 % over 200 steps at constant RSS (cyclic GC writing into the headers of
+    objects inherited from the parent turns shared pages private). The loader is now built after ``gc.freeze()``,
+    and the objects are handed back to the collector when the run ends."""
+    import gc
+
+    from backbone_kd.pretrain import loop as loop_module
+    from backbone_kd.pretrain.config import build_config
+    from tests.conftest import tiny_pretrain_args
+
+    frozen_at_fork = []
+    real_loader = loop_module.DataLoader
+
+    def spy(*args, **kwargs):
+        frozen_at_fork.append(gc.get_freeze_count())
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "DataLoader", spy)
+    loop_module.pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "out", steps=1, workers=1)))
+    assert frozen_at_fork and frozen_at_fork[0] > 1000  # every live object of the parent, not a handful
+    assert gc.get_freeze_count() == 0

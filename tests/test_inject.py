@@ -183,3 +183,54 @@ def test_real_checkpoints(tmp_path):
     _assert_backbone_equal(_state(report.out), tensors, half=False)
     with pytest.raises(ValueError, match="does not fit"):
         inject_backbone(coco, weights / "yolo11n_coco_recon.pt", tmp_path / "v11.pt")
+
+
+@pytest.fixture(scope="module")
+def neck_file(tmp_path_factory):
+    """A random yolov8n backbone + neck export (what a distill_neck=true run writes: layers 0-21)."""
+    root = tmp_path_factory.mktemp("inject_neck")
+    meta = {"teacher": "vit_small_patch14_dinov2", "steps": 55, "taps": [15, 18, 21]}
+    return write_backbone_file(_random_yolo(5), root / "neck.safetensors", metadata=meta, n_layers=22)
+
+
+def test_neck_file_round_trip_writes_the_neck(files, neck_file, tmp_path, capsys):
+    tensors, _ = read_backbone_file(neck_file)
+    report = inject_backbone(neck_file, files["base"], tmp_path / "n.pt", verbose=False)
+    out_sd, base_sd = _state(report.out), _state(files["base"])
+    assert report.neck and report.tensors_copied == len(tensors) and report.layers_touched[-1] == 21
+    assert any(k.startswith("model.21.") for k in tensors)
+    _assert_backbone_equal(out_sd, tensors, half=True)  # backbone and neck, tensor by tensor
+    assert not torch.equal(out_sd["model.21.cv2.conv.weight"], base_sd["model.21.cv2.conv.weight"])
+    assert report.untouched_keys and all(k.startswith("model.22.") for k in report.untouched_keys)
+    assert all(torch.equal(out_sd[k], base_sd[k]) for k in report.untouched_keys)  # the head is the target's
+    assert "backbone + neck (layers 0–21)" in str(report) and "head tensors left" in str(report)
+    assert not report.notes
+    # a fresh yaml-built model gets the neck too (fp32: bit-exact)
+    fresh = inject_backbone(neck_file, "yolov8n.yaml", tmp_path / "fresh.pt", nc=2, verbose=False)
+    _assert_backbone_equal(_state(fresh.out), tensors, half=False)
+    assert main(["--info", str(report.out)]) == 0
+    assert "injected: backbone + neck (layers 0–21)" in capsys.readouterr().out
+    assert "backbone + neck (layers 0–21) export" in describe(neck_file)
+    with pytest.raises(ValueError, match="does not fit"):
+        inject_backbone(neck_file, "yolo11n.yaml", tmp_path / "v11.pt", verbose=False)
+    assert not (tmp_path / "v11.pt").exists()
+
+
+def test_old_backbone_only_file_still_injects(files, tmp_path):
+    """A file written before neck distillation existed (no neck / n_layers metadata) injects the backbone only."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(files["backbone"]), framework="pt") as f:
+        meta = {k: v for k, v in (f.metadata() or {}).items() if k not in ("neck", "n_layers")}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=meta)
+    report = inject_backbone(old, files["base"], tmp_path / "o.pt", verbose=False)
+    out_sd, base_sd = _state(report.out), _state(files["base"])
+    assert not report.neck and report.layers_touched == list(range(10)) and not report.notes
+    _assert_backbone_equal(out_sd, tensors, half=True)
+    assert all(torch.equal(out_sd[k], base_sd[k]) for k in report.untouched_keys)
+    assert any(k.startswith("model.15.") for k in report.untouched_keys)  # neck left as it was
+    assert "injected: backbone (layers 0–9)" in describe(report.out)
+    assert "neck/head tensors left" in str(report)

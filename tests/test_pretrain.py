@@ -449,3 +449,33 @@ def test_student_input_imagenet_feeds_normalised_images(image_dir, tmp_path, mon
     assert read_backbone_file(run / "backbone.safetensors")[1]["student_input"] == "imagenet"
     with pytest.raises(ValueError, match="student_input must be unit or imagenet"):
         build_config(["student_input=bgr"])
+
+
+def test_distill_neck_trains_and_exports_the_neck(image_dir, tmp_path, monkeypatch) -> None:
+    """``distill_neck=true``: the head's inputs are distilled, so neck weights move; the backbone file and student.pt
+    carry them (layers 0-21 of yolov8n), and the file holds no head tensor."""
+    import copy
+
+    from backbone_kd.pretrain import loop
+
+    initial = {}
+    build = loop.load_yolo_model
+
+    def spy(*args, **kwargs):
+        model = build(*args, **kwargs)
+        initial.update(copy.deepcopy(model.state_dict()))
+        return model
+
+    monkeypatch.setattr(loop, "load_yolo_model", spy)
+    run = pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path, steps=2, distill_neck="true")))
+    tensors, meta = read_backbone_file(run / "backbone.safetensors")
+    assert meta["neck"] is True and meta["n_layers"] == 22 and meta["taps"] == [15, 18, 21]
+    assert set(tensors) == {k for k in initial if int(k.split(".")[1]) < 22}  # backbone + neck, no head
+    for key in ("model.12.cv1.conv.weight", "model.21.cv2.conv.weight", "model.0.conv.weight"):
+        assert not torch.allclose(tensors[key], initial[key]), key  # trained
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["taps"] == [15, 18, 21]
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"cos_p3", "cos_p4", "cos_p5"} <= set(row)
+    student = load_yolo_model(str(run / "student.pt")).state_dict()
+    assert all(torch.equal(student[k], tensors[k]) for k in tensors)  # fp32 yaml target: the neck injected exactly

@@ -184,6 +184,51 @@ def test_class_agnostic_detection_probe_trains_one_class(tmp_path: Path) -> None
     assert trained.model[-1].nc == 1
 
 
+def test_detection_probe_freeze_neck_loads_the_neck_and_trains_only_the_head(tmp_path: Path) -> None:
+    """A backbone + neck file (distill_neck=true): the probe model gets its neck, ``freeze="neck"`` keeps backbone and
+    neck (weights and BN statistics) as in the file and trains the head."""
+    from backbone_kd.backbone_file import backbone_state_dict
+    from backbone_kd.probe.cli import markdown
+    from backbone_kd.probe.detection import DetProbeSettings, build_probe_model, train_probe
+
+    data = make_shapes_dataset(tmp_path / "shapes", n_train=4, n_val=2, size=64)
+    torch.manual_seed(7)
+    source = load_yolo_model("yolov8n.yaml", nc=2)
+    with torch.no_grad():  # non-default BN statistics: a BN left in train mode would move them
+        for name, buf in source.named_buffers():
+            if "running_var" in name:
+                buf.uniform_(0.5, 1.5)
+    spec = write_backbone_file(source, tmp_path / "neck.safetensors", n_layers=22)
+    expected = backbone_state_dict(source, 22)
+    model = build_probe_model(str(spec), "yolov8n.yaml", 2, seed=0, path=tmp_path / "m.pt")
+    neck = [k for k in expected if int(k.split(".")[1]) >= 10 and expected[k].is_floating_point()]
+    probe_sd = model.model.state_dict()
+    # the file's neck, not a new one (the probe model is re-read from an fp16 checkpoint)
+    assert neck and all(torch.allclose(probe_sd[k].float(), expected[k], atol=1e-3) for k in neck)
+    settings = DetProbeSettings(epochs=1, imgsz=64, batch=2, seeds=(0,), mosaic=0.0, freeze="neck")
+    rows = train_probe(model, data, settings, 0, tmp_path / "runs", "p")
+    assert len(rows) == 1
+    trained = load_yolo_model(str(tmp_path / "runs" / "p" / "weights" / "last.pt")).state_dict()
+    for key in neck + ["model.0.conv.weight", "model.0.bn.running_var"]:
+        assert torch.allclose(trained[key].float(), expected[key].float(), atol=1e-3), key  # frozen (fp16 save)
+    head = "model.22.cv3.0.0.conv.weight"
+    assert not torch.allclose(trained[head].float(), probe_sd[head].float(), atol=1e-3)  # the head trained
+    with pytest.raises(ValueError, match="freeze must be one of backbone, neck"):
+        DetProbeSettings(freeze="head")
+    result = {"backbones": {"a": {}}, "data": None, "det": {"backbones": {"a": {}}, "settings": vars(settings)}}
+    assert "frozen backbone + neck, head trained" in markdown(result)
+
+
+def test_probe_cli_det_freeze_conflicts_with_det_full(capsys) -> None:
+    from backbone_kd.probe.cli import parse_args
+
+    assert parse_args(["--backbones", "a=yolov8n.yaml", "--det", "d.yaml", "--det-freeze", "neck"]).det_freeze == "neck"
+    assert parse_args(["--backbones", "a=yolov8n.yaml", "--det", "d.yaml"]).det_freeze == "backbone"
+    with pytest.raises(SystemExit):
+        parse_args(["--backbones", "a=yolov8n.yaml", "--det", "d.yaml", "--det-full", "--det-freeze", "neck"])
+    assert "--det-full trains every layer" in capsys.readouterr().err
+
+
 def test_cross_validation_scores_every_sample_and_keeps_groups_together() -> None:
     from backbone_kd.probe.classify import cv_probe_scores
 

@@ -28,7 +28,9 @@ def test_scale_benchmark_lists_every_generated_file_and_measures_pss(tmp_path, c
     result = scale.run([*argv, "--images", str(tmp_path / "real"), "--work-dir", str(work), "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     # run() raises unless all 2,000 entries were listed: distinct names, not deduplicated as links to 3 files
-    assert len((work / "list.txt").read_text().splitlines()) == 2000 and result["list_s"] > 0
+    assert (
+        len((work / "list.txt").read_text().splitlines()) == 2000 and result["list_s"] > 0 and result["list_cpu_s"] > 0
+    )
     assert 0 < result["pathlist_mib"] < 1 and 1 <= result["distinct_images_seen"] <= 12
     for when in ("after_fork", "start", "end"):
         snap = result["memory_kib"][when]

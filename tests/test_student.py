@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from backbone_kd.pretrain.features import FeatureExtractor
-from backbone_kd.pretrain.student import YoloBackbone, backbone_length, default_taps, load_yolo_model
+from backbone_kd.pretrain.student import (
+    YoloBackbone,
+    backbone_length,
+    default_taps,
+    load_yolo_model,
+    neck_taps,
+)
 
 
 @pytest.mark.parametrize(
@@ -48,6 +54,58 @@ def test_custom_taps_and_bad_taps() -> None:
     assert bb.strides == [4, 32]
     with pytest.raises(ValueError, match="taps must be backbone layer indices"):
         YoloBackbone(model, taps=[15])
+
+
+@pytest.mark.parametrize(
+    ("cfg", "taps", "head"), [("yolov8n.yaml", [15, 18, 21], 22), ("yolo11n.yaml", [16, 19, 22], 23)]
+)
+def test_neck_taps_are_the_head_inputs_and_match_the_full_forward(cfg: str, taps: list[int], head: int) -> None:
+    model = load_yolo_model(cfg)
+    assert neck_taps(model) == taps == sorted(model.model[-1].f) and model.model[-1].i == head
+    bb = YoloBackbone(model, neck=True)
+    assert isinstance(bb, FeatureExtractor) and bb.taps == taps and bb.neck
+    # channels / strides: exactly what the Detect head is built for (its per-level input widths), at 8/16/32
+    assert bb.channels == [model.model[-1].cv2[i][0].conv.in_channels for i in range(3)] and bb.strides == [8, 16, 32]
+    assert bb.export_layers == head  # the exported file covers layers 0 .. head-1: backbone + neck, not the head
+    # Live slice: layers 0..last tap are the model's own modules, and nothing of the head is registered.
+    assert len(bb.layers) == head and all(a is b for a, b in zip(bb.layers, model.model))
+    assert len(list(bb.parameters())) == sum(len(list(model.model[i].parameters())) for i in range(head))
+    # The features are what the head receives in ultralytics' own forward pass (Concat routing included).
+    model.eval()
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [model.model[t].register_forward_hook(lambda m, i, o, t=t: seen.__setitem__(t, o)) for t in taps]
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        model(x)
+        feats = bb.features(x)
+    for h in hooks:
+        h.remove()
+    assert all(torch.equal(f, seen[t]) for f, t in zip(feats, taps))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(64 // s, 96 // s) for s in (8, 16, 32)]
+
+
+def test_neck_taps_bounds() -> None:
+    model = load_yolo_model("yolov8n.yaml")
+    assert YoloBackbone(model, taps=[12, 15], neck=True).strides == [16, 8]
+    with pytest.raises(ValueError, match=r"layer indices before the head in \[0, 21\]"):
+        YoloBackbone(model, taps=[15, 22], neck=True)  # 22 is the Detect head
+    assert YoloBackbone(model).export_layers == 10 and not YoloBackbone(model).neck  # default: backbone only
+
+
+def test_distill_neck_option_and_its_conflict_with_taps(tmp_path) -> None:
+    from backbone_kd.pretrain.config import build_config, help_text
+
+    assert build_config(["unlabeled=x"]).distill_neck is False
+    assert build_config(["unlabeled=x", "distill_neck=true"]).distill_neck is True
+    assert build_config(["unlabeled=x", "--distill-neck"]).distill_neck is True
+    cfg = tmp_path / "neck.yaml"
+    cfg.write_text("distill_neck: true\n")
+    assert build_config(["unlabeled=x", "--config", str(cfg)]).distill_neck is True
+    with pytest.raises(ValueError, match=r"taps=\[4, 6, 9\] and distill_neck=true.*drop taps"):
+        build_config(["unlabeled=x", "distill_neck=true", "taps=[4,6,9]"])
+    with pytest.raises(ValueError, match="'distill_neck' expects type bool"):
+        build_config(["unlabeled=x", "distill_neck=maybe"])
+    assert "--distill-neck" in help_text()
 
 
 def test_load_errors(tmp_path) -> None:

@@ -98,6 +98,11 @@ class PretrainConfig:
     student: str = _f("yolov8n.yaml", "ultralytics model yaml or .pt whose backbone is trained in place")
     nc: int = _f(80, "classes of a yaml-built student's head (kept in student.pt)")
     taps: Any = _f(None, "backbone layer indices to distil (default: the layers the neck consumes, P3/P4/P5)")
+    distill_neck: bool = _f(
+        False,
+        "also distil the neck: the levels become the maps the Detect head reads (yolov8n layers 15/18/21) and the "
+        "exported backbone file holds backbone + neck; not with taps",
+    )
     # heads, alignment, loss
     projector: str = _f("mlp", "mlp (conv1x1-BN-GELU-conv1x1) or linear (conv1x1)")
     projector_hidden: int | None = _f(None, "hidden width of mlp heads (default max(student, teacher) width)")
@@ -420,6 +425,13 @@ def _check_values(cfg: PretrainConfig) -> None:
             value is None or (isinstance(value, list) and all(_is_number(i, whole=True) for i in value)),
             f"{key}={value!r} must be a list of layer indices, e.g. [4, 6, 9] (or null for the default)",
         )
+    # One source of truth for the levels: distill_neck taps the head's inputs itself, and taps are backbone layers
+    # (a neck tap without distill_neck would train neck layers that the backbone file never exports).
+    need(
+        not (cfg.distill_neck and cfg.taps is not None),
+        f"taps={cfg.taps!r} and distill_neck=true both choose the distilled levels: drop taps (distill_neck taps the "
+        "maps the Detect head reads) or set distill_neck=false to distil the backbone layers in taps",
+    )
     weights = cfg.level_weights
     need(
         weights is None

@@ -27,6 +27,8 @@ from backbone_kd.pretrain.data import (
     collate,
     first_readable,
     fix_worker_heap,
+    freeze_before_fork,
+    thaw_after_workers,
 )
 from backbone_kd.pretrain.ema import StudentEMA
 from backbone_kd.pretrain.loss import DistillationLoss, pair_levels
@@ -92,7 +94,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     yolo = load_yolo_model(cfg.student, nc=cfg.nc, trust_pickle=cfg.trust_pickle)
-    backbone = YoloBackbone(yolo, cfg.taps)
+    backbone = YoloBackbone(yolo, cfg.taps, neck=cfg.distill_neck)
     pairing = pair_levels(backbone.strides, teacher.strides)
     projectors = Projectors(
         backbone.channels,
@@ -205,6 +207,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if size_at(state.step) != size:  # only changes right after an optimizer step (state.step moves on sync)
             size = size_at(state.step)
             del data_iter  # shuts the previous phase's workers down
+            if cfg.workers > 0:
+                freeze_before_fork()  # workers fork at iter(): keep the parent's objects shared (see its docstring)
             data_iter = iter(make_loader(size))
             if switches:
                 accelerator.print(f"step {state.step}: training at {size} px")
@@ -273,6 +277,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     progress.close()
     metrics.close()
     stop.restore()
+    if cfg.workers > 0:
+        del data_iter  # the workers end first: thawed objects must not be collected under their shared pages
+        thaw_after_workers()
     if bad_images or skipped_sources:
         counts = image_counts(len(paths), sorted(bad_images), skipped_sources)
         text = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())

@@ -330,6 +330,8 @@ def export_outputs(
 ) -> None:
     """Write ``backbone.safetensors``, ``projector.safetensors``, ``student.pt`` and ``run_summary.json``.
 
+    With ``distill_neck`` the backbone file and ``student.pt`` carry the distilled neck too.
+
     ``teacher_cache``: the cache folder the targets came from (None: online teacher), recorded for provenance.
     ``n_images`` / ``skipped_sources``: files listed for training and ``(path, reason)`` of the entries left out while
     listing (:attr:`~backbone_kd.pretrain.sources.PathList.skipped`), for the summary's image counts.
@@ -358,7 +360,10 @@ def export_outputs(
         "source_run": str(run_dir.resolve()),
         "teacher_cache": teacher_cache,
     }
-    bb_path = write_backbone_file(backbone.yolo, run_dir / "backbone.safetensors", metadata=meta)
+    # export_layers: the backbone, or backbone + neck with distill_neck (the file then says "neck": true)
+    bb_path = write_backbone_file(
+        backbone.yolo, run_dir / "backbone.safetensors", metadata=meta, n_layers=backbone.export_layers
+    )
     proj_meta = {
         "student_channels": json.dumps(backbone.channels),
         "student_strides": json.dumps(backbone.strides),

@@ -1,8 +1,10 @@
-"""The student: the backbone of a live ultralytics DetectionModel, used in place.
+"""The student: the backbone (optionally backbone + neck) of a live ultralytics DetectionModel, used in place.
 
-``YoloBackbone`` holds the model's first ``len(yaml["backbone"])`` layers in an ``nn.ModuleList`` that *shares* the
-module objects with the full model (no copy): training it trains the YOLO's own weights, so the full model can be
-saved or exported at any time. Neck and head are not registered, so DDP sees no unused parameters.
+``YoloBackbone`` holds the model's layers ``0 .. max(taps)`` in an ``nn.ModuleList`` that *shares* the module objects
+with the full model (no copy): training it trains the YOLO's own weights, so the full model can be saved or exported at
+any time. By default the taps are the backbone outputs the neck reads (P3/P4/P5); with ``neck=True`` they are the maps
+the Detect head reads (:func:`neck_taps`), so backbone and neck are distilled together. Layers past the last tap (the
+head, and the neck when it is not distilled) are not registered, so DDP sees no unused parameters.
 """
 
 from __future__ import annotations
@@ -85,29 +87,58 @@ def default_taps(model: nn.Module) -> list[int]:
     return sorted(taps)
 
 
+def head_index(model: nn.Module) -> int:
+    """Index of the head layer (Detect / Segment / Pose / OBB ...): the last layer of ``model.model``."""
+    return len(model.model) - 1
+
+
+def neck_taps(model: nn.Module) -> list[int]:
+    """The layers the head reads (its ``f`` indices, relative references resolved), sorted.
+
+    These are the neck outputs the detector predicts from: ``[15, 18, 21]`` for yolov8n, ``[16, 19, 22]`` for yolo11n
+    (strides 8/16/32). Distilling them trains backbone + neck toward the teacher (``distill_neck=true``).
+    """
+    head = model.model[head_index(model)]
+    route = _route(head.f, head.i)
+    refs = [route] if isinstance(route, int) else route
+    # None is "the previous layer" (a single-input head written as from: -1)
+    return sorted({head.i - 1 if j is None else j for j in refs})
+
+
 class YoloBackbone(nn.Module):
-    """Feature-contract view of a YOLO backbone: ``features(x) -> [P3, P4, P5]`` (by default).
+    """Feature-contract view of a YOLO backbone (or backbone + neck): ``features(x) -> [P3, P4, P5]`` (by default).
 
     Args:
         model: A live ultralytics DetectionModel (kept by reference, not registered as a submodule).
-        taps: Backbone layer indices whose outputs are returned; default :func:`default_taps`.
+        taps: Layer indices whose outputs are returned; default :func:`default_taps` (or :func:`neck_taps` when
+            ``neck``). Without ``neck`` they must be backbone layers; with it, any layer before the head.
+        neck: Distil the neck too: taps default to the head's inputs and the exported file holds every layer up to
+            the last tap (:attr:`export_layers`).
 
     Attributes:
         channels: Channels per tapped level; strides: input pixels per feature cell per level.
+        export_layers: Leading layers a backbone file of this student holds: the whole backbone, and with ``neck``
+            everything up to the last tap (layers ``0 .. export_layers - 1``).
     """
 
-    def __init__(self, model: nn.Module, taps: list[int] | None = None) -> None:
+    def __init__(self, model: nn.Module, taps: list[int] | None = None, neck: bool = False) -> None:
         super().__init__()
         n = backbone_length(model)
-        taps = sorted(default_taps(model) if taps is None else [int(t) for t in taps])
-        bad = [t for t in taps if not 0 <= t < n]
+        default = neck_taps if neck else default_taps
+        taps = sorted(default(model) if taps is None else [int(t) for t in taps])
+        # Without neck distillation a neck tap would train neck layers that the backbone file never exports.
+        limit = head_index(model) if neck else n
+        bad = [t for t in taps if not 0 <= t < limit]
         if not taps or bad:
-            raise ValueError(f"taps must be backbone layer indices in [0, {n - 1}], got {taps}")
+            what = "layer indices before the head" if neck else "backbone layer indices"
+            raise ValueError(f"taps must be {what} in [0, {limit - 1}], got {taps}")
         self.taps = taps
         self.n_layers = n
+        self.neck = bool(neck)
+        self.export_layers = max(n, taps[-1] + 1) if neck else n
         self.layers = nn.ModuleList(list(model.model)[: taps[-1] + 1])  # shared modules, not copies
         self.__dict__["yolo"] = model  # plain attribute: not a submodule, not in state_dict / DDP
-        # Outputs we must keep: taps, and any backbone layer a later backbone layer reads (multi-input backbones).
+        # Outputs we must keep: taps, and any layer a later sliced layer reads (multi-input backbones, neck Concats).
         needed = set(taps)
         for layer in self.layers:
             needed.update(_sources(layer))
@@ -119,7 +150,7 @@ class YoloBackbone(nn.Module):
         self.channels, self.strides = probe_strides(self)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Run the backbone up to the last tap. x: (B, 3, H, W) in [0, 1]; returns [(B, C_i, H/s_i, W/s_i)]."""
+        """Run the model up to the last tap. x: (B, 3, H, W) in [0, 1]; returns [(B, C_i, H/s_i, W/s_i)] per tap."""
         saved: dict[int, torch.Tensor] = {}
         for layer, route in zip(self.layers, self._routes):
             if route is not None:  # same routing rule as ultralytics' BaseModel._predict_once
@@ -133,5 +164,5 @@ class YoloBackbone(nn.Module):
 
     @property
     def yolo(self) -> nn.Module:
-        """The full live DetectionModel whose backbone this is."""
+        """The full live DetectionModel whose layers these are."""
         return self.__dict__["yolo"]

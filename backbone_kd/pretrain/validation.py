@@ -171,4 +171,10 @@ def export_best(module, run_dir: Path, step: int, metrics: dict[str, float], tea
     from backbone_kd.backbone_file import write_backbone_file
 
     meta = {"teacher": teacher_name, "taps": module.backbone.taps, "steps": step, "best_val": metrics}
-    return write_backbone_file(module.backbone.yolo, run_dir / "backbone_best.safetensors", metadata=meta)
+    # same layers as backbone.safetensors (with distill_neck: backbone + neck), so either file injects the same way
+    return write_backbone_file(
+        module.backbone.yolo,
+        run_dir / "backbone_best.safetensors",
+        metadata=meta,
+        n_layers=module.backbone.export_layers,
+    )

@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     det.add_argument("--det-seeds", type=int, nargs="+", default=[0, 1])
     det.add_argument("--det-full", action="store_true", help="train every layer (full fine-tuning) instead")
     det.add_argument(
+        "--det-freeze",
+        choices=["backbone", "neck"],
+        default="backbone",
+        help="frozen part: backbone (neck + head trained) or neck (backbone + neck frozen, head-only training: "
+        "for backbone files written with distill_neck=true)",
+    )
+    det.add_argument(
         "--det-single-cls",
         action="store_true",
         help="class-agnostic detection (every box one class): more signal than 80-class mAP on a small split",
@@ -70,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.data and not args.det:
         p.error("give --data (k-NN / linear probes) and/or --det (detection probe)")
+    if args.det_full and args.det_freeze != "backbone":
+        p.error("--det-full trains every layer; drop --det-freeze or --det-full")
     if args.imgsz <= 0 or args.imgsz % 32:
         p.error(f"--imgsz must be a positive multiple of 32, got {args.imgsz}")
     return args
@@ -155,11 +164,20 @@ def markdown(result: dict) -> str:
     if det:
         s = result["det"]["settings"]
         lines.append(
-            f"Detection probe: {'full fine-tuning' if s['full'] else 'frozen backbone, neck+head trained'}, "
+            f"Detection probe: {_det_regime(s)}, "
             f"{'class-agnostic, ' if s.get('single_cls') else ''}"
             f"{s['epochs']} epochs at {s['imgsz']} px, seeds {list(s['seeds'])} (mean ± std)."
         )
     return "\n".join(lines)
+
+
+def _det_regime(settings: dict) -> str:
+    """What the detection probe trained, for the table's footnote (older JSON has no ``freeze``: backbone)."""
+    if settings["full"]:
+        return "full fine-tuning"
+    if settings.get("freeze") == "neck":
+        return "frozen backbone + neck, head trained"
+    return "frozen backbone, neck+head trained"
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -185,6 +203,7 @@ def run(argv: list[str] | None = None) -> dict:
             device=args.device,
             full=args.det_full,
             single_cls=args.det_single_cls,
+            freeze=args.det_freeze,
         )
         result["det"] = detection_probe(specs, args.det, Path(args.out) / "det", settings, args.det_model)
         for name, det in result["det"]["backbones"].items():

@@ -4,6 +4,8 @@ Short CPU fine-tunes of a whole detector do not tell backbones apart (the backbo
 so the probe freezes it (ultralytics ``freeze=<backbone layers>``) and trains neck + head with an explicit AdamW
 learning rate and ``nbs=batch`` at a small image size: the mAP reached measures how useful the frozen features are
 for detection. Every backbone gets the same neck/head init for a given seed, the same data, schedule and seeds.
+``freeze="neck"`` freezes backbone + neck and trains the head only: the probe for files written with
+``distill_neck=true``, whose neck is pretrained too (a backbone-only file then probes a frozen random neck).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from backbone_kd.backbone_file import backbone_layer_count, backbone_state_dict
+from backbone_kd.backbone_file import backbone_layer_count, backbone_state_dict, file_holds_neck
 from backbone_kd.probe.backbones import load_detector
 from backbone_kd.probe.yolo_data import class_names, load_data_yaml, mirror_dataset
+
+FREEZE_CHOICES = ("backbone", "neck")
 
 
 @dataclass
@@ -27,6 +31,9 @@ class DetProbeSettings:
     detection (every box one class): on a small labelled split most of the 80 COCO classes have a handful of boxes, so
     the 80-class mAP of a frozen-backbone probe sits near zero for every backbone and mostly measures seed noise;
     localising objects at all is what a frozen backbone's features decide first.
+
+    ``freeze``: what stays frozen unless ``full``: ``"backbone"`` (neck + head trained) or ``"neck"`` (backbone +
+    neck frozen, head-only training; ultralytics ``freeze=<index of the head layer>``).
     """
 
     epochs: int = 30
@@ -41,10 +48,18 @@ class DetProbeSettings:
     device: str = "cpu"
     full: bool = False
     single_cls: bool = False
+    freeze: str = "backbone"
+
+    def __post_init__(self) -> None:
+        if self.freeze not in FREEZE_CHOICES:
+            raise ValueError(f"freeze must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}")
 
 
 def build_probe_model(spec: str, arch: str | dict, nc: int, seed: int, path: Path) -> Any:
     """A ``YOLO`` detector of architecture ``arch`` (nc classes, neck/head seeded by ``seed``) with SPEC's backbone.
+
+    A backbone file written with ``distill_neck=true`` brings its neck too (every layer the file holds is loaded);
+    other SPECs give their backbone only.
 
     The model is written to ``path`` and re-read with ``YOLO(path)``: ultralytics' trainer keeps a model's weights
     only when it came from a checkpoint (a yaml-built wrapper is rebuilt from its yaml at ``train()``).
@@ -59,7 +74,7 @@ def build_probe_model(spec: str, arch: str | dict, nc: int, seed: int, path: Pat
     torch.manual_seed(seed)
     target = DetectionModel(arch, nc=nc, verbose=False)
     source = load_detector(spec, seed=seed, nc=nc)
-    tensors = backbone_state_dict(source)
+    tensors = backbone_state_dict(source, _file_layers(spec))
     own = target.state_dict()
     bad = [k for k, v in tensors.items() if k not in own or own[k].shape != v.shape]
     if bad:
@@ -123,7 +138,9 @@ def train_probe(model: Any, data: Path, settings: DetProbeSettings, seed: int, p
         "single_cls": settings.single_cls,
     }
     if not settings.full:
-        args["freeze"] = backbone_layer_count(model.model)
+        # ultralytics freezes layers 0 .. freeze-1 (and keeps their BatchNorms in eval mode)
+        head = len(model.model.model) - 1
+        args["freeze"] = head if settings.freeze == "neck" else backbone_layer_count(model.model)
     model.train(**args)
     return rows
 
@@ -176,6 +193,16 @@ def detection_probe(
             summary[label] = {m: _mean_std([p[m] for p in picked]) for m in ("map50_95", "map50")} if picked else {}
         result["backbones"][name] = {**summary, "runs": runs}
     return result
+
+
+def _file_layers(spec: str) -> int | None:
+    """Leading layers a SPEC carries: ``n_layers`` of a backbone file with a neck, else None (the backbone)."""
+    if Path(spec).suffix.lower() != ".safetensors":
+        return None
+    from backbone_kd.backbone_file import read_backbone_file
+
+    meta = read_backbone_file(spec)[1]
+    return int(meta["n_layers"]) if file_holds_neck(meta) else None
 
 
 def _arch_of(specs: dict[str, str]) -> str | dict:
