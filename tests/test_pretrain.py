@@ -479,3 +479,17 @@ def test_distill_neck_trains_and_exports_the_neck(image_dir, tmp_path, monkeypat
     assert {"cos_p3", "cos_p4", "cos_p5"} <= set(row)
     student = load_yolo_model(str(run / "student.pt")).state_dict()
     assert all(torch.equal(student[k], tensors[k]) for k in tensors)  # fp32 yaml target: the neck injected exactly
+
+
+def test_resume_with_an_option_that_changes_the_checkpoint_is_refused_by_name(image_dir, tmp_path) -> None:
+    """Resuming with another distill_neck / taps / projector used to fail inside torch's load_state_dict with a list of
+    missing keys; it is now refused up front, naming the option, both values and the fix."""
+    out = tmp_path / "w"
+    pretrain(build_config(tiny_pretrain_args(image_dir, out, name="run", steps=1, save_every=1)))
+    for key, value in (("distill_neck", "true"), ("projector", "linear")):
+        with pytest.raises(ValueError, match=rf"started with {key}=.*resume with {key}="):
+            args = tiny_pretrain_args(image_dir, out, name="run", steps=2, resume="true", **{key: value})
+            pretrain(build_config(args))
+    # the same options resume (and finish) as before
+    run = pretrain(build_config(tiny_pretrain_args(image_dir, out, name="run", steps=2, resume="true")))
+    assert (run / "backbone.safetensors").is_file()

@@ -127,3 +127,45 @@ def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
     if not path.is_dir():
         raise FileNotFoundError(f"--resume {path}: not a checkpoint folder (expected .../checkpoints/step_N)")
     return path
+
+
+# Options that decide which tensors a checkpoint holds (student layers, projector shapes, queue / EMA buffers): a run
+# resumed with another value cannot load it, and torch's key-by-key error does not say which option changed.
+STATE_SHAPING_OPTIONS = (
+    "student",
+    "teacher",
+    "taps",
+    "distill_neck",
+    "projector",
+    "projector_hidden",
+    "teacher_per_level",
+    "global_weight",
+    "global_loss",
+    "global_queue_size",
+    "ema_decay",
+)
+
+
+def check_resume_matches(config: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume ``checkpoint`` with options that change what it holds.
+
+    Args:
+        config: The new run's resolved options (``PretrainConfig.to_dict()``).
+        checkpoint: ``<run>/checkpoints/step_N``; the run's ``config.yaml`` (written when it started) is compared.
+
+    Raises:
+        ValueError: Names the first differing option, both values and the fix.
+    """
+    import yaml
+
+    recorded = checkpoint.parent.parent / "config.yaml"
+    if not recorded.is_file():  # a checkpoint copied without its run folder: nothing to compare
+        return
+    old = yaml.safe_load(recorded.read_text(encoding="utf-8")) or {}
+    for key in STATE_SHAPING_OPTIONS:
+        if key in old and key in config and old[key] != config[key]:
+            raise ValueError(
+                f"--resume {checkpoint}: that run was started with {key}={old[key]!r}, this one has "
+                f"{key}={config[key]!r}, which changes the tensors a checkpoint holds; resume with {key}="
+                f"{old[key]!r} or start a new run (another --name)"
+            )

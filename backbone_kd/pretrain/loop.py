@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from backbone_kd.pretrain.cache import CachedTargets, prepare_teacher_cache
-from backbone_kd.pretrain.checkpoints import TrainState, resolve_resume, save_checkpoint
+from backbone_kd.pretrain.checkpoints import TrainState, check_resume_matches, resolve_resume, save_checkpoint
 from backbone_kd.pretrain.config import OFF, PretrainConfig, resolution_switches
 from backbone_kd.pretrain.data import (
     AugmentConfig,
@@ -139,6 +139,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         accelerator.register_for_checkpointing(ema)  # saved and restored with every checkpoint: exact resume
     exported = ema.module if ema is not None else plain  # what validation scores and the output files hold
     if resume_from is not None:
+        check_resume_matches(cfg.to_dict(), resume_from)
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     encode = teacher.encode if cache is None else None
