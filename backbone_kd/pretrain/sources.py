@@ -26,6 +26,7 @@ from backbone_kd.pretrain.config import yaml_error_line
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 LIST_SUFFIXES = frozenset({".txt"})
 MANIFEST_SUFFIXES = frozenset({".yaml", ".yml"})
+NESTED_SUFFIXES = LIST_SUFFIXES | MANIFEST_SUFFIXES  # files that name further sources instead of being images
 MANIFEST_KEYS = ("unlabeled", "roots", "paths", "images")
 MAX_SKIP_WARNINGS = 20  # one warning per skipped entry up to this many, then a count
 LOGGER = logging.getLogger("backbone_kd")
@@ -196,7 +197,7 @@ def _expand_listed(entry: str, depth: int, listing: _Listing) -> None:
             mode = os.lstat(entry).st_mode
         except OSError:
             mode = 0
-        if stat.S_ISREG(mode) and os.path.splitext(entry)[1].lower() not in LIST_SUFFIXES | MANIFEST_SUFFIXES:
+        if stat.S_ISREG(mode) and os.path.splitext(entry)[1].lower() not in NESTED_SUFFIXES:
             listing.add_file(entry, is_link=False)
             return
     _expand(entry, depth + 1, listing)
