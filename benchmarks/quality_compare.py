@@ -366,16 +366,25 @@ def main(argv: list[str] | None = None) -> int:
         from backbone_kd.probe.detection import DetProbeSettings, build_probe_model, train_probe
         from backbone_kd.probe.yolo_data import mirror_dataset
 
-        ft = DetProbeSettings(epochs=args.ft_epochs, imgsz=args.ft_imgsz, lr0=1e-3, seeds=tuple(args.seeds), full=True)
+        ft = DetProbeSettings(
+            epochs=args.ft_epochs,
+            imgsz=args.ft_imgsz,
+            lr0=1e-3,
+            seeds=tuple(args.seeds),
+            full=True,
+            single_cls=args.det_single_cls,
+        )
         local = mirror_dataset(data_yaml, work / "det" / "data")
-        tag = f"ft{args.ft_epochs}e{args.ft_imgsz}"
+        # --det-single-cls applies to fine-tuning too; the 80-class runs keep their original file names.
+        tag = f"{'agn' if args.det_single_cls else ''}ft{args.ft_epochs}e{args.ft_imgsz}"
         for name in names if args.ft_rows is None else [n for n in names if n in args.ft_rows]:
             finals = []
             for seed, spec in backbones[name]:
                 done = work / "ft" / f"{name}_{tag}_s{seed}.json"
                 if not done.is_file():
-                    path = work / "ft" / "models" / f"{name}_s{seed}.pt"
-                    model = build_probe_model(spec, "yolov8n.yaml", 80, seed, path)
+                    stem = f"{name}_{tag}_s{seed}" if args.det_single_cls else f"{name}_s{seed}"
+                    path = work / "ft" / "models" / f"{stem}.pt"
+                    model = build_probe_model(spec, "yolov8n.yaml", 1 if args.det_single_cls else 80, seed, path)
                     rows = train_probe(model, local, ft, seed, work / "ft" / "runs", f"{name}_{tag}_s{seed}")
                     atomic_write_text(json.dumps(rows), done)
                 finals.append(json.loads(done.read_text())[-1])

@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backbone_kd.pretrain.loss import DistillationLoss, align, cosine_token_loss, pair_levels, standardized_smooth_l1
+from backbone_kd.pretrain.loss import (
+    DistillationLoss,
+    align,
+    cosine_token_loss,
+    normalize_targets,
+    pair_levels,
+    standardized_smooth_l1,
+)
 
 
 def test_cosine_loss_properties() -> None:
@@ -85,3 +92,34 @@ def test_affinity_term_is_logged_and_weighted() -> None:
     assert torch.allclose(total, plain + 0.5 * logs["aff_p3"])
     total.backward()
     assert s[0].grad is not None
+
+
+def test_target_norm_removes_the_common_component() -> None:
+    torch.manual_seed(0)
+    common = torch.randn(1, 32, 1, 1) * 5
+    teacher = common + torch.randn(4, 32, 6, 6)  # tokens = a shared vector + what differs between them
+    constant = common.expand(4, 32, 6, 6)  # a student that only learnt the shared vector
+    # As is, the constant student already scores a high cosine; centred, it scores nothing (cos ~ 0).
+    assert cosine_token_loss(constant, normalize_targets(teacher, "none"))[1] > 0.9
+    centred = normalize_targets(teacher, "center")
+    assert centred.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+    assert cosine_token_loss(constant + 1e-3 * torch.randn_like(constant), centred)[1].abs() < 0.1
+    std = normalize_targets(teacher * torch.linspace(0.1, 10, 32).view(1, -1, 1, 1), "standardize")
+    assert torch.allclose(std.std(dim=(0, 2, 3), unbiased=False), torch.ones(32), atol=1e-4)
+    with pytest.raises(ValueError, match="target_norm"):
+        normalize_targets(teacher, "whiten")
+
+
+def test_loss_applies_target_norm_to_every_level() -> None:
+    torch.manual_seed(0)
+    common = torch.randn(1, 16, 1, 1) * 5
+    teacher = [common + torch.randn(2, 16, 4, 4)]
+    student = [common.expand(2, 16, 8, 8).clone(), common.expand(2, 16, 4, 4).clone()]
+    plain = DistillationLoss([1, 1], [0, 0])
+    centred = DistillationLoss([1, 1], [0, 0], target_norm="center")
+    loss_plain, _ = plain(student, teacher)
+    loss_centred, logs = centred(student, teacher)
+    assert loss_plain < 0.1 and loss_centred > 0.5  # the constant student is only rewarded without centring
+    assert set(logs) >= {"cos_l0", "cos_l1"}
+    with pytest.raises(ValueError, match="target_norm"):
+        DistillationLoss([1], [0], target_norm="bogus")

@@ -85,3 +85,15 @@ def test_validation_runs_with_the_global_term(tmp_path: Path) -> None:
     assert main([*args, "global_weight=1"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "out" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_cos_p5" in r for r in rows) and any("loss_global" in r for r in rows)
+
+
+def test_validation_scores_the_normalised_targets_of_target_norm(tmp_path: Path) -> None:
+    """val_cos with ``target_norm`` is measured against the same normalised targets as the training cos."""
+    make_images(tmp_path / "imgs", 12)
+    runs = {}
+    for norm in ("none", "center"):
+        args = tiny_pretrain_args(tmp_path / "imgs", tmp_path / norm, steps=2, val_fraction=0.3, val_every=2)
+        assert main([*args, f"target_norm={norm}", "lr=1e-9"]) == 0  # lr ~0: same student in both runs
+        rows = (tmp_path / norm / "pretrain" / "metrics.jsonl").read_text().splitlines()
+        runs[norm] = [json.loads(line) for line in rows if "val_cos" in line][-1]["val_cos"]
+    assert runs["none"] != pytest.approx(runs["center"], abs=1e-4)

@@ -109,6 +109,11 @@ class PretrainConfig:
     align: str = _f("student_to_teacher", "student_to_teacher (resize student maps) or teacher_to_student")
     level_weights: Any = _f(None, "loss weight per tapped level (default equal)")
     smooth_l1_weight: float = _f(0.0, "weight of smooth-L1 to per-channel standardised teacher features")
+    target_norm: str = _f(
+        "none",
+        "teacher targets per channel over batch and tokens before the loss: none, center (minus the mean token) or "
+        "standardize (also / std)",
+    )
     cosine_weight: float = _f(1.0, "weight of the per-token 1-cos(student, teacher) term (0: relational terms only)")
     global_weight: float = _f(0.0, "weight of the global term on the pooled last student level vs the teacher CLS")
     global_loss: str = _f(
@@ -367,6 +372,10 @@ def _check_values(cfg: PretrainConfig) -> None:
     need(cfg.global_temperature > 0, f"global_temperature={cfg.global_temperature} must be > 0 (e.g. 0.07)")
     need(
         cfg.student_input in ("unit", "imagenet"), f"student_input must be unit or imagenet, got {cfg.student_input!r}"
+    )
+    need(
+        cfg.target_norm in ("none", "center", "standardize"),
+        f"target_norm must be none, center or standardize, got {cfg.target_norm!r}",
     )
     need(cfg.global_loss in ("cosine", "queue"), f"global_loss must be cosine or queue, got {cfg.global_loss!r}")
     queue = cfg.global_queue_size

@@ -120,6 +120,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if cfg.global_weight > 0
         else None,
         global_temperature=cfg.global_temperature,
+        target_norm=cfg.target_norm,
     ).to(device)
     steps = cfg.steps or max(
         1,

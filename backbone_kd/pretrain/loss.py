@@ -12,6 +12,7 @@ from torch import nn
 from backbone_kd.pretrain.queue import TeacherQueue, queue_kl
 
 ALIGN_MODES = ("student_to_teacher", "teacher_to_student")
+TARGET_NORMS = ("none", "center", "standardize")
 
 
 def pair_levels(student_strides: list[int], teacher_strides: list[int]) -> list[int]:
@@ -60,6 +61,32 @@ def align(
     if mode == "teacher_to_student":
         return student, F.interpolate(teacher, size=student.shape[-2:], mode="bilinear", align_corners=False)
     raise ValueError(f"align must be one of {ALIGN_MODES}, got {mode!r}")
+
+
+def normalize_targets(teacher: torch.Tensor, mode: str = "none") -> torch.Tensor:
+    """Per-channel normalisation of a teacher map with its own batch statistics (over batch and tokens).
+
+    Why: DINOv2 patch tokens share a large common component (on COCO images the mean cosine between a token and the
+    batch's mean token is ~0.6), so under a plain per-token cosine a student that outputs that constant already
+    scores ~0.6 and the loss says little about what differs between tokens. ``center`` removes the common component;
+    ``standardize`` also equalises channel variances. Stateless, so resume and DDP need nothing extra.
+
+    Args:
+        teacher: (B, D, h, w) teacher tokens.
+        mode: ``none`` (as is), ``center`` (minus the per-channel mean) or ``standardize`` (then / the per-channel std).
+
+    Returns:
+        (B, D, h, w) fp32 map.
+    """
+    if mode not in TARGET_NORMS:
+        raise ValueError(f"target_norm must be one of {TARGET_NORMS}, got {mode!r}")
+    t = teacher.float()
+    if mode == "none":
+        return t
+    t = t - t.mean(dim=(0, 2, 3), keepdim=True)
+    if mode == "standardize":
+        t = t / t.std(dim=(0, 2, 3), keepdim=True, unbiased=False).clamp_min(1e-6)
+    return t
 
 
 def cosine_token_loss(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +144,7 @@ class DistillationLoss(nn.Module):
         affinity_weight: Weight of :func:`patch_affinity_kl` per level (0 disables); ``affinity_temperature`` its T.
         cosine_weight: Weight of the per-token cosine term (0: relational terms only; ``cos_<level>`` is still logged).
         queue: The teacher-CLS queue of the queue KL (None: the cosine global term).
+        target_norm: :func:`normalize_targets` mode applied to every teacher map before the per-level terms.
     """
 
     def __init__(
@@ -132,8 +160,12 @@ class DistillationLoss(nn.Module):
         cosine_weight: float = 1.0,
         queue: TeacherQueue | None = None,
         global_temperature: float = 0.07,
+        target_norm: str = "none",
     ) -> None:
         super().__init__()
+        if target_norm not in TARGET_NORMS:
+            raise ValueError(f"target_norm must be one of {TARGET_NORMS}, got {target_norm!r}")
+        self.target_norm = target_norm
         self.affinity_weight, self.affinity_temperature = affinity_weight, affinity_temperature
         self.cosine_weight, self.queue, self.global_temperature = cosine_weight, queue, global_temperature
         if align_mode not in ALIGN_MODES:
@@ -161,6 +193,7 @@ class DistillationLoss(nn.Module):
         """
         total = student[0].new_zeros((), dtype=torch.float32)
         logs: dict[str, torch.Tensor] = {}
+        teacher = [normalize_targets(t, self.target_norm) for t in teacher]
         for i, (s, w) in enumerate(zip(student, self.level_weights)):
             s_al, t_al = align(s, teacher[self.pairing[i]], self.align_mode)
             loss, cos = cosine_token_loss(s_al, t_al)
