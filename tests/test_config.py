@@ -112,7 +112,7 @@ def test_image_size_schedule_parses_and_refuses_the_teacher_cache() -> None:
         ("teacher_kwargs=[1]", "teacher_kwargs"),
         ("projector=conv", "projector must be mlp or linear"),
         ("projector_hidden=0", "projector_hidden"),
-        ("align=none", "align must be student_to_teacher or teacher_to_student"),
+        ("align=none", "align must be student_to_teacher, resize_first or teacher_to_student"),
         ("target_norm=whiten", "target_norm must be none, center or standardize"),
         ("level_weights=[1, -1, 1]", "level_weights"),
         ("smooth_l1_weight=-1", "smooth_l1_weight"),
@@ -141,7 +141,7 @@ ENUMERATED = {
     "mixed_precision": ["no", "fp16", "bf16"],
     "teacher_dtype": ["auto", "fp32", "bf16", "fp16"],
     "projector": ["mlp", "linear"],
-    "align": ["student_to_teacher", "teacher_to_student"],
+    "align": ["student_to_teacher", "resize_first", "teacher_to_student"],
     "target_norm": ["none", "center", "standardize"],
 }
 CASES = [(key, value) for key, values in ENUMERATED.items() for value in values]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from backbone_kd.pretrain.loss import (
     DistillationLoss,
@@ -11,6 +12,7 @@ from backbone_kd.pretrain.loss import (
     pair_levels,
     standardized_smooth_l1,
 )
+from backbone_kd.pretrain.projector import Projectors
 
 
 def test_cosine_loss_properties() -> None:
@@ -123,3 +125,33 @@ def test_loss_applies_target_norm_to_every_level() -> None:
     assert set(logs) >= {"cos_l0", "cos_l1"}
     with pytest.raises(ValueError, match="target_norm"):
         DistillationLoss([1], [0], target_norm="bogus")
+
+
+def test_resize_first_shrinks_only_maps_larger_than_the_grid_before_their_head() -> None:
+    torch.manual_seed(0)
+    projectors = Projectors([4, 8, 16], [12, 12, 12])
+    feats = [torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4), torch.randn(2, 16, 2, 2)]
+    teacher = [torch.randn(2, 12, 4, 4)]
+    late = DistillationLoss([1, 1, 1], [0, 0, 0])
+    early = DistillationLoss([1, 1, 1], [0, 0, 0], align_mode="resize_first")
+    assert late.head_grids(teacher) is None
+    grids = early.head_grids(teacher)
+    assert grids == [(4, 4)] * 3
+    projected, _ = projectors(feats, grids)
+    assert [p.shape[-1] for p in projected] == [4, 4, 2]  # P3 shrunk before its head, P5 left for the loss to upsample
+    loss, logs = early(projected, teacher)
+    assert torch.isfinite(loss) and {"cos_l0", "cos_l1", "cos_l2"} <= set(logs)
+    # A linear head commutes with the (linear, weights-sum-to-one) area resize: shrinking first = projecting first.
+    linear = Projectors([4], [12], kind="linear")
+    first, _ = linear([feats[0]], [(4, 4)])
+    after = F.adaptive_avg_pool2d(linear([feats[0]])[0][0], (4, 4))
+    assert torch.allclose(first[0], after, atol=1e-5)
+
+
+def test_resize_first_runs_under_cpu_bf16_autocast() -> None:
+    """Fixed defect: the first version shrank maps with antialiased bilinear, which has no bf16 CPU kernel, so a
+    ``mixed_precision=bf16`` run with ``align=resize_first`` stopped at its first step (NotImplementedError)."""
+    projectors = Projectors([4, 8], [12, 12])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        projected, _ = projectors([torch.randn(2, 4, 7, 7), torch.randn(2, 8, 4, 4)], [(4, 4), (4, 4)])
+    assert [tuple(p.shape[-2:]) for p in projected] == [(4, 4), (4, 4)]

@@ -97,3 +97,11 @@ def test_validation_scores_the_normalised_targets_of_target_norm(tmp_path: Path)
         rows = (tmp_path / norm / "pretrain" / "metrics.jsonl").read_text().splitlines()
         runs[norm] = [json.loads(line) for line in rows if "val_cos" in line][-1]["val_cos"]
     assert runs["none"] != pytest.approx(runs["center"], abs=1e-4)
+
+
+def test_resize_first_trains_and_validates_end_to_end(tmp_path: Path) -> None:
+    make_images(tmp_path / "imgs", 12)
+    args = tiny_pretrain_args(tmp_path / "imgs", tmp_path / "out", steps=2, val_fraction=0.3, val_every=2)
+    assert main([*args, "align=resize_first"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_cos_p3" in r for r in rows) and any("cos_p3" in r for r in rows)

@@ -106,7 +106,11 @@ class PretrainConfig:
     # heads, alignment, loss
     projector: str = _f("mlp", "mlp (conv1x1-BN-GELU-conv1x1) or linear (conv1x1)")
     projector_hidden: int | None = _f(None, "hidden width of mlp heads (default max(student, teacher) width)")
-    align: str = _f("student_to_teacher", "student_to_teacher (resize student maps) or teacher_to_student")
+    align: str = _f(
+        "student_to_teacher",
+        "student_to_teacher (resize projected student maps), resize_first (shrink larger student maps to the teacher "
+        "grid before their head: same loss grid, fewer tokens through the P3 head) or teacher_to_student",
+    )
     level_weights: Any = _f(None, "loss weight per tapped level (default equal)")
     smooth_l1_weight: float = _f(0.0, "weight of smooth-L1 to per-channel standardised teacher features")
     target_norm: str = _f(
@@ -412,8 +416,8 @@ def _check_values(cfg: PretrainConfig) -> None:
     need(cfg.warmup_steps is None or cfg.warmup_steps >= 0, f"warmup_steps={cfg.warmup_steps} must be >= 0")
     need(cfg.projector in ("mlp", "linear"), f"projector must be mlp or linear, got {cfg.projector!r}")
     need(
-        cfg.align in ("student_to_teacher", "teacher_to_student"),
-        f"align must be student_to_teacher or teacher_to_student, got {cfg.align!r}",
+        cfg.align in ("student_to_teacher", "resize_first", "teacher_to_student"),
+        f"align must be student_to_teacher, resize_first or teacher_to_student, got {cfg.align!r}",
     )
     for key in ("name", "output", "teacher", "student"):
         need(bool(str(getattr(cfg, key)).strip()), f"{key} must not be empty")

@@ -230,7 +230,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 t_feats, t_global = encode(teacher_input(x, teacher, t_dtype))
         with accelerator.accumulate(module):
             with accelerator.autocast():
-                s_feats, s_global = module(student_view(x, cfg.student_input))
+                s_feats, s_global = module(student_view(x, cfg.student_input), criterion.head_grids(t_feats))
             loss, logs = criterion(s_feats, t_feats, s_global, t_global)
             accelerator.backward(loss)
             if accelerator.sync_gradients:

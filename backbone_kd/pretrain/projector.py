@@ -7,6 +7,7 @@ learns teacher-like features, and they are discarded (saved separately for analy
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PROJECTOR_KINDS = ("mlp", "linear")
@@ -63,9 +64,23 @@ class Projectors(nn.Module):
         )
         self.global_head = nn.Linear(student_channels[-1], global_dim) if global_dim else None
 
-    def forward(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """feats: [(B, C_i, h_i, w_i)] -> ([(B, D_i, h_i, w_i)], global (B, D_g) or None)."""
-        projected = [head(f) for head, f in zip(self.heads, feats)]
+    def forward(
+        self, feats: list[torch.Tensor], grids: list[tuple[int, int]] | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """feats: [(B, C_i, h_i, w_i)] -> ([(B, D_i, h_i, w_i)], global (B, D_g) or None).
+
+        ``grids``: per level, a grid to shrink the map to before its head when the map is larger (area average,
+        i.e. ``adaptive_avg_pool2d``: every student position contributes, and it runs in bf16 on CPUs, where
+        antialiased bilinear does not); levels already at or below their grid keep their size.
+        """
+        if grids is not None:
+            feats_in = [
+                F.adaptive_avg_pool2d(f, g) if f.shape[-2] > g[0] and f.shape[-1] > g[1] else f
+                for f, g in zip(feats, grids)
+            ]
+        else:
+            feats_in = feats
+        projected = [head(f) for head, f in zip(self.heads, feats_in)]
         pooled = self.global_head(feats[-1].mean(dim=(2, 3))) if self.global_head is not None else None
         return projected, pooled
 
@@ -81,6 +96,8 @@ class DistillStudent(nn.Module):
         self.backbone = backbone
         self.projectors = projectors
 
-    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """x: (B, 3, H, W) in [0, 1] -> ([(B, D_i, H/s_i, W/s_i)], (B, D_g) or None)."""
-        return self.projectors(self.backbone.features(x))
+    def forward(
+        self, x: torch.Tensor, grids: list[tuple[int, int]] | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """x: (B, 3, H, W) in [0, 1] -> ([(B, D_i, H/s_i, W/s_i)], (B, D_g) or None); ``grids``: see Projectors."""
+        return self.projectors(self.backbone.features(x), grids)

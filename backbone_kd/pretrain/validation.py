@@ -125,7 +125,7 @@ class Validator:
                         normalize_targets(level[start : start + len(x)].to(self.device), criterion.target_norm)
                         for level in self.targets
                     ]
-                    s_feats, _ = module(student_view(x, self.cfg.student_input))  # as in training
+                    s_feats, _ = module(student_view(x, self.cfg.student_input), criterion.head_grids(t))  # as trained
                     # Per-level cosine only, not the criterion: its global / queue / affinity terms need inputs
                     # validation does not have (and the queue must not see held-out images).
                     for i, s in enumerate(s_feats):
