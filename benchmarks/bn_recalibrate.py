@@ -32,11 +32,15 @@ from backbone_kd.probe.backbones import load_detector
 SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-def load_images(folder: Path, n: int, size: int) -> torch.Tensor:
-    """Up to ``n`` images of ``folder`` (recursive, sorted), squash-resized: (N, 3, size, size) in [0, 1]."""
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES)[:n]
+def load_images(source: Path, n: int, size: int) -> torch.Tensor:
+    """Up to ``n`` images of a folder (recursive, sorted) or a ``.txt`` list (one path per line, in its order),
+    squash-resized: (N, 3, size, size) in [0, 1]."""
+    if source.suffix == ".txt" and source.is_file():
+        paths = [Path(line) for line in source.read_text().split()][:n]
+    else:
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in SUFFIXES)[:n]
     if not paths:
-        raise FileNotFoundError(f"no images under {folder}; pass --images with a folder of .jpg/.png files")
+        raise FileNotFoundError(f"no images in {source}; pass a folder of .jpg/.png files or a .txt list of them")
     arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)) for p in paths]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 

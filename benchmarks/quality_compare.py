@@ -79,7 +79,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--det-single-cls",
         action="store_true",
-        help="class-agnostic detection probe (every box one class; results kept apart from the 80-class ones)",
+        help="class-agnostic detection probe and fine-tuning (every box one class; kept apart from 80-class results)",
     )
     p.add_argument("--skip-det", action="store_true", help="k-NN / linear probes only")
     p.add_argument(

@@ -117,8 +117,8 @@ def test_loss_applies_target_norm_to_every_level() -> None:
     common = torch.randn(1, 16, 1, 1) * 5
     teacher = [common + torch.randn(2, 16, 4, 4)]
     student = [common.expand(2, 16, 8, 8).clone(), common.expand(2, 16, 4, 4).clone()]
-    plain = DistillationLoss([1, 1], [0, 0])
-    centred = DistillationLoss([1, 1], [0, 0], target_norm="center")
+    plain = DistillationLoss([1, 1], [0, 0], target_norm="none")
+    centred = DistillationLoss([1, 1], [0, 0])  # the default
     loss_plain, _ = plain(student, teacher)
     loss_centred, logs = centred(student, teacher)
     assert loss_plain < 0.1 and loss_centred > 0.5  # the constant student is only rewarded without centring

@@ -439,9 +439,9 @@ def test_student_input_imagenet_feeds_normalised_images(image_dir, tmp_path, mon
     seen = []
     forward = DistillStudent.forward
 
-    def spy(self, inputs):
+    def spy(self, inputs, *rest):
         seen.append(float(inputs.min()))
-        return forward(self, inputs)
+        return forward(self, inputs, *rest)
 
     monkeypatch.setattr(DistillStudent, "forward", spy)
     run = pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path, steps=2, student_input="imagenet")))
@@ -493,3 +493,16 @@ def test_resume_with_an_option_that_changes_the_checkpoint_is_refused_by_name(im
     # the same options resume (and finish) as before
     run = pretrain(build_config(tiny_pretrain_args(image_dir, out, name="run", steps=2, resume="true")))
     assert (run / "backbone.safetensors").is_file()
+
+
+def test_resume_of_a_run_started_before_a_default_changed_keeps_its_objective(image_dir, tmp_path) -> None:
+    """target_norm's default became ``center``; a run whose config.yaml predates the key was trained with ``none``,
+    so resuming it with an unchanged command line is refused (the fix named) instead of switching its loss."""
+    out = tmp_path / "w"
+    run = pretrain(build_config(tiny_pretrain_args(image_dir, out, name="run", steps=1, save_every=1)))
+    recorded = run / "config.yaml"
+    recorded.write_text("".join(ln for ln in recorded.read_text().splitlines(True) if not ln.startswith("target_norm")))
+    with pytest.raises(ValueError, match=r"started with target_norm='none'.*resume with target_norm='none'"):
+        pretrain(build_config(tiny_pretrain_args(image_dir, out, name="run", steps=2, resume="true")))
+    args = tiny_pretrain_args(image_dir, out, name="run", steps=2, resume="true", target_norm="none")
+    assert (pretrain(build_config(args)) / "backbone.safetensors").is_file()

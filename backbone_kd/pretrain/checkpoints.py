@@ -131,6 +131,9 @@ def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
 
 # Options that decide which tensors a checkpoint holds (student layers, projector shapes, queue / EMA buffers): a run
 # resumed with another value cannot load it, and torch's key-by-key error does not say which option changed.
+# Options whose default changed, with the value runs started before the change used: resuming such a run with an
+# unchanged command line must not switch its objective silently (exact resume).
+OBJECTIVE_DEFAULTS_BEFORE = {"target_norm": "none"}
 STATE_SHAPING_OPTIONS = (
     "student",
     "teacher",
@@ -162,6 +165,14 @@ def check_resume_matches(config: dict[str, Any], checkpoint: Path) -> None:
     if not recorded.is_file():  # a checkpoint copied without its run folder: nothing to compare
         return
     old = yaml.safe_load(recorded.read_text(encoding="utf-8")) or {}
+    for key, before in OBJECTIVE_DEFAULTS_BEFORE.items():
+        started = old.get(key, before)  # a config.yaml without the key was written when ``before`` was the default
+        if key in config and started != config[key]:
+            raise ValueError(
+                f"--resume {checkpoint}: that run was started with {key}={started!r}, this one has "
+                f"{key}={config[key]!r} (the default changed), which changes the loss it optimises; resume with "
+                f"{key}={started!r} or start a new run (another --name)"
+            )
     for key in STATE_SHAPING_OPTIONS:
         if key in old and key in config and old[key] != config[key]:
             raise ValueError(

@@ -114,9 +114,9 @@ class PretrainConfig:
     level_weights: Any = _f(None, "loss weight per tapped level (default equal)")
     smooth_l1_weight: float = _f(0.0, "weight of smooth-L1 to per-channel standardised teacher features")
     target_norm: str = _f(
-        "none",
-        "teacher targets per channel over batch and tokens before the loss: none, center (minus the mean token) or "
-        "standardize (also / std)",
+        "center",
+        "teacher targets per channel over batch and tokens before the loss: center (minus the batch's mean token; "
+        "the default, see docs/results.md), standardize (also / std) or none",
     )
     cosine_weight: float = _f(1.0, "weight of the per-token 1-cos(student, teacher) term (0: relational terms only)")
     global_weight: float = _f(0.0, "weight of the global term on the pooled last student level vs the teacher CLS")

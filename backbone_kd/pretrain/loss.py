@@ -146,7 +146,8 @@ class DistillationLoss(nn.Module):
         affinity_weight: Weight of :func:`patch_affinity_kl` per level (0 disables); ``affinity_temperature`` its T.
         cosine_weight: Weight of the per-token cosine term (0: relational terms only; ``cos_<level>`` is still logged).
         queue: The teacher-CLS queue of the queue KL (None: the cosine global term).
-        target_norm: :func:`normalize_targets` mode applied to every teacher map before the per-level terms.
+        target_norm: :func:`normalize_targets` mode applied to every teacher map before the per-level terms
+            (default ``center``, as the config's).
     """
 
     def __init__(
@@ -162,7 +163,7 @@ class DistillationLoss(nn.Module):
         cosine_weight: float = 1.0,
         queue: TeacherQueue | None = None,
         global_temperature: float = 0.07,
-        target_norm: str = "none",
+        target_norm: str = "center",
     ) -> None:
         super().__init__()
         if target_norm not in TARGET_NORMS:
