@@ -26,10 +26,9 @@ from PIL import Image
 from torch import nn
 
 from backbone_kd.backbone_file import write_backbone_file
+from backbone_kd.pretrain.sources import IMAGE_SUFFIXES
 from backbone_kd.pretrain.student import YoloBackbone
 from backbone_kd.probe.backbones import load_detector
-
-SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def load_images(source: Path, n: int, size: int) -> torch.Tensor:
@@ -38,7 +37,7 @@ def load_images(source: Path, n: int, size: int) -> torch.Tensor:
     if source.suffix == ".txt" and source.is_file():
         paths = [Path(line) for line in source.read_text().split()][:n]
     else:
-        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in SUFFIXES)[:n]
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
     if not paths:
         raise FileNotFoundError(f"no images in {source}; pass a folder of .jpg/.png files or a .txt list of them")
     arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)) for p in paths]
@@ -57,14 +56,15 @@ def recalibrate(backbone: YoloBackbone, images: torch.Tensor, batch_size: int = 
         The number of BatchNorm layers re-estimated.
     """
     bns = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # None = cumulative moving average: every batch weighs the same
     backbone.train()
     for start in range(0, len(images), batch_size):
         backbone.features(images[start : start + batch_size])
-    for bn in bns:
-        bn.momentum = 0.03  # ultralytics' value, so a later fine-tuning run behaves as usual
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum  # the model's own value, so a later fine-tuning run behaves as usual
     return len(bns)
 
 
