@@ -56,9 +56,15 @@ def test_bad_input_fails_before_models_load(tmp_path, capsys) -> None:
     assert main(["--unlabeled", str(tmp_path), "--imgsz", "64"]) == 2
 
 
-@pytest.mark.parametrize("schedule", [None, "[[0.5, 96]]"], ids=["one_size", "size_switch_at_resume"])
-def test_resume_matches_uninterrupted_run(image_dir, tmp_path, monkeypatch, capsys, schedule) -> None:
-    common = {"steps": 6, "gradient_accumulation_steps": 2, "batch_size": 2}
+@pytest.mark.parametrize(
+    "schedule, optimizer",
+    [(None, "adamw"), ("[[0.5, 96]]", "adamw"), (None, "lars")],
+    ids=["one_size", "size_switch_at_resume", "lars_momentum_resumes"],
+)
+def test_resume_matches_uninterrupted_run(image_dir, tmp_path, monkeypatch, capsys, schedule, optimizer) -> None:
+    common = {"steps": 6, "gradient_accumulation_steps": 2, "batch_size": 2, "optimizer": optimizer}
+    if optimizer == "lars":  # LARS steps are ~lr * 0.001 of each tensor's norm: its learning rates are ~1000x AdamW's
+        common["lr"] = 0.5
     if schedule:  # 64 px for steps 1-3, 96 px for 4-6: the resumed run must start in the second phase
         common["image_size_schedule"] = schedule
     straight = pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "a", **common)))
@@ -339,8 +345,12 @@ def no_host_reads(monkeypatch):
     return guard
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_adamw_no_sync", "foreach_fallback"])
-def test_nonfinite_step_changes_nothing(fused, no_host_reads, fresh_accelerate_state) -> None:
+@pytest.mark.parametrize(
+    "fused, kind",
+    [(True, "adamw"), (False, "adamw"), (False, "lars")],
+    ids=["fused_adamw_no_sync", "foreach_fallback", "lars"],
+)
+def test_nonfinite_step_changes_nothing(fused, kind, no_host_reads, fresh_accelerate_state) -> None:
     import contextlib
     import copy
 
@@ -348,13 +358,15 @@ def test_nonfinite_step_changes_nothing(fused, no_host_reads, fresh_accelerate_s
 
     from backbone_kd.pretrain.loop import _optimizer_step
 
-    cfg = build_config(unlabeled=["x"], grad_clip=1.0, weight_decay=0.05)
+    cfg = build_config(
+        unlabeled=["x"], grad_clip=1.0, weight_decay=0.05, optimizer=kind, lr=0.5 if kind == "lars" else 1e-3
+    )
     accelerator = Accelerator(cpu=True)
     module = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
     optimizer = pretrain_setup.build_optimizer(module, cfg, accelerator.device)
-    if not fused:  # an optimizer without a found_inf hook: the skip takes the (syncing) host check
+    if not fused and kind == "adamw":  # an optimizer without a found_inf hook: the skip takes the (syncing) host check
         optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    assert bool(optimizer.defaults["fused"]) is fused
+    assert bool(optimizer.defaults.get("fused")) is fused
     module, optimizer = accelerator.prepare(module, optimizer)
     params = list(module.parameters())
 
@@ -486,7 +498,7 @@ def test_resume_with_an_option_that_changes_the_checkpoint_is_refused_by_name(im
     missing keys; it is now refused up front, naming the option, both values and the fix."""
     out = tmp_path / "w"
     pretrain(build_config(tiny_pretrain_args(image_dir, out, name="run", steps=1, save_every=1)))
-    for key, value in (("distill_neck", "true"), ("projector", "linear")):
+    for key, value in (("distill_neck", "true"), ("projector", "linear"), ("optimizer", "lars")):
         with pytest.raises(ValueError, match=rf"started with {key}=.*resume with {key}="):
             args = tiny_pretrain_args(image_dir, out, name="run", steps=2, resume="true", **{key: value})
             pretrain(build_config(args))

@@ -146,6 +146,7 @@ STATE_SHAPING_OPTIONS = (
     "global_loss",
     "global_queue_size",
     "ema_decay",
+    "optimizer",
 )
 
 

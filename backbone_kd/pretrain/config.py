@@ -151,8 +151,13 @@ class PretrainConfig:
     # optimisation
     steps: int | None = _f(None, "optimizer steps (overrides epochs)")
     epochs: float = _f(10.0, "passes over the unlabeled set (used when steps is not given)")
-    lr: float = _f(1e-3, "AdamW peak learning rate (for the global batch; not auto-scaled)")
-    weight_decay: float = _f(0.05, "AdamW weight decay (not applied to norms and biases)")
+    optimizer: str = _f(
+        "adamw",
+        "adamw, or lars (SGD-momentum 0.9 with a layer-wise trust ratio, lightly-train v2's optimizer; it needs a "
+        "~1000x larger lr, e.g. 9.0 * sqrt(batch / 1536): 0.92 at batch 16)",
+    )
+    lr: float = _f(1e-3, "peak learning rate (for the global batch; not auto-scaled)")
+    weight_decay: float = _f(0.05, "weight decay (not applied to norms and biases)")
     warmup_steps: int | None = _f(None, "linear warmup steps (default 5% of steps)")
     min_lr_ratio: float = _f(0.01, "cosine decays to lr * min_lr_ratio")
     grad_clip: float = _f(3.0, "max global grad norm (0 = off)")
@@ -414,6 +419,7 @@ def _check_values(cfg: PretrainConfig) -> None:
         f"teacher_cache_grid={cfg.teacher_cache_grid} must be >= 1 tokens per side, e.g. 8 (or null for the full grid)",
     )
     need(cfg.warmup_steps is None or cfg.warmup_steps >= 0, f"warmup_steps={cfg.warmup_steps} must be >= 0")
+    need(cfg.optimizer in ("adamw", "lars"), f"optimizer must be adamw or lars, got {cfg.optimizer!r}")
     need(cfg.projector in ("mlp", "linear"), f"projector must be mlp or linear, got {cfg.projector!r}")
     need(
         cfg.align in ("student_to_teacher", "resize_first", "teacher_to_student"),

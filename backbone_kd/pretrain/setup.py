@@ -23,6 +23,7 @@ from torch import nn
 from backbone_kd.io_utils import atomic_save_safetensors, atomic_write_text
 from backbone_kd.pretrain.checkpoints import disk_full
 from backbone_kd.pretrain.config import PretrainConfig
+from backbone_kd.pretrain.lars import LARS
 
 LOGGER = logging.getLogger("backbone_kd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -239,14 +240,19 @@ def _imagenet_constants(device: torch.device, dtype: torch.dtype) -> tuple[torch
 
 
 def build_optimizer(module: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW without weight decay on norms and biases (1-D tensors); fused kernels wherever torch has them.
+    """AdamW (or LARS) without weight decay on norms and biases (1-D tensors); fused AdamW wherever torch has it.
 
     Fused kernels (CUDA; CPU since torch 2.4) are one launch per step, and they take a ``found_inf`` tensor that skips
     a non-finite step on the device, which the loop uses to avoid a host sync per step (``loop._optimizer_step``).
+    LARS has no such hook, so with ``optimizer=lars`` the loop decides a non-finite skip on the host. Its norms and
+    biases take plain SGD-momentum steps, without the trust ratio (SimCLR / BYOL / lightly-train convention).
     """
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "lars":
+        groups[1]["adapt"] = False
+        return LARS(groups, lr=cfg.lr)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=_fused_optimizer_supported(device))
 
 
