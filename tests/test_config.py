@@ -143,6 +143,7 @@ ENUMERATED = {
     "projector": ["mlp", "linear"],
     "align": ["student_to_teacher", "resize_first", "teacher_to_student"],
     "target_norm": ["none", "center", "standardize"],
+    "optimizer": ["adamw", "lars"],
 }
 CASES = [(key, value) for key, values in ENUMERATED.items() for value in values]
 
