@@ -237,11 +237,13 @@ def run_lightly(name: str, args: argparse.Namespace, seed: int, work: Path, weig
     return {"backbone": str(run / "backbone.safetensors"), "wall_s": summary["wall_s"]}
 
 
-def _ms(values: list[float]) -> dict[str, float]:
+def _ms(values: list[float]) -> dict[str, Any]:
+    """Mean, sample std and count, plus the values in seed order (a two-seed mean hides which seed moved)."""
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
         "n": len(values),
+        "values": list(values),
     }
 
 
@@ -399,10 +401,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(out: dict) -> str:
-    def f(d: dict | None, digits: int = 3) -> str:
+    def f(d: dict | None, digits: int = 3, seeds: bool = False) -> str:
+        """``mean ± std``; with ``seeds``, the per-seed values in brackets (a small gap needs them)."""
         if not d:
             return "—"
-        return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}" if d.get("n", 1) > 1 else f"{d['mean']:.{digits}f}"
+        if d.get("n", 1) <= 1:
+            return f"{d['mean']:.{digits}f}"
+        text = f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
+        if seeds and d.get("values"):
+            text += " (" + " / ".join(f"{v:.{digits}f}" for v in d["values"]) + ")"
+        return text
 
     head = [
         "row",
@@ -426,10 +434,10 @@ def markdown(out: dict) -> str:
             + " | ".join(
                 [
                     name,
-                    f(r.get("det_final", {}).get("map50_95"), 4),
+                    f(r.get("det_final", {}).get("map50_95"), 4, seeds=True),
                     f(r.get("det_final", {}).get("map50"), 4),
                     f(r.get("det_best", {}).get("map50_95"), 4),
-                    f(r.get("ft_final", {}).get("map50_95"), 4),
+                    f(r.get("ft_final", {}).get("map50_95"), 4, seeds=True),
                     f(r["knn10"]),
                     f(r["knn20"]),
                     f(r["linear"]),
