@@ -35,8 +35,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def variant_fn(teacher: Any, variant: str, backend: str | None) -> Callable[[torch.Tensor], Any]:
-    """The teacher's ``encode`` as ``variant`` runs it; compiled variants are separate function objects so dynamo
-    keeps one cache entry per variant instead of reusing the first one's graph."""
+    """The teacher's ``encode`` as ``variant`` runs it. Both compiled variants compile the same code object; dynamo
+    guards each cache entry on the backend that made it, so the frozen variant gets its own graph rather than the plain
+    one's (tests/test_teacher_compile_bench.py checks that freezing runs)."""
     if variant == "eager":
         return teacher.encode
     kwargs: dict[str, Any] = {"backend": backend} if backend else {}
