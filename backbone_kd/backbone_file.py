@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from backbone_kd.io_utils import atomic_save_safetensors
+from backbone_kd.model_yaml import validate_model_yaml
 
 FORMAT = "backbone_kd.backbone/1"
 # Written by write_backbone_file itself; a caller may pass them only with the value we would write anyway.
@@ -129,7 +130,7 @@ def write_backbone_file(
     layers = sorted({layer_index(k) for k in tensors})
     fixed = {
         "format": FORMAT,
-        "student_yaml": inner.yaml,
+        "student_yaml": validate_model_yaml(inner.yaml, "the student model"),  # never write what we would not build
         "n_backbone_layers": len([i for i in layers if i < n_backbone]),
         "n_layers": n,  # the file covers layers 0 .. n-1
         # from what is written, not passed in: a file cannot claim a neck it does not hold
@@ -163,6 +164,7 @@ def read_backbone_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is not a safetensors file or not a ``backbone_kd.backbone`` export.
+        UnsafeModelYamlError: its ``student_yaml`` is not a plain architecture description (a ValueError).
     """
     from safetensors import SafetensorError, safe_open
 
@@ -190,6 +192,8 @@ def read_backbone_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     bad = [k for k in tensors if layer_index(k) is None]
     if bad or not tensors:
         raise ValueError(f"{path} claims {FORMAT} but holds no 'model.<i>.' tensors (e.g. {bad[:3]}); re-export it")
+    # the file may come from anywhere and models are built from this yaml: only a plain architecture passes
+    meta["student_yaml"] = validate_model_yaml(meta.get("student_yaml"), path)
     return tensors, meta
 
 

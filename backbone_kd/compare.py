@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from backbone_kd.compare_report import RunResult, to_markdown, write_report
+from backbone_kd.release_weights import release_name, resolve_pt
 from backbone_kd.safe_load import TRUST_FLAG, load_yolo_model
 
 CSV_KEYS = {
@@ -238,7 +239,8 @@ def compare(
         path, label = Path(src), names[i] if names else None
         if path.is_dir():
             r = load_run(path, label)
-        elif path.suffix == ".pt" and path.is_file():
+        elif path.suffix == ".pt" and (path.is_file() or release_name(src) is not None):
+            path = resolve_pt(src, "input")  # a release name (yolov8n.pt) resolves as YOLO("yolov8n.pt") does
             if not data:
                 raise ValueError(f"{src} is a weights file; pass --data DATA.yaml to evaluate it")
             r = RunResult(name=label or path.stem, source=str(path), weights=str(path))

@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
+from backbone_kd.io_utils import atomic_write, atomic_write_text
 from backbone_kd.pretrain.teacher_weights import hub_reachable
 
 NAMES = {0: "rectangle", 1: "ellipse"}
@@ -42,11 +43,12 @@ def make_shapes_dataset(root: Path, n_train: int = 32, n_val: int = 8, size: int
                 box = (int(x0), int(y0), int(x0 + w), int(y0 + h))
                 (draw.rectangle if cls == 0 else draw.ellipse)(box, fill=colour)
                 lines.append(f"{cls} {(x0 + w / 2) / size:.6f} {(y0 + h / 2) / size:.6f} {w / size:.6f} {h / size:.6f}")
-            image.save(root / "images" / split / f"{i:04d}.jpg", quality=92)
-            (root / "labels" / split / f"{i:04d}.txt").write_text("\n".join(lines) + "\n")
+            # atomic writes: a link planted in a reused folder is replaced, its target never written
+            atomic_write(root / "images" / split / f"{i:04d}.jpg", lambda p, im=image: im.save(p, "JPEG", quality=92))
+            atomic_write_text("\n".join(lines) + "\n", root / "labels" / split / f"{i:04d}.txt")
     data = {"path": str(root.resolve()), "train": "images/train", "val": "images/val", "names": NAMES}
     path = root / "shapes.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(yaml.safe_dump(data, sort_keys=False), path)
     return path
 
 

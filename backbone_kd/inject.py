@@ -16,7 +16,6 @@ by key and shape, so every injected tensor reaches the trainer.
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import sys
@@ -37,7 +36,9 @@ from backbone_kd.backbone_file import (
     read_backbone_file,
 )
 from backbone_kd.io_utils import atomic_path
-from backbone_kd.safe_load import UnsafeCheckpointError, load_yolo_checkpoint
+from backbone_kd.model_yaml import RefusedInputError, build_model, load_model_yaml
+from backbone_kd.release_weights import resolve_pt
+from backbone_kd.safe_load import load_yolo_checkpoint, rebuild_clean
 
 INJECT_FORMAT = "backbone_kd.inject/1"
 # Tasks whose models are a detection backbone + neck + a Detect-derived head (ultralytics subclasses of
@@ -103,25 +104,26 @@ def _load_target(into: str, nc: int | None, trust_pickle: bool = False) -> tuple
 
     suffix = Path(into).suffix.lower()
     if suffix == ".pt":
-        if not Path(into).is_file():
-            raise FileNotFoundError(f"--into {into} not found; pass an existing ultralytics .pt or a model .yaml")
+        into = str(resolve_pt(into, "--into"))  # a release name (yolov8n.pt) resolves as YOLO("yolov8n.pt") does
         ckpt = load_yolo_checkpoint(into, trust_pickle=trust_pickle)
         model = ckpt.get("ema") or ckpt.get("model")  # same preference as ultralytics' load_checkpoint
         if not isinstance(model, tasks.DetectionModel):
             raise ValueError(f"{into} holds {type(model).__name__}, not an ultralytics detect/segment/pose/obb model")
+        if trust_pickle:  # the unpickled objects stay behind: the output holds a model rebuilt from a checked yaml
+            model = rebuild_clean(model, into)
     elif suffix in {".yaml", ".yml"}:
-        cfg = tasks.yaml_model_load(into)  # resolves names like yolov8n.yaml from ultralytics' bundled configs
+        cfg = load_model_yaml(into)  # resolves names like yolov8n.yaml from ultralytics' bundled configs; checked
         task = tasks.guess_model_task(cfg)
         if task not in TASK_MODELS:
             raise ValueError(f"{into} is a {task!r} model yaml; inject-backbone writes {', '.join(TASK_MODELS)} models")
-        return getattr(tasks, TASK_MODELS[task])(cfg, nc=nc, verbose=False), {}, None
+        return build_model(cfg, into, nc=nc, task=task), {}, None
     else:
         raise ValueError(f"--into {into} must be an ultralytics .pt checkpoint or a model .yaml")
     if nc is None or nc == model.model[-1].nc:
         return model, ckpt, None
     # New class count: rebuild from the model's own yaml and carry over every tensor whose key and shape still match.
     dtype = next(model.parameters()).dtype
-    new = type(model)(copy.deepcopy(model.yaml), ch=model.yaml.get("channels", 3), nc=nc, verbose=False)
+    new = build_model(model.yaml, into, nc=nc, task=tasks.guess_model_task(model))
     new_sd, old_sd = new.state_dict(), model.state_dict()
     keep = {k: v for k, v in old_sd.items() if k in new_sd and new_sd[k].shape == v.shape}
     new.load_state_dict(keep, strict=False)
@@ -345,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             trust_pickle=args.trust_pickle,
         )
-    except UnsafeCheckpointError as e:  # a refused pickle is bad input, like an argparse error
+    except RefusedInputError as e:  # a refused pickle or model yaml is bad input, like an argparse error
         print(f"inject-backbone: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -160,3 +160,26 @@ def atomic_save_safetensors(
 def atomic_write_text(text: str, path: str | os.PathLike, overwrite: bool = True) -> Path:
     """Write UTF-8 text atomically."""
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), overwrite=overwrite)
+
+
+def append_text_no_follow(text: str, path: str | os.PathLike) -> None:
+    """Append UTF-8 text to ``path`` (created ``0o666 & ~umask``), refusing to write through a symbolic link.
+
+    For append-only logs in reused run folders, where a link planted under the log's name would otherwise get its
+    target written. ``O_NOFOLLOW`` makes the check and the open one step (no window between them).
+
+    Raises:
+        OSError: ``path`` is a symbolic link (the message says to remove it).
+    """
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    if not hasattr(os, "O_NOFOLLOW") and path.is_symlink():  # Windows: no O_NOFOLLOW; check, then open
+        raise OSError(f"{path} is a symbolic link; remove it (backbone_kd never writes through a link)")
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if path.is_symlink():
+            raise OSError(f"{path} is a symbolic link; remove it (backbone_kd never writes through a link)") from e
+        raise
+    with os.fdopen(fd, "a", encoding="utf-8") as fh:
+        fh.write(text)

@@ -1,69 +1,75 @@
-"""Open ultralytics ``.pt`` files (and our own ``.pt`` side files) without running code stored in them.
+"""Open ultralytics ``.pt`` files (and our own ``.pt`` side files) as data, never as code.
 
-ultralytics' loader (``torch_safe_load`` / ``load_checkpoint``) unpickles with ``weights_only=False``, so opening a
-downloaded ``.pt`` — ``inject-backbone --info x.pt`` included — can run whatever code the file carries. Every ``.pt``
-this package opens goes through :func:`load_yolo_checkpoint` (or :func:`load_state_file`) instead:
+ultralytics' loader unpickles with ``weights_only=False``, so opening a downloaded ``.pt`` can run whatever code the
+file carries; even ``torch.load(weights_only=True)`` calls allow-listed callables with arguments the file picks. Every
+``.pt`` this package opens goes through :func:`load_yolo_checkpoint` (or :func:`load_state_file`) instead:
 
-1. Before anything is unpickled, the pickle's opcodes are *read*, not executed. Every global the file names must be
-   on torch's ``weights_only`` allow-list or on ours (:func:`allowed_globals`: the ``nn.Module`` classes defined in
-   ``ultralytics.nn.modules.*``, ``ultralytics.nn.tasks`` and ``torch.nn.modules.*``, the classes of
-   ``ultralytics.utils.loss`` / ``ultralytics.utils.tal``, ``IterableSimpleNamespace``, numpy scalars and dtypes,
-   paths, and a restricted ``getattr``). Allow-listed *classes* may only be created the way pickle stores objects
-   (``NEWOBJ``: ``cls.__new__`` plus a ``__dict__`` update). A file that *calls* one (``REDUCE``) is refused: a call
-   runs ``__init__``, and ultralytics' model constructors ``eval`` strings from the model yaml they are given.
-2. ``torch.load(weights_only=True)`` unpickles the file inside ``torch.serialization.safe_globals`` holding only the
-   allow-listed globals this file names (a short list keeps torch's restricted unpickler fast).
-3. The model yaml inside is checked the way ultralytics' own restricted loader checks it (a literal ``activation``,
-   layers that are ``nn.Module`` classes): rebuilding the model from its yaml (a new head, ultralytics' trainer)
-   would otherwise ``eval`` it.
+1. :func:`backbone_kd.pt_reader.read_pt` reads the archive with torch's own reader and unpickles it without importing
+   or calling anything the file names: tensors are rebuilt by emulations that check their arguments, every other
+   object becomes an inert record (name, arguments, state).
+2. A policy names what a checkpoint may mention (:func:`checkpoint_globals`: the layer and model classes of
+   ``torch.nn`` and ``ultralytics.nn``, ultralytics' loss classes, ``IterableSimpleNamespace``, classification
+   transforms, and the emulated data types) and refuses anything else (``builtins.exec``), a record of a layer or
+   model class that the file *calls* (a real unpickler would run its ``__init__``), and ``getattr`` references other
+   than the ``Detect.forward`` kind old seg/pose files hold.
+3. Each model is **rebuilt** from its yaml after :func:`backbone_kd.model_yaml.validate_model_yaml` has checked it is a
+   plain architecture description, and the recorded parameters and buffers are loaded into it strictly (same names,
+   same shapes). Nothing of the file's objects survives but tensors and plain data.
 
-A refused file raises :class:`UnsafeCheckpointError` (a ``ValueError``) whose message is one line naming the
-offending global and the way out: ``--trust-pickle`` (``trust_pickle=True`` in Python) opens the file with
-ultralytics' own, unrestricted loader — only for files you trust. Needs torch >= 2.6 (``safe_globals`` aliases).
+A refused file raises :class:`UnsafeCheckpointError` (a ``ValueError``) whose message is one line naming the file,
+what was refused and the way out: ``--trust-pickle`` (``trust_pickle=True``) opens the file with ultralytics' own,
+unrestricted loader — only for files you trust.
 """
 
 from __future__ import annotations
 
-import ast
 import functools
 import importlib
-import inspect
-import pickle
-import pickletools
 import pkgutil
-import re
-import zipfile
-from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-TRUST_FLAG = "--trust-pickle"
-_UNKNOWN = ("?", "")  # a simulated stack item that is not a named global or a string
-_STRING_OPS = frozenset(
-    {"BINUNICODE", "SHORT_BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+from backbone_kd.model_yaml import (
+    TASK_MODELS,
+    RefusedInputError,
+    UnsafeModelYamlError,
+    build_model,
+    validate_model_yaml,
 )
-_KEEP_TARGET = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})  # mutate, keep the target
-_CALL_OPS = frozenset({"REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST"})
+from backbone_kd.pt_reader import EMULATED, TENSOR_GLOBALS, AttrRef, Opaque, Refused, read_pt
+from backbone_kd.release_weights import resolve_pt
+
+TRUST_FLAG = "--trust-pickle"
+MODEL_CLASSES = {f"ultralytics.nn.tasks.{cls}": task for task, cls in TASK_MODELS.items()} | {
+    "ultralytics.nn.tasks.YOLOv10DetectionModel": "detect"
+}
+_YOLOV5 = "it is a file of the YOLOv5 repository ({name}), which ultralytics 8.x cannot rebuild"
+_YOLOV5_FIX = (
+    f"so transfer its weights by key and shape into ultralytics' yolov5*u.yaml, or pass {TRUST_FLAG} if you trust it"
+)
+MAX_NODES = 2_000_000
+MAX_MODULE_DEPTH = 64
 
 
-class UnsafeCheckpointError(ValueError):
-    """A file refused because unpickling it could run code; ``str(err)`` is one line that names the fix.
+class UnsafeCheckpointError(RefusedInputError):
+    """A file refused because it holds something a checkpoint does not; ``str(err)`` is one line that names the fix.
 
     Attributes:
         path: The refused file.
         offending: The global (or yaml entry) that caused the refusal.
     """
 
-    def __init__(self, path: str | Path, problem: str, offending: str) -> None:
+    def __init__(self, path: str | Path, problem: str, offending: str, fix: str | None = None) -> None:
         self.path = Path(path)
         self.offending = offending
-        super().__init__(
-            f"refusing to unpickle {self.path}: {problem}, so loading it could run code from the file; "
-            f"if you trust {self.path.name}, pass {TRUST_FLAG} (Python: trust_pickle=True)"
+        fix = fix or (
+            f"so loading it could run code from the file; if you trust {self.path.name}, pass {TRUST_FLAG} "
+            "(Python: trust_pickle=True)"
         )
+        super().__init__(f"refusing to load {self.path}: {problem}, {fix}")
 
 
 def as_trust_flag(value: Any) -> bool:
@@ -78,30 +84,15 @@ def as_trust_flag(value: Any) -> bool:
     raise ValueError(f"trust_pickle must be true or false, got {value!r}")
 
 
-def _restricted_getattr(obj: Any, name: str) -> Any:
-    """``builtins.getattr`` as older seg/pose checkpoints use it (``self.detect = Detect.forward``).
-
-    Only ``forward*`` functions of model classes and the bound ``forward`` of a model instance are handed out: no
-    class (a later ``REDUCE`` could call it) and no other callable that a later ``forward`` call could reach.
-    """
-    if isinstance(obj, type) and issubclass(obj, nn.Module) and name.startswith("forward"):
-        value = getattr(obj, name, None)
-        if inspect.isfunction(value):
-            return value
-    elif isinstance(obj, nn.Module) and name in {"forward", "forward_fuse"}:
-        return getattr(type(obj), name).__get__(obj)
-    raise pickle.UnpicklingError(f"getattr({getattr(obj, '__name__', type(obj).__name__)}, {name!r}) is not allowed")
-
-
-def _classes_in(package: str, modules_only: bool) -> dict[str, type]:
-    """``{"module.Class": Class}`` for classes *defined* in ``package`` and its direct submodules."""
+def _classes_in(package: str, modules_only: bool) -> set[str]:
+    """``"module.Class"`` names of classes *defined* in ``package`` and its direct submodules (names only)."""
     pkg = importlib.import_module(package)
     names = [package] + [f"{package}.{m.name}" for m in pkgutil.iter_modules(getattr(pkg, "__path__", []))]
-    found: dict[str, type] = {}
+    found: set[str] = set()
     for module_name in names:
         try:
             module = importlib.import_module(module_name)
-        except ImportError:  # an optional dependency is missing: its classes cannot be in a file we can load anyway
+        except ImportError:  # an optional dependency is missing: nothing of it can be in a file we read anyway
             continue
         for obj in vars(module).values():
             if (
@@ -109,220 +100,195 @@ def _classes_in(package: str, modules_only: bool) -> dict[str, type]:
                 and obj.__module__ == module_name
                 and (not modules_only or issubclass(obj, nn.Module))
             ):
-                found[f"{module_name}.{obj.__qualname__}"] = obj
+                found.add(f"{module_name}.{obj.__qualname__}")
     return found
 
 
 @functools.cache
-def _registry() -> tuple[dict[str, Any], frozenset[str]]:
-    """``(allowed, callable_names)``: our allow-list and the entries a pickle may *call* (``REDUCE``)."""
-    import numpy as np
-    from ultralytics.nn.tasks import DetectionModel
-    from ultralytics.utils import IterableSimpleNamespace
-
-    allowed: dict[str, Any] = {}
+def layer_globals() -> frozenset[str]:
+    """Names of the layer and model classes a checkpoint's module records may carry."""
+    names: set[str] = set()
     for package in ("torch.nn.modules", "ultralytics.nn.modules", "ultralytics.nn.tasks"):
-        allowed.update(_classes_in(package, modules_only=True))
+        names |= _classes_in(package, modules_only=True)
+    names |= {"ultralytics.nn.modules.block.Silence", "ultralytics.nn.tasks.YOLOv10DetectionModel"}
+    return frozenset(names - {"torch.nn.modules.module.Module"})
+
+
+@functools.cache
+def checkpoint_globals() -> frozenset[str]:
+    """Every global an ultralytics checkpoint may name: emulated data types, then inert records of the rest."""
+    names = set(EMULATED) | set(layer_globals())
     for package in ("ultralytics.utils.loss", "ultralytics.utils.tal"):  # criterion state in older training files
-        allowed.update(_classes_in(package, modules_only=False))
-    # Names that old checkpoints use for classes that moved or were merged (ultralytics maps the same ones).
-    allowed["ultralytics.nn.modules.block.Silence"] = nn.Identity
-    allowed["ultralytics.nn.tasks.YOLOv10DetectionModel"] = DetectionModel
-    e2e_loss = allowed.get("ultralytics.utils.loss.E2EDetectLoss")
-    if e2e_loss is not None:
-        allowed["ultralytics.utils.loss.v10DetectLoss"] = e2e_loss
-    allowed.pop("torch.nn.modules.module.Module", None)  # the bare base class is never pickled
-
-    # Entries a pickle legitimately calls: their calls build data, never models or run code.
-    scalar = np.float64(0).__reduce__()[0]  # numpy's scalar constructor (best_fitness, metrics as numpy floats)
-    path_cls = type(Path())  # a Path pickled on either OS becomes this machine's flavour
-    callables: dict[str, Any] = {
-        "builtins.getattr": _restricted_getattr,
-        "numpy.core.multiarray.scalar": scalar,
-        "numpy._core.multiarray.scalar": scalar,
-        "numpy.dtype": np.dtype,
-        "ultralytics.utils.IterableSimpleNamespace": IterableSimpleNamespace,
-        "ultralytics.yolo.utils.IterableSimpleNamespace": IterableSimpleNamespace,
-        **{f"{m}.{c}": path_cls for m in ("pathlib", "pathlib._local") for c in ("PosixPath", "WindowsPath")},
-    }
-    allowed.update(callables)
-    for kind in (np.float16, np.float32, np.float64, np.int32, np.int64, np.uint8, np.bool_):
-        dtype_cls = type(np.dtype(kind))  # built (BUILD) when a numpy scalar is unpickled
-        allowed[f"{dtype_cls.__module__}.{dtype_cls.__qualname__}"] = dtype_cls
-    return allowed, frozenset(callables)
+        names |= _classes_in(package, modules_only=False)
+    names |= {"ultralytics.utils.loss.v10DetectLoss"}
+    names |= {f"{m}.IterableSimpleNamespace" for m in ("ultralytics.utils", "ultralytics.yolo.utils")}
+    transforms = ("Compose", "Normalize", "Resize", "CenterCrop", "ToTensor")  # ClassificationModel.transforms
+    names |= {f"torchvision.transforms.transforms.{t}" for t in transforms}
+    names |= {"torchvision.transforms.functional.InterpolationMode"}
+    return frozenset(names)
 
 
-def allowed_globals() -> dict[str, Any]:
-    """Our allow-list, ``{"module.qualname": object}`` (torch's own ``weights_only`` list comes on top)."""
-    return dict(_registry()[0])
+def _read(path: Path, allowed: frozenset[str]) -> Any:
+    """``read_pt`` plus the policy: every global named must be in ``allowed``."""
+    try:
+        result = read_pt(path)
+    except Refused as e:
+        raise UnsafeCheckpointError(path, f"{e}", str(e)) from None
+    for name in result.globals_named:
+        if name not in allowed:
+            if name.startswith("models."):
+                raise UnsafeCheckpointError(path, _YOLOV5.format(name=repr(name)), name, _YOLOV5_FIX)
+            raise UnsafeCheckpointError(path, f"it needs global {name!r}, which is not on the allow-list", name)
+    return result.root
 
 
-def _torch_default_globals() -> dict[str, Any] | None:
-    """torch's built-in ``weights_only`` allow-list (tensors, storages, OrderedDict...); None if torch hides it."""
-    from torch import _weights_only_unpickler
-
-    getter = getattr(_weights_only_unpickler, "_get_allowed_globals", None)
-    return getter() if getter is not None else None
-
-
-def _normalise(module: str, name: str) -> str:
-    # torch.save writes protocol 2, which spells builtins "__builtin__"; torch's unpickler maps names the same way
-    if (module, name) in NAME_MAPPING:
-        module, name = NAME_MAPPING[(module, name)]
-    elif module in IMPORT_MAPPING:
-        module = IMPORT_MAPPING[module]
-    return f"{module}.{name}"
+def _children(node: Any) -> list[Any]:
+    if isinstance(node, dict):
+        return [*node.keys(), *node.values()]
+    if isinstance(node, list | tuple | set | frozenset):
+        return list(node)
+    if isinstance(node, Opaque):
+        return [*node.args, *node.kwargs.values(), node.state, *node.items.values(), *node.listitems]
+    if isinstance(node, AttrRef):
+        return [node.owner]
+    return []
 
 
-def scan_pickle(data: bytes) -> tuple[list[str], list[tuple[str, str | None]]]:
-    """Read a pickle's opcodes without executing them.
+def _check_attr_ref(ref: AttrRef, path: Path) -> None:
+    """Old seg/pose files hold ``Detect.forward`` as ``getattr(Detect, "forward")``: only ``forward*`` of a layer."""
+    owner = ref.owner
+    owner_name = getattr(owner, "qualname", "?")
+    layer = owner_name in layer_globals()
+    is_class = isinstance(owner, type) and issubclass(owner, Opaque)
+    ok = layer and (ref.name.startswith("forward") if is_class else ref.name in {"forward", "forward_fuse"})
+    ok = ok or (owner_name.endswith("InterpolationMode") and is_class and ref.name.isupper())
+    if not ok:
+        short = owner_name.rpartition(".")[2]
+        raise UnsafeCheckpointError(path, f"it holds getattr({short}, {ref.name!r}), which is not allowed", short)
 
-    A small symbolic stack machine (opcode arities from :mod:`pickletools`) follows which stack items are named
-    globals, through the memo, so that the callable of every ``REDUCE`` / ``NEWOBJ`` is known.
 
-    Returns:
-        ``(globals, calls)``: every global named (``"module.qualname"``, in order) and, per call opcode,
-        ``(opcode name, global called or None when the callable is not a named global)``.
+def audit(root: Any, path: Path) -> None:
+    """Refuse calls of layer/model classes and foreign ``getattr`` references anywhere in ``root``."""
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or isinstance(node, str | bytes | int | float | torch.Tensor):
+            continue
+        seen.add(id(node))
+        if len(seen) > MAX_NODES:
+            raise ValueError(f"{path} holds more than {MAX_NODES} objects; it is not a checkpoint")
+        if isinstance(node, Opaque) and node.called and node.qualname in layer_globals():
+            raise UnsafeCheckpointError(path, f"it calls {node.qualname}(...) while unpickling", node.qualname)
+        if isinstance(node, AttrRef):
+            _check_attr_ref(node, path)
+        stack.extend(_children(node))
+
+
+def plain(value: Any, depth: int = 0) -> Any:
+    """Containers rebuilt, ``IterableSimpleNamespace`` records as dicts; other records stay inert."""
+    if depth > MAX_MODULE_DEPTH:
+        raise ValueError("checkpoint data nested too deeply")
+    if isinstance(value, Opaque) and value.qualname.endswith(".IterableSimpleNamespace"):
+        fields = value.state if isinstance(value.state, dict) else {}
+        return {str(k): plain(v, depth + 1) for k, v in {**value.kwargs, **fields}.items()}
+    if isinstance(value, dict):
+        return type(value)((k, plain(v, depth + 1)) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return type(value)(plain(v, depth + 1) for v in value)
+    return value
+
+
+def module_tensors(record: Opaque, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict a module record describes: ``_parameters`` and persistent ``_buffers``, through ``_modules``."""
+    out: dict[str, torch.Tensor] = {}
+    stack: list[tuple[Any, str, int]] = [(record, "", 0)]
+    while stack:
+        node, prefix, depth = stack.pop()
+        if depth > MAX_MODULE_DEPTH or not isinstance(node, Opaque) or not isinstance(node.state, dict):
+            raise ValueError(f"{path}: the module at {prefix or 'the root'!r} is not a module record")
+        state = node.state
+        skip = state.get("_non_persistent_buffers_set") or set()
+        for group in ("_parameters", "_buffers"):
+            for name, tensor in (state.get(group) or {}).items():
+                if tensor is None or (group == "_buffers" and name in skip):
+                    continue
+                if not isinstance(tensor, torch.Tensor):
+                    raise ValueError(f"{path}: {prefix}{name} is not a tensor")
+                out[f"{prefix}{name}"] = tensor
+        for name, child in (state.get("_modules") or {}).items():
+            if child is not None:
+                stack.append((child, f"{prefix}{name}.", depth + 1))
+    return out
+
+
+def _names(value: Any) -> dict[int, str] | None:
+    if isinstance(value, list | tuple):
+        value = dict(enumerate(value))
+    if isinstance(value, dict) and all(isinstance(k, int) and isinstance(v, str) for k, v in value.items()):
+        return dict(value)
+    return None
+
+
+def rebuild_model(record: Any, path: Path) -> nn.Module:
+    """A live model built from a record's validated yaml, its recorded tensors loaded strictly.
 
     Raises:
-        ValueError: the bytes are not a well-formed pickle.
+        UnsafeCheckpointError: the yaml is not a plain architecture description.
+        ValueError: not a model this package rebuilds, or tensors that do not fit the yaml's architecture.
     """
-    stack: list[tuple[str, str]] = []
-    metastack: list[list[tuple[str, str]]] = []
-    memo: dict[int, tuple[str, str]] = {}
-    names: list[str] = []
-    calls: list[tuple[str, str | None]] = []
+    name = getattr(record, "qualname", type(record).__name__)
+    if name.startswith("models."):
+        raise UnsafeCheckpointError(path, _YOLOV5.format(name=repr(name)), name, _YOLOV5_FIX)
+    if name not in MODEL_CLASSES or not isinstance(record.state, dict):
+        raise ValueError(f"{path} holds a {name}, not an ultralytics {'/'.join(TASK_MODELS)} model")
+    state = record.state
     try:
-        for op, arg, _ in pickletools.genops(data):
-            kind = op.name
-            if kind == "STOP":
-                break
-            if kind == "MARK":
-                metastack.append(stack)
-                stack = []
-                continue
-            if kind in {"PUT", "BINPUT", "LONG_BINPUT"}:
-                memo[arg] = stack[-1]
-                continue
-            if kind == "MEMOIZE":
-                memo[len(memo)] = stack[-1]
-                continue
-            if kind in {"GET", "BINGET", "LONG_BINGET"}:
-                stack.append(memo.get(arg, _UNKNOWN))
-                continue
-            before = op.stack_before
-            if pickletools.markobject in before:  # items above the mark are consumed, then those below it
-                n = before.index(pickletools.markobject)
-                stack = metastack.pop()
-            else:
-                n = len(before)
-            if len(stack) < n:
-                raise ValueError(f"stack underflow at {kind}")
-            popped = stack[len(stack) - n :]
-            del stack[len(stack) - n :]
-            if kind == "GLOBAL":
-                module, _, name = str(arg).partition(" ")
-                names.append(_normalise(module, name))
-                stack.append(("G", names[-1]))
-            elif kind == "STACK_GLOBAL":
-                if popped[0][0] != "S" or popped[1][0] != "S":
-                    raise ValueError("STACK_GLOBAL with computed names")
-                names.append(_normalise(popped[0][1], popped[1][1]))
-                stack.append(("G", names[-1]))
-            elif kind in _STRING_OPS:
-                stack.append(("S", str(arg)))
-            elif kind in _CALL_OPS:
-                target = popped[0] if popped else _UNKNOWN
-                calls.append((kind, target[1] if target[0] == "G" else None))
-                stack.append(_UNKNOWN)
-            elif kind in _KEEP_TARGET:
-                stack.append(popped[0])
-            elif kind == "DUP":
-                stack += [popped[0], popped[0]]
-            else:
-                stack.extend([_UNKNOWN] * len(op.stack_after))
-    except (IndexError, KeyError, ValueError) as e:  # genops raises ValueError on garbage; the rest is underflow
-        raise ValueError(f"not a well-formed pickle ({e})") from e
-    return names, calls
+        cfg = validate_model_yaml(state.get("yaml"), path)
+    except UnsafeModelYamlError as e:
+        raise UnsafeCheckpointError(path, f"its model yaml is refused ({e.problem})", e.problem) from None
+    tensors = module_tensors(record, path)
+    model = build_model(cfg, path, task=MODEL_CLASSES[name])
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors]
+    extra = [k for k in tensors if k not in own]
+    wrong = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or extra or wrong:
+        key = (missing or extra or wrong)[0]
+        what = "missing" if missing else "not in the architecture" if extra else "of another shape"
+        raise ValueError(f"{path}: tensor {key!r} is {what} in the model its yaml describes; the file is damaged "
+                         "or fused, re-save the unfused model")  # fmt: skip
+    dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+    model = model.to(dtype)
+    model.load_state_dict(tensors, strict=True)
+    model.names = _names(state.get("names")) or model.names
+    stride = state.get("stride")
+    if isinstance(stride, torch.Tensor) and stride.ndim == 1 and 0 < stride.numel() <= 8:
+        model.stride = stride.float().clone()
+    if isinstance(state.get("args"), dict):
+        model.args = plain(state["args"])
+    return model.train(bool(state.get("training", False)))
 
 
-def _pickle_of(path: Path) -> bytes:
-    """The ``data.pkl`` record of a torch zip checkpoint (the only pickle ``torch.load`` runs)."""
+def rebuild_clean(model: nn.Module, source: str | Path) -> nn.Module:
+    """A model rebuilt from ``model``'s validated yaml with its tensors (same dtype, names, stride, args).
+
+    For models that came from full unpickling (``--trust-pickle``): what we write afterwards carries none of the
+    file's objects and only a checked yaml, so an output never launders a payload.
+    """
+    from ultralytics.nn.tasks import guess_model_task
+
     try:
-        with zipfile.ZipFile(path) as archive:
-            records = archive.namelist()
-            if any(r.endswith("/constants.pkl") or "/code/" in r for r in records):
-                raise ValueError(
-                    f"{path} is a TorchScript archive, not an ultralytics .pt checkpoint; load the original .pt "
-                    "(or use torch.jit.load for the TorchScript file)"
-                )
-            pickles = [r for r in records if r.count("/") == 1 and r.endswith("/data.pkl")]
-            if len(pickles) != 1:
-                raise ValueError(f"{path} is not a torch checkpoint (zip without exactly one data.pkl)")
-            return archive.read(pickles[0])
-    except (zipfile.BadZipFile, zipfile.LargeZipFile) as e:
-        raise ValueError(
-            f"{path} is not a torch zip checkpoint (an empty, truncated or pre-torch-1.6 file); re-save it with "
-            f"torch.save, or pass {TRUST_FLAG} if you trust it"
-        ) from e
-
-
-def _check_globals(
-    path: Path,
-    names: list[str],
-    calls: list[tuple[str, str | None]],
-    allowed: dict[str, Any],
-    callables: frozenset[str],
-) -> None:
-    """Refuse (naming it) the first global beyond ``allowed`` + torch's list, or a call the file must not make."""
-    torch_default = _torch_default_globals()
-    for name in names:
-        if name not in allowed and torch_default is not None and name not in torch_default:
-            raise UnsafeCheckpointError(path, f"it needs global {name!r}, which is not on the allow-list", name)
-    for kind, target in calls:
-        if target is None:
-            raise UnsafeCheckpointError(path, f"it uses {kind} on an object that is not a named global", kind)
-        if kind not in {"REDUCE", "NEWOBJ"}:
-            raise UnsafeCheckpointError(path, f"it uses the pickle opcode {kind} on {target!r}", target)
-        if kind == "REDUCE" and target in allowed and target not in callables:
-            # legitimate files create allow-listed classes with NEWOBJ; a call would run the class's __init__
-            raise UnsafeCheckpointError(path, f"it calls {target}(...) while unpickling", target)
-
-
-def _qualified(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
-
-
-def _unpickler_reason(err: Exception) -> str:
-    """The one line that says why torch refused (torch wraps it in a long, version-dependent preamble)."""
-    text = str(err)
-    text = text.split("WeightsUnpickler error:", 1)[-1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
-def _restricted_load(path: Path, allow: dict[str, Any]) -> Any:
-    """``torch.load(weights_only=True)`` with ``allow`` added to torch's allow-list for this call only."""
-    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # marks torch >= 2.6
-        raise ValueError(
-            f"loading {path} without unpickling code needs torch>=2.6 (installed {torch.__version__}); upgrade "
-            f"torch, or pass {TRUST_FLAG} if you trust the file"
-        )
-    entries = [obj if _qualified(obj) == name else (obj, name) for name, obj in allow.items()]
-    present = torch.serialization.get_safe_globals()
-    # safe_globals removes its entries on exit: leave out those someone else registered for the whole process
-    entries = [e for e in entries if e not in present]
-    try:
-        with torch.serialization.safe_globals(entries):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = _unpickler_reason(e)
-        found = re.search(r"GLOBAL (\S+) was not an allowed global", detail)
-        raise UnsafeCheckpointError(
-            path, f"torch's restricted unpickler refused it ({detail})", found[1] if found else detail
-        ) from e
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{path} is not a loadable torch checkpoint ({type(e).__name__}: {e})") from e
+        clean = build_model(model.yaml, source, task=guess_model_task(model))
+    except UnsafeModelYamlError as e:
+        fix = "and backbone_kd writes only models whose yaml is a plain architecture description"
+        raise UnsafeCheckpointError(source, f"its model yaml is refused ({e.problem})", e.problem, fix) from None
+    dtype = next(model.parameters()).dtype
+    clean = clean.to(dtype)
+    clean.load_state_dict(model.state_dict(), strict=True)
+    clean.names, clean.stride = dict(model.names), model.stride
+    if isinstance(getattr(model, "args", None), dict):
+        clean.args = dict(model.args)
+    return clean.train(model.training)
 
 
 def load_state_file(path: str | Path) -> Any:
@@ -330,114 +296,83 @@ def load_state_file(path: str | Path) -> Any:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        UnsafeCheckpointError: the file names any global beyond torch's default ``weights_only`` list.
+        UnsafeCheckpointError: the file names any global beyond tensors, storages and ``OrderedDict``.
         ValueError: the file is not a torch checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    names, calls = scan_pickle(_pickle_of(path))
-    _check_globals(path, names, calls, {}, frozenset())
-    return _restricted_load(path, {})
+    return _read(path, TENSOR_GLOBALS | {"builtins.set"})
 
 
-def _literal_nn_call(spec: Any) -> bool:
-    """True for ``nn.SiLU()`` / ``torch.nn.LeakyReLU(0.1)``-style specs with literal arguments (what ultralytics
-    documents for a model yaml's ``activation``)."""
-    try:
-        call = ast.parse(str(spec).strip(), mode="eval").body
-        if not isinstance(call, ast.Call):
-            return False
-        parts, node = [], call.func
-        while isinstance(node, ast.Attribute):
-            parts.append(node.attr)
-            node = node.value
-        if not isinstance(node, ast.Name) or [*parts[1:], node.id] not in (["nn"], ["nn", "torch"]):
-            return False
-        for value in [*call.args, *(k.value for k in call.keywords)]:
-            ast.literal_eval(value)
-    except (SyntaxError, ValueError, TypeError):
-        return False
-    cls = getattr(nn, parts[0], None)
-    return isinstance(cls, type) and issubclass(cls, nn.Module)
+def load_tensor_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file read as data, unwrapped as timm unwraps checkpoints.
 
-
-def _known_layer(module: Any) -> bool:
-    """Whether ultralytics' ``parse_model`` would resolve ``module`` to an ``nn.Module`` class (not any callable)."""
-    from ultralytics.nn import tasks
-
-    if not isinstance(module, str):
-        return False
-    if module.startswith("nn."):
-        obj = getattr(nn, module[3:], None)
-    elif module.startswith("torchvision.ops."):
-        import torchvision
-
-        obj = getattr(torchvision.ops, module[16:], None)
-    else:
-        obj = vars(tasks).get(module)
-    return isinstance(obj, type) and issubclass(obj, nn.Module)
-
-
-def check_model_yaml(cfg: Any, path: str | Path) -> None:
-    """Refuse a model yaml that ultralytics would ``eval`` / call arbitrary functions from when rebuilding it.
+    A ``{"state_dict": ...}`` / ``{"model": ...}`` / ``{"state_dict_ema": ...}`` wrapper is opened and a DDP
+    ``module.`` prefix dropped.
 
     Raises:
-        UnsafeCheckpointError: a non-literal ``activation`` or a layer that is not an ``nn.Module`` class.
+        FileNotFoundError / UnsafeCheckpointError / ValueError: as :func:`load_state_file`, or no tensors found.
     """
-    if not isinstance(cfg, dict):
-        return
-    act = cfg.get("activation")
-    if act and not _literal_nn_call(act):
-        raise UnsafeCheckpointError(
-            path, f"its model yaml sets activation={act!r}, which ultralytics eval()s", str(act)
-        )
-    for section in ("backbone", "head"):
-        for layer in cfg.get(section) or []:
-            module = layer[2] if isinstance(layer, list | tuple) and len(layer) == 4 else layer
-            if not _known_layer(module):
-                raise UnsafeCheckpointError(
-                    path, f"its model yaml has the layer {module!r}, which is not an nn.Module class", repr(module)
-                )
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found")
+        state: Any = load_file(str(path))
+    else:
+        state = load_state_file(path)
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict of tensors; pass a weights file (state_dict or .safetensors)")
+    return {str(k).removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_trusted(path: Path) -> dict[str, Any]:
+    from ultralytics.nn.tasks import torch_safe_load
+
+    try:
+        ckpt, _ = torch_safe_load(str(path))
+    except TypeError as e:  # ultralytics reports unreadable files as TypeError
+        raise ValueError(str(e).strip().splitlines()[0]) from e
+    return ckpt
 
 
 def load_yolo_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, Any]:
     """Load an ultralytics ``.pt`` (release file, training checkpoint, our injected files) as a dict.
 
     Args:
-        path: The ``.pt`` file. Never downloaded: a name that is not an existing file is an error.
+        path: The ``.pt`` file, or an ultralytics release name (``yolov8n.pt``: taken from ultralytics' weights folder
+            or downloaded there, :func:`backbone_kd.release_weights.resolve_pt`). Any other missing name is an error.
         trust_pickle: Unpickle with ultralytics' own loader (``weights_only=False``), which runs any code the file
             holds. Only for files you trust.
 
     Returns:
-        The checkpoint dict (``"model"`` and/or ``"ema"`` hold the model, as ultralytics writes them).
+        The checkpoint dict as ultralytics writes it: ``"model"`` / ``"ema"`` hold live models (rebuilt from their
+        validated yaml unless ``trust_pickle``), everything else is plain data.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        UnsafeCheckpointError: the file needs something beyond the allow-list (the message names it).
-        ValueError: the file is not a torch checkpoint.
+        UnsafeCheckpointError: the file holds something beyond a checkpoint's data (the message names it).
+        ValueError: the file is not a torch checkpoint or its tensors do not fit its architecture.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; pass an existing ultralytics .pt file")
+    path = resolve_pt(path)
     if trust_pickle:
-        from ultralytics.nn.tasks import torch_safe_load
-
-        try:
-            ckpt, _ = torch_safe_load(str(path))
-        except TypeError as e:  # ultralytics reports unreadable files as TypeError
-            raise ValueError(str(e).strip().splitlines()[0]) from e
-        return ckpt
-    names, calls = scan_pickle(_pickle_of(path))
-    allowed, callables = _registry()
-    _check_globals(path, names, calls, allowed, callables)
-    ckpt = _restricted_load(path, {n: allowed[n] for n in dict.fromkeys(names) if n in allowed})
-    if isinstance(ckpt, nn.Module):  # torch.save(model, f): ultralytics accepts it the same way
-        ckpt = {"model": ckpt}
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not an ultralytics checkpoint dict")
+        ckpt = _load_trusted(path)
+        return {"model": ckpt} if isinstance(ckpt, nn.Module) else ckpt
+    root = _read(path, checkpoint_globals())
+    audit(root, path)
+    if isinstance(root, Opaque):  # torch.save(model, f): ultralytics accepts it the same way
+        root = {"model": root}
+    if not isinstance(root, dict):
+        raise ValueError(f"{path} holds a {type(root).__name__}, not an ultralytics checkpoint dict")
+    ckpt = {k: plain(v) for k, v in root.items() if k not in ("model", "ema")}
     for key in ("model", "ema"):
-        check_model_yaml(getattr(ckpt.get(key), "yaml", None), path)
+        ckpt[key] = None if root.get(key) is None else rebuild_model(root[key], path)
     return ckpt
 
 
@@ -450,6 +385,7 @@ def load_yolo_model(path: str | Path, trust_pickle: bool = False) -> nn.Module:
     from ultralytics.nn.tasks import guess_model_task
     from ultralytics.utils import DEFAULT_CFG_DICT
 
+    path = resolve_pt(path)
     ckpt = load_yolo_checkpoint(path, trust_pickle=trust_pickle)
     model = ckpt.get("ema") or ckpt.get("model")
     if not isinstance(model, nn.Module):

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
 from backbone_kd.backbone_file import write_backbone_file
 from backbone_kd.pretrain.sources import IMAGE_SUFFIXES
 from backbone_kd.pretrain.student import YoloBackbone
 from backbone_kd.probe.backbones import load_detector
+from backbone_kd.probe.special_specs import recalibrate_bn
 
 
 def load_images(source: Path, n: int, size: int) -> torch.Tensor:
@@ -44,28 +44,14 @@ def load_images(source: Path, n: int, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 
 
-@torch.no_grad()
 def recalibrate(backbone: YoloBackbone, images: torch.Tensor, batch_size: int = 16) -> int:
     """Replace every BatchNorm's running statistics by their average over ``images`` (cumulative, not momentum).
 
-    Args:
-        backbone: Feature view of the live model (its layers are the model's own modules).
-        images: (N, 3, H, W) in [0, 1].
-
-    Returns:
-        The number of BatchNorm layers re-estimated.
+    The core lives in :func:`backbone_kd.probe.special_specs.recalibrate_bn` (also behind ``bkd probe``'s
+    ``bn:<SPEC>`` rows); this feeds it ``images``, (N, 3, H, W) in [0, 1], in batches. Returns the BatchNorm count.
     """
-    bns = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # None = cumulative moving average: every batch weighs the same
-    backbone.train()
-    for start in range(0, len(images), batch_size):
-        backbone.features(images[start : start + batch_size])
-    for bn, momentum in zip(bns, momenta):
-        bn.momentum = momentum  # the model's own value, so a later fine-tuning run behaves as usual
-    return len(bns)
+    batches = (images[start : start + batch_size] for start in range(0, len(images), batch_size))
+    return recalibrate_bn(backbone, batches)
 
 
 def main(argv: list[str] | None = None) -> int:

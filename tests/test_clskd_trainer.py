@@ -385,11 +385,11 @@ def test_teacher_pickle_payload_refused_unless_trusted(work, tmp_path, capsys):
     assert cls_main([*argv, "device=cpu"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "builtins.exec" in lines[0] and "trust_pickle" in lines[0]
-    # a timm teacher's teacher_weights: torch's weights_only loader refuses it; the error is one line too
+    # a timm teacher's teacher_weights: read as data and refused; the error is one line too
     sd = {"state_dict": dict(timm.create_model("test_resnet", num_classes=3).state_dict())}
     torch.save({**sd, "payload": MarkerPayload(marker)}, tmp_path / "evil.pth")
     timm_cfg = dict(teacher="timm:test_resnet", teacher_classes=3, teacher_weights=str(tmp_path / "evil.pth"))
-    with pytest.raises(UnsafeCheckpointError, match=r"global 'exec'.*trust_pickle") as err:
+    with pytest.raises(UnsafeCheckpointError, match=r"global 'builtins.exec'.*trust_pickle") as err:
         load_teacher(ClsKDConfig(**timm_cfg), names, "cpu")
     assert "\n" not in str(err.value)
     assert not marker.exists()

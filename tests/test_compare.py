@@ -42,8 +42,10 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     """A yaml-built yolov8n (nc=2) saved as .pt, and its parameter count counted independently."""
     from ultralytics import YOLO
 
+    from ultralytics.nn.tasks import DetectionModel
+
     model = YOLO("yolov8n.yaml")
-    model.model.yaml["nc"] = 2
+    model.model = DetectionModel("yolov8n.yaml", nc=2, verbose=False)  # yaml and head agree: the file is consistent
     path = tmp_path_factory.mktemp("w") / "best.pt"
     model.save(path)
     return path, sum(p.numel() for p in model.model.parameters())

@@ -250,3 +250,43 @@ def test_probe_cli_cross_validation(tmp_path: Path) -> None:
     folder = colour_folder(tmp_path / "colours")
     result = probe_json(tmp_path, folder, ["random=yolov8n.yaml"], "--cv", "3")
     assert result["data"]["cv_folds"] == 3 and result["backbones"]["random"]["knn10"] > 0.9
+
+
+def test_probe_scores_standardise_before_knn_and_add_balanced_accuracy_with_intervals() -> None:
+    from backbone_kd.probe.classify import probe_scores
+
+    gen = torch.Generator().manual_seed(0)
+    y = (torch.arange(100) % 5 == 0).long()  # imbalanced: 20 % class 1
+    x = torch.cat([3 * y[:, None].float() + 0.3 * torch.randn(100, 4, generator=gen), 30 * torch.randn(100, 2)], 1)
+    raw = knn_accuracy(x[:60], y[:60], x[60:], y[60:], 10)  # two loud noise channels steer the raw cosine
+    out = probe_scores([x[:60]], y[:60], [x[60:]], y[60:], resamples=200)
+    assert out["knn10"] >= raw + 0.1 and out["knn10_bacc"] > 0.9
+    for key in ("knn10", "knn20", "linear", "knn10_bacc", "knn20_bacc", "linear_bacc"):
+        lo, hi = out["ci"][key]
+        assert lo <= out[key] <= hi
+    # a featureless backbone guesses the majority: accuracy 0.8 looks fine, balanced accuracy says chance
+    dead = probe_scores([torch.zeros(60, 3)], y[:60], [torch.zeros(40, 3)], y[60:], resamples=50)
+    assert dead["linear"] == pytest.approx(0.8) and dead["linear_bacc"] == pytest.approx(0.5)
+    # groups change the intervals (whole groups are drawn), never the point values
+    groups = [str(i // 4) for i in range(40)]
+    grouped = probe_scores([x[:60]], y[:60], [x[60:]], y[60:], val_groups=groups, resamples=200)
+    assert grouped["knn10"] == out["knn10"] and grouped["ci"] != out["ci"]
+
+
+def test_probe_cli_crop_min_size_default_and_special_specs(tmp_path: Path) -> None:
+    """``--crop-min-size`` defaults to 32 px; ``bn:`` and ``teacher:`` SPECs work in the k-NN / linear probes."""
+    import timm
+    from safetensors.torch import save_file
+
+    from backbone_kd.probe.cli import parse_args
+
+    assert parse_args(["--backbones", "a=yolov8n.yaml", "--data", "d"]).crop_min_size == 32
+    vit = timm.create_model("vit_small_patch14_dinov2", num_classes=0, weight_init="skip")
+    gen = torch.Generator().manual_seed(0)
+    weights = tmp_path / "vit.safetensors"  # random weights: checks the plumbing only
+    save_file({k: torch.randn(v.shape, generator=gen) * 0.02 for k, v in vit.state_dict().items()}, weights)
+    folder = colour_folder(tmp_path / "colours")
+    specs = ["bn=bn:yolov8n.yaml", f"t=teacher:vit_small_patch14_dinov2@{weights}"]
+    result = probe_json(tmp_path, folder, specs, "--boot", "50")
+    assert result["backbones"]["bn"]["linear"] > 0.9 and set(result["backbones"]["t"]["per_level"]) == {"teacher"}
+    assert set(result["backbones"]["t"]["ci"]) >= {"linear", "linear_bacc"}

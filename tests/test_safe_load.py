@@ -1,5 +1,6 @@
-"""Untrusted .pt files: real ultralytics checkpoints load with weights_only=True; code in a pickle never runs unless
---trust-pickle / trust_pickle=True is given (inject --info, inject --into, yolo: teachers, detkd teachers, kd_state)."""
+"""Untrusted .pt files: real ultralytics checkpoints load as data (the same tensors, names and yaml as full unpickling,
+models rebuilt from their checked yaml); code in a pickle never runs unless --trust-pickle / trust_pickle=True is
+given. The five attacks through every entry point are in test_attacks.py."""
 
 from __future__ import annotations
 
@@ -13,32 +14,10 @@ from backbone_kd import safe_load
 from backbone_kd.inject import describe
 from backbone_kd.inject import main as inject_main
 from backbone_kd.safe_load import UnsafeCheckpointError, load_state_file, load_yolo_checkpoint, load_yolo_model
+from tests.attack_files import ConstructorPayload, ExecPayload
 from tests.conftest import shared_dir, tiny_pretrain_args
 
-
-class MarkerPayload:
-    """What a malicious .pt carries: unpickling it runs code (here: creates the marker file)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
-
-
-class ConstructorPayload:
-    """Calls an allow-listed class instead of creating it the pickle way: DetectionModel.__init__ evals the yaml's
-    activation, so a plain ``safe_globals([DetectionModel])`` load would run code."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        from ultralytics.nn.tasks import DetectionModel
-
-        act = f"open({str(self.marker)!r}, 'w').close() or __import__('torch').nn.SiLU()"
-        cfg = {"activation": act, "nc": 1, "backbone": [[-1, 1, "Conv", [8, 3, 2]]], "head": [[-1, 1, "Conv", [8]]]}
-        return DetectionModel, (cfg,)
+MarkerPayload = ExecPayload
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +59,69 @@ def test_clean_checkpoints_load_without_pickle_code(files):
     assert torch.serialization.get_safe_globals() == registered  # our allow-list is not left registered
 
 
-@pytest.mark.parametrize("cfg", ["yolov8n-seg.yaml", "yolov8n-pose.yaml", "yolov8n-obb.yaml", "yolo11n.yaml"])
-def test_other_tasks_and_families_load(tmp_path, cfg):
-    from ultralytics import YOLO
+def _save_model_checkpoint(cfg: str, path: Path) -> None:
+    """A checkpoint as ultralytics' trainer ``save_model`` writes it: fp16 EMA, fp16 optimizer state, train_args."""
+    import copy
 
-    YOLO(cfg).save(tmp_path / "m.pt")
-    model = load_yolo_model(tmp_path / "m.pt")
-    assert model.yaml["yaml_file"] == cfg
+    from ultralytics import YOLO, __version__
+    from ultralytics.utils import DEFAULT_CFG_DICT
+    from ultralytics.utils.torch_utils import convert_optimizer_state_dict_to_fp16
+
+    torch.manual_seed(0)
+    model = YOLO(cfg).model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sum(p.float().square().sum() for p in model.parameters()).backward()
+    optimizer.step()
+    ckpt = {
+        "epoch": 3,
+        "best_fitness": 0.25,
+        "model": None,
+        "ema": copy.deepcopy(model).half(),
+        "updates": 12,
+        "optimizer": convert_optimizer_state_dict_to_fp16(copy.deepcopy(optimizer.state_dict())),
+        "train_args": {**DEFAULT_CFG_DICT, "model": cfg, "imgsz": 64},
+        "train_metrics": {"metrics/mAP50(B)": 0.5, "fitness": 0.25},
+        "train_results": {"epoch": [1, 2], "train/box_loss": [1.5, 1.25]},
+        "date": "2026-12-05T00:00:00",
+        "version": __version__,
+        "license": "AGPL-3.0 License (https://ultralytics.com/license)",
+        "docs": "https://docs.ultralytics.com",
+    }
+    torch.save(ckpt, path)
 
 
+def _same_as_full_unpickling(path: Path) -> None:
+    ours, full = load_yolo_checkpoint(path), torch.load(path, map_location="cpu", weights_only=False)
+    assert set(ours) == set(full)
+    for key in ("model", "ema"):
+        if full[key] is None:
+            assert ours[key] is None
+            continue
+        a, b = ours[key].state_dict(), full[key].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+        assert ours[key].names == full[key].names and type(ours[key]) is type(full[key])
+        assert {k: v for k, v in ours[key].yaml.items() if k != "channels"} == {
+            k: v for k, v in full[key].yaml.items() if k != "channels"
+        }
+    for key in set(full) - {"model", "ema", "optimizer"}:
+        assert ours[key] == full[key], key
+    if full.get("optimizer") is not None:
+        for pid, st in full["optimizer"]["state"].items():
+            assert all(torch.equal(ours["optimizer"]["state"][pid][k], v) for k, v in st.items() if torch.is_tensor(v))
+        assert ours["optimizer"]["param_groups"] == full["optimizer"]["param_groups"]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    ["yolov5nu.yaml"]
+    + [f"yolo{f}n{t}.yaml" for f in ("v8", "11", "26") for t in ("", "-seg", "-pose", "-obb", "-cls")],
+)
+def test_checkpoint_families_load_as_full_unpickling_does(tmp_path, cfg):
+    _save_model_checkpoint(cfg, tmp_path / "m.pt")
+    _same_as_full_unpickling(tmp_path / "m.pt")
+
+
+@pytest.mark.slow
 def test_tiny_training_checkpoint_loads(tmp_path):
     """Checkpoints as ultralytics' trainer writes them (optimizer state, train_args, metrics) load restricted."""
     import shutil
@@ -105,9 +138,11 @@ def test_tiny_training_checkpoint_loads(tmp_path):
     model.train(data=str(data), project=str(tmp_path / "runs"), name="t", exist_ok=True, **args)
     mid = load_yolo_checkpoint(tmp_path / "mid.pt")
     assert mid["optimizer"] is not None and mid["ema"] is not None and mid["train_args"]["imgsz"] == 32
+    _same_as_full_unpickling(tmp_path / "mid.pt")
     for name in ("last.pt", "best.pt"):
         ckpt = load_yolo_checkpoint(tmp_path / "runs" / "t" / "weights" / name)
         assert ckpt["train_args"]["imgsz"] == 32 and ckpt["model"] is not None  # stripped: ema moved to model
+        _same_as_full_unpickling(tmp_path / "runs" / "t" / "weights" / name)
 
 
 @pytest.mark.shared
@@ -118,6 +153,8 @@ def test_real_shared_checkpoints_load(name):
         pytest.skip(f"{path} not present (set BKD_SHARED)")
     model = load_yolo_model(path)
     assert model.task == "detect" and int(model.model[-1].nc) == 80
+    _same_as_full_unpickling(path)
+    assert describe(path).startswith(f"{path}: ultralytics ")  # --info reads it as before
 
 
 @pytest.mark.shared
@@ -125,7 +162,7 @@ def test_yolov5_original_checkpoint_is_refused_by_name():
     path = shared_dir() / "weights" / "yolov5n_v6.1_official.pt"
     if not path.is_file():
         pytest.skip(f"{path} not present (set BKD_SHARED)")
-    with pytest.raises(UnsafeCheckpointError, match=r"'models\.yolo\.Model'.*--trust-pickle"):
+    with pytest.raises(UnsafeCheckpointError, match=r"YOLOv5 repository \('models\.yolo\.Model'\).*--trust-pickle"):
         load_yolo_checkpoint(path)
 
 
@@ -145,7 +182,7 @@ def test_payload_refused_everywhere_and_never_runs(files, marker, capsys):
 
 
 def test_constructor_call_refused(files, marker):
-    # torch's weights_only unpickler would call an allow-listed class; the opcode scan refuses before that
+    # a real unpickler would run DetectionModel.__init__ (which evals the yaml); the reader only records the call
     with pytest.raises(UnsafeCheckpointError, match=r"calls ultralytics\.nn\.tasks\.DetectionModel\(\.\.\.\)"):
         load_yolo_checkpoint(files["ctor"])
     assert not marker.exists()
@@ -192,18 +229,19 @@ def test_trust_pickle_loads_and_runs_the_payload(files, marker, capsys):
 
 
 def test_getattr_only_hands_out_forward_functions(files, tmp_path):
-    """Older seg/pose files pickle ``self.detect = Detect.forward`` as getattr(Detect, "forward"): allowed; any
-    other attribute of a class (here ``DetectionModel.load``) is not."""
+    """Older seg/pose files pickle ``self.detect = Detect.forward`` as getattr(Detect, "forward"): allowed (the model is
+    rebuilt from its yaml, so the reference itself is dropped); any other attribute of a class is not."""
     from ultralytics.nn.modules import Detect
     from ultralytics.nn.tasks import DetectionModel
 
     ckpt = torch.load(files["clean"], map_location="cpu", weights_only=False)
     ckpt["model"].model[-1].detect = Detect.forward
     torch.save(ckpt, tmp_path / "old_style.pt")
-    assert load_yolo_checkpoint(tmp_path / "old_style.pt")["model"].model[-1].detect is Detect.forward
+    model = load_yolo_checkpoint(tmp_path / "old_style.pt")["model"]
+    assert type(model.model[-1]) is Detect and "detect" not in vars(model.model[-1])
     ckpt["model"].model[-1].detect = DetectionModel.load
     torch.save(ckpt, tmp_path / "other_attr.pt")
-    with pytest.raises(UnsafeCheckpointError, match=r"\(getattr\((Base|Detection)Model, 'load'\) is not allowed\)"):
+    with pytest.raises(UnsafeCheckpointError, match=r"getattr\((Base|Detection)Model, 'load'\), which is not allowed"):
         load_yolo_checkpoint(tmp_path / "other_attr.pt")
 
 
@@ -223,6 +261,9 @@ def test_model_yaml_that_ultralytics_would_eval_is_refused(files, tmp_path):
     bad_layer = _with_model_yaml(files, tmp_path, backbone=[[-1, 1, "check_requirements", ["evil-package"]]])
     with pytest.raises(UnsafeCheckpointError, match="check_requirements"):
         load_yolo_checkpoint(bad_layer)
+    other_shapes = _with_model_yaml(files, tmp_path, scale="s")  # a plain yaml that does not fit the tensors
+    with pytest.raises(ValueError, match="of another shape in the model its yaml describes"):
+        load_yolo_checkpoint(other_shapes)
     ok = _with_model_yaml(files, tmp_path, activation="nn.LeakyReLU(0.1)")
     assert load_yolo_checkpoint(ok)["model"].yaml["activation"] == "nn.LeakyReLU(0.1)"
 
@@ -265,10 +306,19 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_allow_list_is_built_from_the_installed_packages():
-    from ultralytics.nn.modules import C2f, Detect, Pose, Segment
-    from ultralytics.nn.tasks import DetectionModel, SegmentationModel
+    allowed = safe_load.checkpoint_globals()
+    for name in (
+        "ultralytics.nn.modules.block.C2f",
+        "ultralytics.nn.modules.head.Detect",
+        "ultralytics.nn.tasks.DetectionModel",
+        "torch.nn.modules.conv.Conv2d",
+        "torch._utils._rebuild_tensor_v2",
+    ):
+        assert name in allowed, name  # fmt: skip
+    assert not {"builtins.exec", "os.system", "builtins.eval", "builtins.__import__"} & allowed
 
-    allowed = safe_load.allowed_globals()
-    for cls in (C2f, Detect, Pose, Segment, DetectionModel, SegmentationModel, torch.nn.Conv2d, torch.nn.SiLU):
-        assert allowed[f"{cls.__module__}.{cls.__qualname__}"] is cls
-    assert "builtins.exec" not in allowed and "os.system" not in allowed and "builtins.eval" not in allowed
+
+def test_our_outputs_load_without_trust(files, tmp_path):
+    out = tmp_path / "injected.pt"
+    assert inject_main(["--weights", str(files["backbone"]), "--into", str(files["clean"]), "--out", str(out)]) == 0
+    _same_as_full_unpickling(out)

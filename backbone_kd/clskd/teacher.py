@@ -12,8 +12,6 @@ unpickles them in full (trusted files only).
 from __future__ import annotations
 
 import math
-import pickle
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +24,9 @@ from ultralytics.utils import LOGGER
 
 from backbone_kd.clskd.config import ClsKDConfig
 from backbone_kd.clskd.model import capture_features
-from backbone_kd.safe_load import UnsafeCheckpointError, load_yolo_model
+from backbone_kd.model_yaml import build_model, load_model_yaml
+from backbone_kd.release_weights import resolve_pt
+from backbone_kd.safe_load import load_tensor_dict, load_yolo_model
 
 TIMM_PREFIX = "timm:"
 
@@ -76,29 +76,10 @@ def read_class_names(spec: str | int, nc: int) -> list[str] | None:
     return [str(n) for n in names]
 
 
-def _unpickling_error(err: BaseException | None) -> pickle.UnpicklingError | None:
-    """The ``UnpicklingError`` in ``err``'s chain (timm wraps torch's in a RuntimeError in some versions), or None."""
-    while err is not None and not isinstance(err, pickle.UnpicklingError):
-        err = err.__cause__ or err.__context__
-    return err
-
-
-def _refused(path: str | Path, err: pickle.UnpicklingError) -> UnsafeCheckpointError:
-    """torch's (multi-line) ``weights_only`` refusal as a one-line :class:`UnsafeCheckpointError` naming the global."""
-    lines = [x.strip() for x in str(err).split("WeightsUnpickler error:", 1)[-1].splitlines() if x.strip()]
-    found = re.search(r"GLOBAL (\S+) was not an allowed global", lines[0] if lines else "")
-    if found:
-        return UnsafeCheckpointError(
-            path, f"it needs global {found[1]!r}, which weights_only loading refuses", found[1]
-        )
-    detail = lines[0] if lines else type(err).__name__
-    return UnsafeCheckpointError(path, f"torch's weights_only loader refused it ({detail})", detail)
-
-
 def _build_timm(config: ClsKDConfig, name: str, nc: int, trust_pickle: bool = False) -> nn.Module:
     """Create the timm classifier: local weights, timm's pretrained weights, or random init.
 
-    ``teacher_weights`` is read with ``weights_only=True`` (timm's default) unless ``trust_pickle``.
+    ``teacher_weights`` is read as data (:func:`backbone_kd.safe_load.load_tensor_dict`) unless ``trust_pickle``.
     """
     import timm
 
@@ -111,13 +92,9 @@ def _build_timm(config: ClsKDConfig, name: str, nc: int, trust_pickle: bool = Fa
         try:
             if trust_pickle:  # full unpickling: runs code stored in the file
                 timm.models.load_checkpoint(model, config.teacher_weights, strict=True, weights_only=False)
-            else:
-                timm.models.load_checkpoint(model, config.teacher_weights, strict=True)
-        except (pickle.UnpicklingError, RuntimeError) as e:
-            refused = _unpickling_error(e)  # torch's weights_only loader met a global it does not allow
-            if refused is not None and "WeightsUnpickler error" in str(refused):
-                raise _refused(config.teacher_weights, refused) from e
-            # missing/unexpected keys or a head of another size
+            else:  # read as data (backbone_kd.pt_reader): no global of the file is called, not even torch's own
+                model.load_state_dict(load_tensor_dict(config.teacher_weights), strict=True)
+        except RuntimeError as e:  # missing/unexpected keys or a head of another size
             raise ValueError(
                 f"teacher_weights {config.teacher_weights} does not fit timm {name} with {nc} classes ({e}); pass a "
                 "checkpoint of this architecture whose head was trained on the dataset's classes"
@@ -280,15 +257,11 @@ def load_teacher(
         return teacher.to(device)
     if source.endswith(".yaml"):
         LOGGER.warning(f"KD: teacher {source} is built from YAML (random init, dataset class names): mechanics only")
-        model = ClassificationModel(source, nc=len(names), verbose=False)
+        model = build_model(load_model_yaml(source), source, nc=len(names), task="classify")
         order = None
     elif source.endswith(".pt"):
-        if not Path(source).is_file():
-            raise FileNotFoundError(
-                f"teacher {source} not found; pass a local YOLO-cls .pt (model hubs are not used), a *-cls.yaml for "
-                "a random-init teacher, or timm:<name>"
-            )
-        model = load_yolo_model(source, trust_pickle=trust_pickle)  # fp32, eval; EMA preferred, as ultralytics does
+        path = resolve_pt(source, "teacher")  # a YOLO-cls .pt, or a release name such as yolo11s-cls.pt
+        model = load_yolo_model(path, trust_pickle=trust_pickle)  # fp32, eval; EMA preferred, as ultralytics does
         if not isinstance(model, ClassificationModel):
             raise ValueError(f"teacher {source} is a {type(model).__name__}; distill-classify needs a YOLO -cls model")
         order = match_classes([str(model.names[i]) for i in range(len(model.names))], names)

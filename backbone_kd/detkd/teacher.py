@@ -16,6 +16,7 @@ from ultralytics.nn.modules.head import Detect
 from ultralytics.nn.tasks import DetectionModel
 
 from backbone_kd.detkd.recipe import FEATURE_LOSSES
+from backbone_kd.release_weights import resolve_pt
 from backbone_kd.safe_load import load_yolo_model
 
 
@@ -122,13 +123,7 @@ def load_teacher(
         The teacher in eval mode with ``requires_grad=False`` on every parameter.
     """
     if isinstance(teacher, (str, Path)):
-        path = Path(teacher)
-        if path.suffix != ".pt" or not path.is_file():
-            raise FileNotFoundError(
-                f"teacher checkpoint {teacher!r} not found; pass an existing .pt file (e.g. a yolov8m fine-tuned on "
-                "the same data); hub names are not downloaded"
-            )
-        teacher = load_yolo_model(path, trust_pickle=trust_pickle)
+        teacher = load_yolo_model(check_teacher_file(teacher), trust_pickle=trust_pickle)
     detect_head(teacher)
     teacher = teacher.float().to(device).eval()
     for p in teacher.parameters():
@@ -241,14 +236,14 @@ def check_pair(student: nn.Module, teacher: nn.Module, recipe: dict) -> list[int
 
 
 def check_teacher_file(teacher: str | Path) -> Path:
-    """Return ``teacher`` as a Path if it is an existing ``.pt`` file; else raise FileNotFoundError with the fix.
+    """``teacher`` as an existing ``.pt`` file (an ultralytics release name is fetched, see
+    :func:`backbone_kd.release_weights.resolve_pt`); else FileNotFoundError with the fix.
 
     Called before anything is written, so a typo in ``teacher=`` costs nothing (no run folder, no model build).
     """
-    path = Path(teacher)
-    if path.suffix != ".pt" or not path.is_file():
+    if Path(teacher).suffix != ".pt":
         raise FileNotFoundError(
-            f"teacher checkpoint {str(teacher)!r} not found; pass an existing .pt file (e.g. a yolov8m fine-tuned on "
-            "the same data); hub names are not downloaded"
+            f"teacher checkpoint {str(teacher)!r} is not a .pt file; pass a .pt (e.g. a yolov8m fine-tuned on the "
+            "same data) or an ultralytics release name such as yolov8m.pt"
         )
-    return path
+    return resolve_pt(teacher, "teacher checkpoint")

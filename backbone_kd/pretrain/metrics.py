@@ -8,12 +8,28 @@ step are dropped first so the files never hold the same step twice.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from backbone_kd.io_utils import append_text_no_follow, atomic_write_text
+
 LOGGER = logging.getLogger("backbone_kd")
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON-object lines of ``path``; a torn last line (a killed run) is dropped."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 class MetricsLogger:
@@ -34,9 +50,8 @@ class MetricsLogger:
         self.writer = None
         if not enabled:
             return
-        if resume_step is not None and self.jsonl.exists():
-            lines = self.jsonl.read_text(encoding="utf-8").splitlines()
-            self.rows = [r for r in map(json.loads, filter(None, lines)) if r.get("step", 0) <= resume_step]
+        if resume_step is not None and self.jsonl.is_file() and not self.jsonl.is_symlink():
+            self.rows = [r for r in _read_rows(self.jsonl) if r.get("step", 0) <= resume_step]
         self._rewrite()
         if tensorboard:
             try:
@@ -47,17 +62,19 @@ class MetricsLogger:
                 LOGGER.info("tensorboard not installed; metrics go to metrics.csv / metrics.jsonl only")
 
     def _rewrite(self) -> None:
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows), encoding="utf-8")
+        # atomic (temp file + rename): a link planted under the name in a reused run folder is replaced, not followed
+        atomic_write_text("".join(json.dumps(r) + "\n" for r in self.rows), self.jsonl)
         self._write_csv()
 
     def _write_csv(self) -> None:
         keys: list[str] = []
         for row in self.rows:
             keys += [k for k in row if k not in keys]
-        with open(self.csv, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(buf.getvalue(), self.csv)
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one row (must contain ``step``)."""
@@ -65,8 +82,7 @@ class MetricsLogger:
             return
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
         self.rows.append(row)
-        with open(self.jsonl, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_text_no_follow(json.dumps(row) + "\n", self.jsonl)
         if self.writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float):

@@ -28,19 +28,16 @@ def load_yolo_model(
         trust_pickle: Open a ``.pt`` with ultralytics' unrestricted unpickler (runs code stored in the file); by
             default it is opened with ``weights_only=True`` and refused if it needs more (see ``safe_load``).
     """
-    from ultralytics.nn.tasks import DetectionModel
-
+    from backbone_kd.model_yaml import build_model_from_spec
+    from backbone_kd.release_weights import resolve_pt
     from backbone_kd.safe_load import load_yolo_model as load_pt
 
     spec = str(spec)
     if spec.endswith(".pt"):
-        if not Path(spec).is_file():
-            raise FileNotFoundError(
-                f"student checkpoint {spec} not found; give a .pt path or a model yaml like yolov8n.yaml"
-            )
-        model = load_pt(spec, trust_pickle=trust_pickle)
+        model = load_pt(resolve_pt(spec, "student"), trust_pickle=trust_pickle)  # release names resolve too
     elif spec.endswith((".yaml", ".yml")):
-        model = DetectionModel(spec, nc=nc, verbose=verbose)
+        # validated, never run as code; a DetectionModel whatever the head, as the student always was
+        model = build_model_from_spec(spec, nc=nc, task="detect", verbose=verbose)
     else:
         raise ValueError(f"student must be a model .yaml (e.g. yolov8n.yaml) or an ultralytics .pt, got {spec!r}")
     for p in model.parameters():

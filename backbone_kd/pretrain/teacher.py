@@ -14,6 +14,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from backbone_kd.pretrain.hf_teacher import HUB_PREFIX, create_hf_model, find_hf_checkpoint
 from backbone_kd.pretrain.teacher_weights import create_timm_model, is_vit_name
 
 Output = tuple[list[torch.Tensor], torch.Tensor | None]
@@ -171,9 +172,13 @@ def build_teacher(
     """Build a frozen teacher from a spec.
 
     Args:
-        name: A timm model name (``vit_small_patch14_dinov2.lvd142m``, ``resnet50``...), ``timm:<name>`` or
-            ``yolo:<path.pt>`` / a path ending in ``.pt`` for a YOLO backbone teacher.
-        weights: Local weights file for timm teachers (official DINOv2 ``.pth``, timm state dict, ``.safetensors``).
+        name: A timm model name (``vit_small_patch14_dinov2.lvd142m``, ``resnet50``...), ``timm:<name>``,
+            ``hf:<org>/<name>`` (a transformers DINOv2 / DINOv3 hub model, downloaded) or ``yolo:<path.pt>`` / a path
+            ending in ``.pt`` for a YOLO backbone teacher.
+        weights: Local weights for timm teachers (official DINOv2 ``.pth``, timm state dict, ``.safetensors``) or a
+            transformers checkpoint (a folder with ``config.json`` + ``model.safetensors``, or such a file with
+            ``config.json`` beside it; the architecture is read from ``config.json`` while ``name`` is the default,
+            else they must agree).
         pretrained: Download timm weights when ``weights`` is not given; False gives a random-init teacher.
         image_size: Training resolution (ViTs keep their native position grid and interpolate it to each input
             size; see :func:`~backbone_kd.pretrain.teacher_weights.create_timm_model`).
@@ -187,12 +192,13 @@ def build_teacher(
         return _named(YoloTeacher(name.removeprefix("yolo:"), indices, trust_pickle=trust_pickle), name)
     name = name.removeprefix("timm:")
     kwargs = dict(model_kwargs or {})
+    if per_level and not indices and (name.startswith(HUB_PREFIX) or is_vit_name(name)):
+        raise ValueError("teacher_per_level needs teacher_indices, one ViT block per student level, e.g. [3, 7, 11]")
+    if name.startswith(HUB_PREFIX) or find_hf_checkpoint(weights) is not None:  # transformers layout
+        model, name = create_hf_model(name, weights, pretrained=pretrained, image_size=image_size, **kwargs)
+        return _named(ViTTeacher(model, last_k=last_k, indices=indices, per_level=per_level), name)
     if is_vit_name(name):
         model = create_timm_model(name, weights=weights, pretrained=pretrained, image_size=image_size, **kwargs)
-        if per_level and not indices:
-            raise ValueError(
-                "teacher_per_level needs teacher_indices, one ViT block per student level, e.g. [3, 7, 11]"
-            )
         return _named(ViTTeacher(model, last_k=last_k, indices=indices, per_level=per_level), name)
     out_indices = tuple(indices) if indices else (-3, -2, -1)
     model = create_timm_model(

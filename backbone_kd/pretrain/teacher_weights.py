@@ -3,7 +3,7 @@
 Local files may be official DINOv2 ``dinov2_vit*14[_reg4]_pretrain.pth`` state dicts (keys mapped to timm's with timm's
 own ``checkpoint_filter_fn``: ``register_tokens`` -> ``reg_token``, SwiGLU ``w12/w3`` -> ``fc1/fc2``, position
 embeddings resampled to the training grid), timm state dicts, checkpoints wrapping them under ``model`` /
-``state_dict`` / ``teacher``, or ``.safetensors``. Everything is loaded with ``weights_only=True``.
+``state_dict`` / ``teacher``, or ``.safetensors``. Torch files are read as data (``backbone_kd.safe_load``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,13 +18,12 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from backbone_kd.release_weights import host_reachable
+
 LOGGER = logging.getLogger("backbone_kd")
 VIT_MODULES = ("timm.models.vision_transformer", "timm.models.eva", "timm.models.vision_transformer_hybrid")
 # Keys a teacher never needs: classifier heads and DINOv2's masked-modelling token.
 IGNORABLE_PREFIXES = ("head.", "fc.", "classifier.", "mask_token", "head_drop")
-
-
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -35,13 +33,7 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     """
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    if any(os.environ.get(var) for var in PROXY_VARIABLES):
-        return True
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return host_reachable(host, timeout)
 
 
 def _hub_host() -> str:
@@ -81,7 +73,11 @@ def is_vit_name(name: str) -> bool:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``), unwrapping common wrappers."""
+    """Read a state dict from ``.safetensors`` or a torch file read as data, unwrapping common wrappers.
+
+    Torch files go through :func:`backbone_kd.safe_load.load_state_file`: nothing the file names is called, not even
+    torch's own allow-listed rebuild functions, and anything beyond tensors and plain values is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher weights file {path} not found")
@@ -89,7 +85,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from backbone_kd.safe_load import load_state_file
+
+    state = load_state_file(path)
     for key in ("teacher", "model", "state_dict", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -104,7 +102,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_teacher_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local weights file into ``model`` and fail loudly if any backbone tensor is missing or mismatched."""
-    state = read_state_dict(path)
+    load_checked(model, read_state_dict(path), str(path))
+
+
+def load_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = False) -> None:
+    """Load ``state`` through timm's own converter for ``model``; a missing or mis-shaped tensor is an error.
+
+    Args:
+        model: The timm model to fill.
+        state: A state dict in any layout timm's ``checkpoint_filter_fn`` of the model's family converts.
+        source: Where ``state`` came from, for the messages.
+        strict: Also refuse tensors the model does not use (for states built here, where one means a lost tensor)
+            instead of logging them.
+    """
     filter_fn = getattr(
         __import__(type(model).__module__, fromlist=["checkpoint_filter_fn"]), "checkpoint_filter_fn", None
     )
@@ -116,18 +126,20 @@ def load_teacher_weights(model: nn.Module, path: str | Path) -> None:
     ]
     if shape_errors:
         k, got, want = shape_errors[0]
-        raise ValueError(f"{path}: tensor {k} has shape {got} but the teacher expects {want}; wrong --teacher model?")
+        raise ValueError(f"{source}: tensor {k} has shape {got} but the teacher expects {want}; wrong --teacher model?")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(IGNORABLE_PREFIXES)]
     if missing:
         raise ValueError(
-            f"{path}: {len(missing)} teacher tensors are missing from the file (first: {missing[0]}); "
+            f"{source}: {len(missing)} teacher tensors are missing from the file (first: {missing[0]}); "
             "does the file match the --teacher architecture (e.g. with/without registers, S/B/L/g)?"
         )
     unexpected = [k for k in result.unexpected_keys if not k.startswith(IGNORABLE_PREFIXES)]
+    if unexpected and strict:
+        raise ValueError(f"{source}: the teacher has no place for {len(unexpected)} tensors (first: {unexpected[0]})")
     if unexpected:
         LOGGER.warning(
-            "%s: ignored %d tensors the teacher does not use (first: %s)", path, len(unexpected), unexpected[0]
+            "%s: ignored %d tensors the teacher does not use (first: %s)", source, len(unexpected), unexpected[0]
         )
 
 

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from backbone_kd.backbone_file import read_backbone_file
+from backbone_kd.model_yaml import build_model
 from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
+from backbone_kd.release_weights import release_name
 
 
 def parse_specs(items: list[str]) -> dict[str, str]:
@@ -39,7 +41,7 @@ def parse_specs(items: list[str]) -> dict[str, str]:
     return specs
 
 
-def load_detector(spec: str, seed: int = 0, nc: int | None = None) -> nn.Module:
+def load_detector(spec: str, seed: int = 0, nc: int | None = None, trust_pickle: bool = False) -> nn.Module:
     """The full ultralytics DetectionModel a SPEC describes (fp32, train mode), backbone weights in place.
 
     Args:
@@ -47,21 +49,22 @@ def load_detector(spec: str, seed: int = 0, nc: int | None = None) -> nn.Module:
         seed: Seeds the random init of everything the SPEC does not carry (all of a ``.yaml``; neck and head of a
             ``.safetensors``), so two SPECs probed with the same seed share that init.
         nc: Class count for models built from a yaml (``.yaml`` SPECs and the architecture of a ``.safetensors``).
+        trust_pickle: Open a ``.pt`` SPEC with full unpickling (runs code stored in it; trusted files only). By
+            default it is read as data (:mod:`backbone_kd.safe_load`).
     """
     suffix = Path(spec).suffix.lower()
     if suffix in {".yaml", ".yml"}:
         torch.manual_seed(seed)
         return load_yolo_model(spec, nc=nc)
     if suffix == ".pt":
-        return load_yolo_model(spec)
+        return load_yolo_model(spec, trust_pickle=trust_pickle)
     if suffix != ".safetensors":
         raise ValueError(f"backbone SPEC {spec!r} must be a backbone .safetensors, an ultralytics .pt or a model .yaml")
     tensors, meta = read_backbone_file(spec)
-    from ultralytics.nn.tasks import DetectionModel
-
     torch.manual_seed(seed)
-    cfg = dict(meta["student_yaml"])
-    model = DetectionModel(cfg, nc=nc or cfg.get("nc"), verbose=False)
+    cfg = meta.get("student_yaml")
+    # metadata is data from elsewhere: build only from a yaml checked to be a plain architecture description
+    model = build_model(cfg, spec, nc=nc or (cfg.get("nc") if isinstance(cfg, dict) else None), task="detect")
     result = model.load_state_dict(tensors, strict=False)
     if result.unexpected_keys:
         raise ValueError(
@@ -71,10 +74,11 @@ def load_detector(spec: str, seed: int = 0, nc: int | None = None) -> nn.Module:
     return model.float().train()
 
 
-def load_backbone(spec: str, seed: int = 0) -> YoloBackbone:
+def load_backbone(spec: str, seed: int = 0, trust_pickle: bool = False) -> YoloBackbone:
     """Frozen eval-mode :class:`YoloBackbone` (default P3/P4/P5 taps) of a SPEC; ``features(x)`` takes [0, 1] RGB."""
-    if not Path(spec).is_file() and Path(spec).suffix.lower() not in {".yaml", ".yml"}:
+    suffix = Path(spec).suffix.lower()
+    if not Path(spec).is_file() and suffix not in {".yaml", ".yml"} and not (suffix == ".pt" and release_name(spec)):
         raise FileNotFoundError(f"backbone SPEC {spec} not found; pass a backbone.safetensors, a .pt or a model .yaml")
-    backbone = YoloBackbone(load_detector(spec, seed))
+    backbone = YoloBackbone(load_detector(spec, seed, trust_pickle=trust_pickle))
     backbone.requires_grad_(False)
     return backbone.eval()

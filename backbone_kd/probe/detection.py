@@ -55,7 +55,7 @@ class DetProbeSettings:
             raise ValueError(f"freeze must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}")
 
 
-def build_probe_model(spec: str, arch: str | dict, nc: int, seed: int, path: Path) -> Any:
+def build_probe_model(spec: str, arch: str | dict, nc: int, seed: int, path: Path, trust_pickle: bool = False) -> Any:
     """A ``YOLO`` detector of architecture ``arch`` (nc classes, neck/head seeded by ``seed``) with SPEC's backbone.
 
     A backbone file written with ``distill_neck=true`` brings its neck too (every layer the file holds is loaded);
@@ -69,11 +69,13 @@ def build_probe_model(spec: str, arch: str | dict, nc: int, seed: int, path: Pat
     """
     import torch
     from ultralytics import YOLO
-    from ultralytics.nn.tasks import DetectionModel
+
+    from backbone_kd.model_yaml import build_model, load_model_yaml
 
     torch.manual_seed(seed)
-    target = DetectionModel(arch, nc=nc, verbose=False)
-    source = load_detector(spec, seed=seed, nc=nc)
+    cfg = arch if isinstance(arch, dict) else load_model_yaml(arch)
+    target = build_model(cfg, arch if isinstance(arch, str) else spec, nc=nc, task="detect")
+    source = load_detector(spec, seed=seed, nc=nc, trust_pickle=trust_pickle)
     tensors = backbone_state_dict(source, _file_layers(spec))
     own = target.state_dict()
     bad = [k for k, v in tensors.items() if k not in own or own[k].shape != v.shape]
@@ -150,7 +152,12 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 
 def detection_probe(
-    specs: dict[str, str], data: str | Path, out: str | Path, settings: DetProbeSettings, arch: str | None = None
+    specs: dict[str, str],
+    data: str | Path,
+    out: str | Path,
+    settings: DetProbeSettings,
+    arch: str | None = None,
+    trust_pickle: bool = False,
 ) -> dict:
     """Run the probe for every backbone and seed; returns the JSON-able summary.
 
@@ -159,6 +166,7 @@ def detection_probe(
         data: YOLO dataset yaml (read through a mirror under ``out``, so a read-only dataset works).
         out: Work folder (ultralytics runs under ``out/runs``).
         arch: Detector yaml; default the architecture of the first backbone SPEC that names one.
+        trust_pickle: Open ``.pt`` SPECs with full unpickling (trusted files only).
 
     Returns:
         ``{"settings", "arch", "backbones": {name: {"final": {map50_95: {mean, std}, map50: ...}, "best": ...,
@@ -169,7 +177,7 @@ def detection_probe(
     cfg, _ = load_data_yaml(data)
     nc = 1 if settings.single_cls else len(class_names(cfg))
     local = mirror_dataset(data, out / "data")
-    arch_cfg: str | dict = arch or _arch_of(specs)
+    arch_cfg: str | dict = arch or _arch_of(specs, trust_pickle)
     result: dict[str, Any] = {
         "settings": asdict(settings),
         "arch": arch_cfg if isinstance(arch_cfg, str) else arch_cfg.get("yaml_file", "from backbone metadata"),
@@ -178,7 +186,8 @@ def detection_probe(
     for name, spec in specs.items():
         runs = []
         for seed in settings.seeds:
-            model = build_probe_model(spec, arch_cfg, nc, seed, out / "models" / f"{name}_s{seed}.pt")
+            path = out / "models" / f"{name}_s{seed}.pt"
+            model = build_probe_model(spec, arch_cfg, nc, seed, path, trust_pickle)
             rows = train_probe(model, local, settings, seed, out / "runs", f"{name}_s{seed}")
             runs.append({"seed": seed, "rows": rows})
             last = rows[-1] if rows else {"map50_95": 0.0, "map50": 0.0}
@@ -205,7 +214,7 @@ def _file_layers(spec: str) -> int | None:
     return int(meta["n_layers"]) if file_holds_neck(meta) else None
 
 
-def _arch_of(specs: dict[str, str]) -> str | dict:
+def _arch_of(specs: dict[str, str], trust_pickle: bool = False) -> str | dict:
     """Architecture shared by the probed backbones: a backbone file's ``student_yaml``, a .pt's yaml, or a .yaml."""
     from backbone_kd.backbone_file import read_backbone_file
 
@@ -215,4 +224,4 @@ def _arch_of(specs: dict[str, str]) -> str | dict:
             return spec
         if suffix == ".safetensors":
             return dict(read_backbone_file(spec)[1]["student_yaml"])
-    return dict(load_detector(next(iter(specs.values()))).yaml)
+    return dict(load_detector(next(iter(specs.values())), trust_pickle=trust_pickle).yaml)
