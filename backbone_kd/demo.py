@@ -68,32 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[1/3] demo dataset: {data_yaml}")
 
     online = not args.offline and hub_reachable()
-    overrides = {"teacher": "vit_small_patch14_dinov2.lvd142m", "teacher_pretrained": online}
     if not online:
         print(
             f"\n{BANNER}\nOFFLINE: the model hub is unreachable, so the teacher is a RANDOM-INIT ViT-S/14.\n"
             "This run is an install check of every code path; its backbone is NOT useful. For real pretraining\n"
             "pass --teacher-weights dinov2_vits14_pretrain.pth to `bkd pretrain`.\n" + BANNER + "\n"
         )
-    from backbone_kd.pretrain.config import build_config
-    from backbone_kd.pretrain.loop import pretrain
-
-    cfg = build_config(
-        [],
-        unlabeled=[str(out / "shapes" / "images" / "train")],
-        output=str(out),
-        name="pretrain",
-        exist_ok=True,
-        image_size=args.imgsz,
-        batch_size=8,
-        steps=args.steps,
-        workers=0,
-        log_every=5,
-        save_every=0,
-        warmup_steps=2,
-        **overrides,
-    )
-    run_dir = pretrain(cfg)
+    run_dir = _pretrain(out, args.imgsz, args.steps, online)
     print(f"[1/3] stage 1 done: {run_dir / 'backbone.safetensors'}")
 
     from backbone_kd.inject import inject_backbone
@@ -103,49 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir / "backbone.safetensors", "yolov8n.yaml", out=injected, data=str(data_yaml), force=True, verbose=False
     )
     print(f"[2/3] injected: {report.tensors_copied} tensors -> {injected}")
-
-    from backbone_kd.finetune import finetune
-
-    finetune(
-        str(injected),
-        data=str(data_yaml),
-        epochs=args.epochs,
-        imgsz=args.imgsz,
-        batch=8,
-        workers=0,
-        device="cpu",
-        project=str(out / "finetune"),
-        name="train",
-        exist_ok=True,
-        plots=False,
-        optimizer="AdamW",
-        lr0=1e-3,
-        nbs=8,
-        verbose=False,
-    )
+    _finetune(injected, data_yaml, out / "finetune", args.imgsz, args.epochs)
     print(f"[3/3] fine-tuned: {out / 'finetune' / 'train' / 'weights' / 'last.pt'}")
-
-    from backbone_kd.probe.cli import run as probe
-
-    probe(
-        [
-            "--backbones",
-            "scratch=yolov8n.yaml",
-            f"distilled={run_dir / 'backbone.safetensors'}",
-            "--data",
-            str(data_yaml),
-            "--imgsz",
-            "64",
-            "--crop-min-size",
-            "8",
-            "--crop-min-train",
-            "1",
-            "--out",
-            str(out / "probe"),
-            "--json",
-            str(out / "probe" / "probe.json"),
-        ]
-    )
+    _probe(run_dir / "backbone.safetensors", data_yaml, out / "probe")
     print(f"[probe] frozen-backbone k-NN / linear accuracy on the shapes' crops: {out / 'probe' / 'probe.json'}")
     print(
         f"\nartifacts under {out}:\n  stage 1 run     {run_dir}\n  injected model  {injected}\n"
@@ -154,6 +95,63 @@ def main(argv: list[str] | None = None) -> int:
     if not online:
         print("reminder: the teacher was random-init (offline); see the banner above.")
     return 0
+
+
+def _pretrain(out: Path, imgsz: int, steps: int, online: bool) -> Path:
+    """Stage 1 on the shapes' training images with the default teacher (random-init when offline)."""
+    from backbone_kd.pretrain.config import build_config
+    from backbone_kd.pretrain.loop import pretrain
+
+    cfg = build_config(
+        [],
+        unlabeled=[str(out / "shapes" / "images" / "train")],
+        output=str(out),
+        name="pretrain",
+        exist_ok=True,
+        image_size=imgsz,
+        batch_size=8,
+        steps=steps,
+        workers=0,
+        log_every=5,
+        save_every=0,
+        warmup_steps=2,
+        teacher="vit_small_patch14_dinov2.lvd142m",
+        teacher_pretrained=online,
+    )
+    return pretrain(cfg)
+
+
+def _finetune(model: Path, data_yaml: Path, project: Path, imgsz: int, epochs: int) -> None:
+    """A short plain ultralytics fine-tune of the injected model (explicit AdamW: ``auto`` barely moves in 1 epoch)."""
+    from backbone_kd.finetune import finetune
+
+    finetune(
+        str(model),
+        data=str(data_yaml),
+        epochs=epochs,
+        imgsz=imgsz,
+        batch=8,
+        workers=0,
+        device="cpu",
+        project=str(project),
+        name="train",
+        exist_ok=True,
+        plots=False,
+        optimizer="AdamW",
+        lr0=1e-3,
+        nbs=8,
+        verbose=False,
+    )
+
+
+def _probe(backbone: Path, data_yaml: Path, folder: Path) -> None:
+    """``bkd probe`` of the distilled backbone vs a random one on the shapes' object crops (tiny: 64 px crops)."""
+    from backbone_kd.probe.cli import run as probe
+
+    probe(
+        ["--backbones", "scratch=yolov8n.yaml", f"distilled={backbone}", "--data", str(data_yaml), "--imgsz", "64"]
+        + ["--crop-min-size", "8", "--crop-min-train", "1", "--out", str(folder), "--json", str(folder / "probe.json")]
+    )
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def full_views(paths: list[str], size: int) -> torch.Tensor:
 @torch.no_grad()
 def online_targets(teacher, views: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """The fp32 teacher on ``views`` (N, 3, S, S): ([(N, C_i, h_i, w_i)], (N, D_g) or None)."""
-    from backbone_kd.pretrain.setup import teacher_input
+    from backbone_kd.pretrain.views import teacher_input
 
     feats, globs = [], []
     for chunk in views.split(batch_size):

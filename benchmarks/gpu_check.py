@@ -5,9 +5,10 @@
 
 Cases (random-init teachers, bf16: ``mixed_precision=bf16``, bf16 teacher): DINOv2 ViT-S/14 @ 224 + YOLOv8n at
 batch 256, and ViT-B/14 @ 224 + YOLOv8s at batch 128. Variants of each: eager, ``channels_last``, ``compile`` +
-``channels_last``. For each, with ``benchmarks/throughput.py``'s pieces: teacher-only forward, student-only
-forward+backward+optimizer step (fixed teacher targets, as with the teacher cache), full step (teacher + student), and
-the peak GPU memory of each part; per case, the training data loader's img/s with ``--workers`` processes (generated
+``channels_last``. For each, the parts of the step ``bkd pretrain`` runs, built by its own ``build_run``
+(``benchmarks/throughput.py``'s ``build_parts``): teacher-only forward, student-only forward+backward+optimizer step
+(fixed teacher targets, as with the teacher cache), full step (the training loop's ``train_step``), and the peak GPU
+memory of each part; per case, the training data loader's img/s with ``--workers`` processes (generated
 480x360 noise JPEGs: harder to decode than photos, a pessimistic figure) and whether it keeps up with the fastest
 full step. If lightly-train is importable with ``--lt-python``: its distillation step and ours on the same job (ViT-B/14
 + YOLOv8n, bf16, ``--lt-batch``), each a short real training run (``benchmarks/lt_sides.py``), last, if time is left.
@@ -120,10 +121,7 @@ def _lightly_train(args: argparse.Namespace, folder: str, work: Path, device: st
     return result
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the check; returns (and writes to ``--out``) the results dict."""
-    import torch
-
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu_check.json", help="JSON file (rewritten after every measurement)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny models and sizes, one timed call: seconds")
@@ -139,35 +137,65 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lt-batch", type=int, default=128)
     parser.add_argument("--lt-steps", type=int, default=20)
     parser.add_argument("--lt-reserve-s", type=float, default=150.0, help="time the lightly-train pair needs")
-    args = parser.parse_args(argv)
-    t0 = time.perf_counter()
+    return parser.parse_args(argv)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Device, workers, iterations and compile backend, with the dry run's small defaults."""
+    import torch
+
     dry = args.dry_run
-    device = torch.device(args.device or ("cpu" if dry or not torch.cuda.is_available() else "cuda"))
-    workers = args.workers if args.workers is not None else (1 if dry else min(16, os.cpu_count() or 1))
-    iters = args.iters or (1 if dry else 10)
-    warmup = args.warmup or (1 if dry else 3)
-    backend = args.compile_backend or ("eager" if dry else None)  # inductor needs minutes of C++ builds on a CPU
-    cases, common = (DRY_CASES, DRY_COMMON) if dry else (CASES, COMMON)
+    return {
+        "dry_run": dry,
+        "device": args.device or ("cpu" if dry or not torch.cuda.is_available() else "cuda"),
+        "workers": args.workers if args.workers is not None else (1 if dry else min(16, os.cpu_count() or 1)),
+        "iters": args.iters or (1 if dry else 10),
+        "warmup": args.warmup or (1 if dry else 3),
+        "compile_backend": args.compile_backend or ("eager" if dry else None),  # inductor: minutes of C++ on a CPU
+        "budget_s": args.budget_s,
+    }
+
+
+def _host(device) -> dict[str, Any]:
+    import torch
+
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpus": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _measure(case: dict[str, Any], cfg, device, settings: dict[str, Any], folder: str) -> dict[str, Any]:
+    """One variant: the parts of the training step (and, once per case, the data loader); updates ``case``."""
+    backend = settings["compile_backend"]
+    parts, facts = build_parts(cfg, device, {"backend": backend} if backend else {})
+    case.update(teacher=cfg.teacher, student=cfg.student, batch_size=cfg.batch_size, image_size=cfg.image_size, **facts)
+    measured = time_parts(parts, cfg.batch_size, settings["iters"], settings["warmup"], device)
+    del parts
+    if "data" not in case:
+        speed = data_speed(cfg, settings["iters"], settings["warmup"], unlabeled=folder)
+        case["data"] = {"workers": settings["workers"], "images_per_s": speed}
+    return measured
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the check; returns (and writes to ``--out``) the results dict."""
+    import torch
+
+    args = _parse(argv)
+    t0 = time.perf_counter()
+    settings = _settings(args)
+    device = torch.device(settings["device"])
+    cases, common = (DRY_CASES, DRY_COMMON) if args.dry_run else (CASES, COMMON)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
-        "settings": {
-            "dry_run": dry,
-            "device": str(device),
-            "workers": workers,
-            "iters": iters,
-            "warmup": warmup,
-            "compile_backend": backend or "inductor",
-            "budget_s": args.budget_s,
-        },
-        "host": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "cpus": os.cpu_count(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(),
-        },
+        "settings": {**settings, "compile_backend": settings["compile_backend"] or "inductor"},
+        "host": _host(device),
         "cases": {},
         "complete": False,
     }
@@ -182,31 +210,23 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         tmp.write_text(json.dumps(result, indent=2, default=str))
         tmp.replace(out_path)  # a run killed mid-write keeps the previous complete file
 
-    folder = _synthetic_folder(args.n_images or (8 if dry else 512))
+    folder = _synthetic_folder(args.n_images or (8 if args.dry_run else 512))
     work = Path(tempfile.mkdtemp(prefix="bkd_gpu_check_"))
     # Every case's eager variants first, then the compile variants: a short budget drops the slow ones.
     order = [(c, v) for v in VARIANTS if not v[1]["compile"] for c in cases]
     order += [(c, v) for v in VARIANTS if v[1]["compile"] for c in cases]
     for (name, path, overrides), (variant, switches) in order:
         case = result["cases"].setdefault(name, {"variants": {}})
-        left = args.budget_s - elapsed()
-        if left <= (args.compile_reserve_s if switches["compile"] else 0):
+        if args.budget_s - elapsed() <= (args.compile_reserve_s if switches["compile"] else 0):
             case["variants"][variant] = {"skipped": f"time budget ({args.budget_s:.0f} s) spent"}
             save()
             continue
         t_variant = time.perf_counter()
         try:
-            cfg = _config(path, {**common, **overrides, **switches, "workers": workers})
-            compile_kwargs = {"backend": backend} if backend else {}
-            parts, facts = build_parts(cfg, device, compile_kwargs)
-            case.update(
-                teacher=cfg.teacher, student=cfg.student, batch_size=cfg.batch_size, image_size=cfg.image_size, **facts
-            )
-            measured = time_parts(parts, cfg.batch_size, iters, warmup, device)
+            workers = settings["workers"]
+            cfg = _config(path, {**common, **overrides, **switches, "workers": workers, "unlabeled": [folder]})
+            measured = _measure(case, cfg, device, settings, folder)
             case["variants"][variant] = {**measured, "seconds": time.perf_counter() - t_variant}
-            del parts
-            if "data" not in case:
-                case["data"] = {"workers": workers, "images_per_s": data_speed(cfg, iters, warmup, unlabeled=folder)}
         except Exception as err:  # one variant failing (OOM, a compile error) must not end the check
             case["variants"][variant] = {"error": _error(err), "seconds": time.perf_counter() - t_variant}
         _release()
@@ -217,7 +237,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             f"[{elapsed():5.0f} s] {name} {variant}: {json.dumps(case['variants'][variant], default=str)}", flush=True
         )
         save()
-    if args.budget_s - elapsed() > (0 if dry else args.lt_reserve_s):
+    if args.budget_s - elapsed() > (0 if args.dry_run else args.lt_reserve_s):
         result["lightly_train"] = _lightly_train(args, folder, work, device.type)
     else:
         result["lightly_train"] = {"skipped": f"time budget ({args.budget_s:.0f} s) spent"}

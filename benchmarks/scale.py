@@ -9,7 +9,7 @@
    entry each, no data; each copy takes at most 50,000 links (ext4 allows 65,000).
 2. Times ``resolve_image_sources`` on the list (goal: < 30 s for 2M files) and reports the ``PathList`` bytes.
 3. Builds ``UnlabeledImages`` + ``ShardedInfiniteSampler`` + ``DataLoader`` exactly as the training loop does
-   (``backbone_kd/pretrain/loop.py``: collate, drop_last, persistent workers, prefetch 4) and runs ``--steps`` steps
+   (``backbone_kd/pretrain/batches.py``: collate, drop_last, persistent workers, prefetch 4) and runs ``--steps`` steps
    of a student forward/backward (the YOLO backbone with a plain feature-energy loss, SGD) on its batches: the
    memory pattern of a cached-teacher run without the cache reads.
 4. Measures PSS (``/proc/<pid>/smaps_rollup``: each shared page divided by the processes sharing it) of the main
@@ -192,7 +192,7 @@ def run(argv: list[str] | None = None) -> dict:
         student = YoloBackbone(load_yolo_model(args.student), None).train()
         optimizer = torch.optim.SGD(student.parameters(), lr=1e-4)
         dataset = UnlabeledImages(paths, args.image_size, AugmentConfig(), seed=0)
-        loader = DataLoader(  # as make_loader in backbone_kd/pretrain/loop.py
+        loader = DataLoader(  # as TrainImages.loader in backbone_kd/pretrain/batches.py
             dataset,
             batch_size=args.batch_size,
             sampler=ShardedInfiniteSampler(len(paths), args.batch_size, 0),

@@ -8,11 +8,14 @@ with the online teacher, one with ``teacher_cache`` (a fresh folder, so the buil
 Step time is the mean per-step wall time logged in ``metrics.jsonl`` after the first step (data waits included;
 warm-up, model setup and export excluded: the same for both); s/epoch = step time * steps per epoch. Quality:
 
-- held-out cosine: the trained student's projected maps vs the ONLINE teacher on the held-out images (resize +
-  centre crop, no augmentation), per level and mean; the same measure for both runs;
+- held-out cosine: the trained (exported) student's projected maps vs the ONLINE teacher on the held-out images
+  (resize + centre crop, no augmentation), per level and mean: each run's own validation at its last step
+  (``val_unlabeled`` = the held-out images, whose targets are encoded before a cache frees the teacher); the same
+  measure for both runs (wall time includes that encoding and the validation; step time does not);
 - target fidelity: cosine between the cached targets and the online teacher on the same augmented training views
   (crop + flip + colour jitter as configured, and again without jitter): how far the cached approximation is from
-  the targets the online run used.
+  the targets the online run used. Both come from the step's own ``teacher_targets`` of runs rebuilt by
+  ``build_run`` (the cache is reused only if its fingerprint matches the rebuilt teacher).
 
 Other options are ``bkd pretrain`` options. Timings are printed and written to JSON, never asserted.
 """
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import tempfile
 import time
@@ -35,91 +37,71 @@ DEFAULT_UNLABELED = REPO.parent / "shared" / "data" / "unlabeled" / "bsds500"
 
 def _train(cfg) -> tuple[Path, float, float]:
     """Run ``pretrain``; returns (run folder, cache build seconds or 0, mean step seconds after the first step)."""
-    from backbone_kd.pretrain import loop
+    from backbone_kd.pretrain import build, loop
 
-    build = {"s": 0.0}
-    original = loop.prepare_teacher_cache
+    seconds = {"build": 0.0}
+    original = build.prepare_teacher_cache
 
     def timed(*args, **kwargs):
         t0 = time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
-            build["s"] = time.perf_counter() - t0
+            seconds["build"] = time.perf_counter() - t0
 
-    loop.prepare_teacher_cache = timed
+    build.prepare_teacher_cache = timed
     try:
         run = loop.pretrain(cfg)
     finally:
-        loop.prepare_teacher_cache = original
+        build.prepare_teacher_cache = original
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     # log_every=1: each row's img_per_s covers exactly one optimizer step (data wait, teacher, student, update).
-    step_s = [cfg.batch_size * cfg.gradient_accumulation_steps / r["img_per_s"] for r in rows]
-    return run, build["s"], sum(step_s[1:]) / max(len(step_s) - 1, 1)
+    step_s = [cfg.batch_size * cfg.gradient_accumulation_steps / r["img_per_s"] for r in rows if "img_per_s" in r]
+    return run, seconds["build"], sum(step_s[1:]) / max(len(step_s) - 1, 1)
 
 
-@torch.no_grad()
-def _heldout_cosine(cfg, run: Path, teacher, images: list[str]) -> dict[str, float]:
-    """Mean per-token cosine, per student level, of the run's projected student maps vs the online teacher."""
-    from safetensors.torch import load_file
-    from torch.utils.data import DataLoader
-
-    from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, collate
-    from backbone_kd.pretrain.loss import DistillationLoss, pair_levels
-    from backbone_kd.pretrain.projector import DistillStudent, Projectors
-    from backbone_kd.pretrain.setup import teacher_input
-    from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
-
-    backbone = YoloBackbone(load_yolo_model(str(run / "student.pt")), cfg.taps)
-    pairing = pair_levels(backbone.strides, teacher.strides)
-    projectors = Projectors(
-        backbone.channels, [teacher.channels[j] for j in pairing], cfg.projector, cfg.projector_hidden
-    )
-    projectors.load_state_dict(load_file(str(run / "projector.safetensors")))
-    student = DistillStudent(backbone, projectors).eval()
-    names = [f"p{int(math.log2(s))}" for s in backbone.strides]
-    criterion = DistillationLoss([1.0] * len(pairing), pairing, cfg.align, level_names=names)
-    data = UnlabeledImages(images, cfg.image_size, AugmentConfig(None, 0.0, 0.0))
-    sums, n = dict.fromkeys(names, 0.0), 0
-    for batch in DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate):
-        t_feats, _ = teacher.encode(teacher_input(batch["image"], teacher, torch.float32))
-        _, logs = criterion(student(batch["image"])[0], t_feats)
-        for name in names:
-            sums[name] += float(logs[f"cos_{name}"]) * len(batch["image"])
-        n += len(batch["image"])
-    out = {name: s / n for name, s in sums.items()}
-    out["mean"] = sum(out.values()) / len(names)
+def _heldout_cosine(run: Path) -> dict[str, float]:
+    """Per-level and mean held-out cosine the run's validation logged at its last step: its exported student's
+    projected maps vs the ONLINE teacher's (targets computed before any cache freed it) on the held-out images."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    val = next(r for r in reversed(rows) if "val_cos" in r)
+    out = {k.removeprefix("val_cos_"): v for k, v in val.items() if k.startswith("val_cos_")}
+    out["mean"] = val["val_cos"]
     return out
 
 
 @torch.no_grad()
-def _fidelity(cfg, cache, teacher, images: list[str], jitter: float, batches: int = 4) -> float:
-    """Mean token cosine between cached targets and the online teacher on the same augmented training views."""
+def _fidelity(online, cached, jitter: float, batches: int = 4) -> float:
+    """Mean token cosine between cached targets and the online teacher on the same augmented training views.
+
+    Args:
+        online, cached: Runs built by ``build_run`` for the two configs: their own step's ``teacher_targets``.
+        jitter: Colour jitter strength of the views (the cache never sees it; the online teacher does).
+    """
+    import dataclasses
+
     import torch.nn.functional as F
-    from torch.utils.data import DataLoader
 
-    from backbone_kd.pretrain.cache import CachedTargets
-    from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, collate
-    from backbone_kd.pretrain.setup import teacher_input
+    from backbone_kd.pretrain.step import inputs, teacher_targets
 
-    aug = AugmentConfig(cfg.crop_scale, cfg.hflip, jitter)
-    data = CachedTargets(UnlabeledImages(images, cfg.image_size, aug, seed=cfg.seed), cache)
-    cos, n = 0.0, 0
-    for k, batch in enumerate(DataLoader(data, batch_size=cfg.batch_size, collate_fn=collate, shuffle=False)):
-        if k == batches:
-            break
-        online, _ = teacher.encode(teacher_input(batch["image"], teacher, torch.float32))
-        cached, _ = cache.targets(batch, torch.device("cpu"))
-        cos += sum(float(F.cosine_similarity(c, o.float(), dim=1).mean()) for c, o in zip(cached, online)) / len(cached)
-        n += 1
-    return cos / max(n, 1)
+    images = cached.images
+    images = dataclasses.replace(images, augment=dataclasses.replace(images.augment, color_jitter=jitter), workers=0)
+    loader = iter(images.loader(images.image_size, 0, cache=cached.cache))
+    cos = 0.0
+    for _ in range(batches):
+        batch = next(loader)
+        x = inputs(online, batch)
+        online_t, _ = teacher_targets(online, x, batch)
+        cached_t, _ = teacher_targets(cached, x, batch)
+        levels = [float(F.cosine_similarity(c, o.float(), dim=1).mean()) for c, o in zip(cached_t, online_t)]
+        cos += sum(levels) / len(levels)
+    return cos / batches
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from backbone_kd.pretrain.cache import TeacherCache, probe, weights_digest
+    from backbone_kd.pretrain.build import build_run
     from backbone_kd.pretrain.config import build_config
     from backbone_kd.pretrain.sources import resolve_image_sources
-    from backbone_kd.pretrain.teacher import build_teacher
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--unlabeled", default=str(DEFAULT_UNLABELED))
@@ -128,41 +110,36 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work-dir", default=None, help="run folders and the cache (default: a temp dir)")
     parser.add_argument("--json", default=None, help="write results here")
     args, rest = parser.parse_known_args(argv)
-    # Absolute: train.txt lives in the work dir, and list entries resolve relative to the list's own folder.
+    # Absolute: the lists live in the work dir, and list entries resolve relative to the list's own folder.
     paths = [str(Path(p).resolve()) for p in resolve_image_sources([args.unlabeled])]
     held, train = paths[:: args.holdout], [p for i, p in enumerate(paths) if i % args.holdout]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bkd_teacher_cache_"))
     work.mkdir(parents=True, exist_ok=True)
-    (work / "train.txt").write_text("\n".join(train) + "\n")
-    base = ["tensorboard=false", "log_every=1", "save_every=0", "exist_ok=true", "cpu=true", *rest]
-    common = [*base, f"unlabeled={work / 'train.txt'}", f"output={work}", f"epochs={args.epochs}"]
-    cfg_online = build_config([*common, "name=online"])
-    cfg_cached = build_config([*common, "name=cached", f"teacher_cache={work / 'cache'}"])
     if (work / "cache").exists():
         raise ValueError(f"{work / 'cache'} exists; use a fresh --work-dir so the cache build is timed")
-
+    (work / "train.txt").write_text("\n".join(train) + "\n")
+    (work / "held.txt").write_text("\n".join(held) + "\n")
+    base = ["tensorboard=false", "log_every=1", "save_every=0", "exist_ok=true", "cpu=true", *rest]
+    common = [*base, f"unlabeled={work / 'train.txt'}", f"output={work}", f"epochs={args.epochs}"]
+    modes = {"online": [*common, "name=online"], "cached": [*common, "name=cached", f"teacher_cache={work / 'cache'}"]}
+    # Held-out cosine: the runs' own validation at their last step, on every held-out image.
+    held_out = [f"val_unlabeled={work / 'held.txt'}", f"val_max_images={len(held)}"]
     results: dict = {}
-    for mode, cfg in (("online", cfg_online), ("cached", cfg_cached)):
+    for mode, options in modes.items():
+        cfg = build_config([*options, *held_out])
         t0 = time.perf_counter()
         run, build_s, step_s = _train(cfg)
         steps = json.loads((run / "run_summary.json").read_text())["steps"]
         results[mode] = {"run": str(run), "wall_s": time.perf_counter() - t0, "build_s": build_s, "steps": steps}
         results[mode].update(step_s=step_s, s_per_epoch=step_s * len(train) / cfg.batch_size)
-    # The teacher the runs used (same seed -> same random init); the digest check proves it is the same one.
-    torch.manual_seed(cfg_online.seed)
-    c = cfg_online
-    teacher = build_teacher(
-        c.teacher, c.teacher_weights, c.teacher_pretrained, c.image_size, c.teacher_last_k, c.teacher_indices,
-        c.teacher_kwargs,
-    )  # fmt: skip
-    cache = TeacherCache(work / "cache", probe(teacher, c.image_size, torch.device("cpu"), torch.float32)[0])
-    if weights_digest(teacher) != cache.meta["weights_digest"]:
-        raise RuntimeError("the rebuilt teacher differs from the training teacher; pass teacher weights or a seed")
-    for mode, cfg in (("online", cfg_online), ("cached", cfg_cached)):
-        results[mode]["heldout_cos"] = _heldout_cosine(cfg, Path(results[mode]["run"]), teacher, held)
+        results[mode]["heldout_cos"] = _heldout_cosine(run)
+    # The parts the runs trained with, rebuilt the same way (same seed: same teacher; the cache is reused only if its
+    # fingerprint, which includes the teacher's weights digest, matches the rebuilt teacher).
+    online, cached = (build_run(build_config(options)) for options in modes.values())
+    c = online.cfg
     results["cached"]["target_fidelity_cos"] = {
-        "configured_aug": _fidelity(cfg_cached, cache, teacher, train, cfg_cached.color_jitter),
-        "no_jitter": _fidelity(cfg_cached, cache, teacher, train, 0.0),
+        "configured_aug": _fidelity(online, cached, c.color_jitter),
+        "no_jitter": _fidelity(online, cached, 0.0),
     }
     online_s, cached_s = results["online"]["s_per_epoch"], results["cached"]["s_per_epoch"]
     keys = ("teacher", "teacher_pretrained", "student", "image_size", "batch_size", "workers", "crop_scale", "hflip")

@@ -75,88 +75,68 @@ PARTS = ("teacher_fwd", "student_fwd_bwd", "full_step", "data")
 
 def build_parts(
     cfg: Any, device: torch.device, compile_kwargs: dict | None = None
-) -> tuple[dict[str, Callable[[], None]], dict[str, Any]]:
-    """The timed parts of one pretraining step for a resolved config, on a fixed random batch.
+) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
+    """The timed parts of one pretraining step for a resolved config, on one fixed batch of the training loader.
 
-    Teacher, student backbone, projectors, loss and optimizer are built as ``bkd pretrain`` builds them, in the
-    precision :func:`~backbone_kd.pretrain.setup.resolve_precision` picks for ``device``; ``cfg.compile`` compiles the
-    teacher's ``encode`` and the student (``compile_kwargs``: ``torch.compile`` options, e.g. ``backend``); nothing is
-    compiled before a part first runs.
+    Everything comes from :func:`~backbone_kd.pretrain.build.build_run`, as ``bkd pretrain`` builds it (precision,
+    teacher or teacher cache, student, heads, loss, optimizer, schedule), on ``device``; ``cfg.compile`` compiles the
+    teacher's ``encode`` and the student (``compile_kwargs``: ``torch.compile`` options, e.g. ``backend``). Without
+    ``cfg.unlabeled`` the batch comes from generated 480x360 noise JPEGs. Nothing is written (``output`` is a temp
+    folder) and nothing is compiled before a part first runs.
 
     Args:
         cfg: A :class:`~backbone_kd.pretrain.config.PretrainConfig`; the batch is (batch_size, 3, image_size,
             image_size).
-        device: Where to run.
+        device: Where to run (``cpu`` sets ``cpu=true``; a GPU is the accelerator's).
         compile_kwargs: Passed to ``torch.compile`` when ``cfg.compile``.
 
     Returns:
-        ``{"teacher_fwd", "student_fwd_bwd", "full_step"}`` -> a no-argument callable running that part once (the
-        student part trains on fixed teacher targets, as with the teacher cache), and facts about the build
-        (``teacher_dtype``, ``mixed_precision``).
+        ``{"teacher_fwd", "student_fwd_bwd", "full_step"}`` -> a no-argument callable running that part once (see
+        :func:`step_parts`), and facts about the build (``teacher_dtype``, ``mixed_precision``).
     """
-    import torch
+    import dataclasses
 
-    from backbone_kd.pretrain.loss import DistillationLoss, pair_levels
-    from backbone_kd.pretrain.projector import DistillStudent, Projectors
-    from backbone_kd.pretrain.setup import build_optimizer, resolve_precision, teacher_input
-    from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
-    from backbone_kd.pretrain.teacher import build_teacher
+    from backbone_kd.pretrain.build import build_run
 
-    bs = cfg.batch_size
-    plan = resolve_precision(cfg, device)
-    for _, note in plan.notes:
-        print(f"note: {note}", file=sys.stderr)
-    t_dtype = plan.teacher_dtype
-    teacher = build_teacher(
-        cfg.teacher,
-        cfg.teacher_weights,
-        cfg.teacher_pretrained,
-        cfg.image_size,
-        cfg.teacher_last_k,
-        cfg.teacher_indices,
-        cfg.teacher_kwargs,
-    ).to(device, t_dtype)
-    backbone = YoloBackbone(load_yolo_model(cfg.student, nc=cfg.nc), cfg.taps)
-    pairing = pair_levels(backbone.strides, teacher.strides)
-    module = DistillStudent(
-        backbone,
-        Projectors(backbone.channels, [teacher.channels[j] for j in pairing], cfg.projector, cfg.projector_hidden),
-    ).to(device)
-    if cfg.channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    criterion = DistillationLoss([1.0] * len(pairing), pairing, cfg.align)
-    optimizer = build_optimizer(module, cfg, device)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.mixed_precision)
-    x = torch.rand(bs, 3, cfg.image_size, cfg.image_size, device=device)
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    kwargs = dict(compile_kwargs or {})
-    teacher_fn = teacher.compiled_encode(**kwargs) if cfg.compile else teacher.encode
-    student_fn = torch.compile(module, **kwargs) if cfg.compile else module
-    targets: list[torch.Tensor] = []
+    unlabeled = cfg.unlabeled or [_synthetic_folder(max(64, 2 * cfg.batch_size))]
+    output = tempfile.mkdtemp(prefix="bkd_bench_run_")  # chosen, never written (a teacher cache aside)
+    cfg = dataclasses.replace(cfg, unlabeled=unlabeled, output=output, cpu=device.type == "cpu", resume=None)
+    run = build_run(cfg, compile_kwargs)
+    facts = {"teacher_dtype": str(run.teacher_dtype), "mixed_precision": run.accelerator.mixed_precision}
+    return step_parts(run), facts
 
-    def teacher_step() -> list[torch.Tensor]:
-        with torch.no_grad():
-            return teacher_fn(teacher_input(x, teacher, t_dtype))[0]
 
-    def student_step(t: list[torch.Tensor] | None = None) -> None:
-        if t is None:
-            if not targets:  # fixed targets for the student-only part, computed once (eagerly: not timed)
-                with torch.no_grad():
-                    targets.extend(teacher.encode(teacher_input(x, teacher, t_dtype))[0])
-            t = targets
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            s_feats, _ = student_fn(x)
-        loss, _ = criterion(s_feats, t)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+def step_parts(run: Any) -> dict[str, Callable[[], Any]]:
+    """The parts of ``bkd pretrain``'s own step (:mod:`backbone_kd.pretrain.step`) on the run's first training batch.
 
-    def full_step() -> None:
-        student_step(teacher_step())
+    ``full_step`` is :func:`~backbone_kd.pretrain.step.train_step`, the function the training loop calls, on the
+    batch as the loader yields it (host memory, pinned on a GPU: the copy to the device is part of the step);
+    ``teacher_fwd`` its teacher targets (online teacher or cache) and ``student_fwd_bwd`` its student update on
+    fixed targets (as with the teacher cache; computed at the part's first call, a warm-up call when timed), both
+    on the images already on the device.
+    """
+    import dataclasses
 
-    parts = {"teacher_fwd": teacher_step, "student_fwd_bwd": student_step, "full_step": full_step}
-    return parts, {"teacher_dtype": str(t_dtype), "mixed_precision": plan.mixed_precision}
+    from backbone_kd.pretrain.step import inputs, student_step, teacher_targets, train_step
+
+    images = dataclasses.replace(run.images, workers=0)  # one batch: no worker processes
+    pin = run.accelerator.device.type == "cuda"
+    batch = next(iter(images.loader(images.size_at(0, run.steps), 0, cache=run.cache, pin_memory=pin)))
+    x = inputs(run, batch)
+    fixed: list[Any] = []
+
+    def teacher_fwd() -> Any:
+        return teacher_targets(run, x, batch)
+
+    def student_fwd_bwd() -> dict:
+        if not fixed:
+            fixed.extend(teacher_targets(run, x, batch))
+        return student_step(run, x, *fixed)
+
+    def full_step() -> dict:
+        return train_step(run, batch)
+
+    return {"teacher_fwd": teacher_fwd, "student_fwd_bwd": student_fwd_bwd, "full_step": full_step}
 
 
 def time_parts(
@@ -183,25 +163,16 @@ def data_speed(cfg: Any, iters: int, warmup: int, unlabeled: str | None = None, 
         unlabeled: Image folder/list; default ``cfg.unlabeled``, else ``n_synthetic`` generated 480x360 noise JPEGs
             (harder to decode than photos of the same size: a pessimistic figure).
     """
-    import torch
-    from torch.utils.data import DataLoader
+    import dataclasses
 
-    from backbone_kd.pretrain.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate
-    from backbone_kd.pretrain.sources import resolve_image_sources
+    import torch
+
+    from backbone_kd.pretrain.build import list_images
 
     bs = cfg.batch_size
-    paths = resolve_image_sources(unlabeled or cfg.unlabeled or _synthetic_folder(max(n_synthetic, 2 * bs)))
-    dataset = UnlabeledImages(paths, cfg.image_size, AugmentConfig(cfg.crop_scale, cfg.hflip, cfg.color_jitter))
-    loader = DataLoader(
-        dataset,
-        batch_size=bs,
-        sampler=ShardedInfiniteSampler(len(paths), bs),
-        collate_fn=collate,
-        num_workers=cfg.workers,
-        persistent_workers=cfg.workers > 0,
-        prefetch_factor=4 if cfg.workers > 0 else None,  # as the training loader
-    )
-    it = iter(loader)
+    sources = [unlabeled] if unlabeled else cfg.unlabeled or [_synthetic_folder(max(n_synthetic, 2 * bs))]
+    images, _ = list_images(dataclasses.replace(cfg, unlabeled=sources, val_fraction=0.0, val_unlabeled=None))
+    it = iter(images.loader(cfg.image_size, 0))  # the training loader (no pinning: that is the GPU side)
     return bs / _timeit(lambda: next(it), iters, warmup, torch.device("cpu"))  # workers end with the iterator
 
 
@@ -225,6 +196,7 @@ def run(argv: list[str]) -> dict:
     compile_kwargs = {"backend": args.compile_backend} if args.compile_backend else {}
     parts, facts = build_parts(cfg, device, compile_kwargs)
     timed = time_parts({k: v for k, v in parts.items() if k in args.parts}, bs, args.iters, args.warmup, device)
+    del parts  # the run: its memory is not the data loader's
     results = timed["images_per_s"]
     if "data" in args.parts:
         results["data"] = data_speed(cfg, args.iters, args.warmup)

@@ -68,3 +68,14 @@ def tiny_pretrain_args(image_dir: Path, output: Path, **extra) -> list[str]:
     }
     args.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in args.items()]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed-precision setting per process (by design: it asks for a restart to change it); tests
+    that change it run in a fresh state and leave one behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()

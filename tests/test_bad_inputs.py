@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from backbone_kd.pretrain import loop, setup
+from backbone_kd.pretrain import build, run_folder
 from backbone_kd.pretrain.cli import main
 from tests.conftest import make_images, tiny_pretrain_args
 
@@ -24,8 +24,8 @@ def no_models(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was built before the bad input was reported")
 
-    monkeypatch.setattr(loop, "build_teacher", forbidden)
-    monkeypatch.setattr(loop, "load_yolo_model", forbidden)
+    monkeypatch.setattr(build, "build_teacher", forbidden)
+    monkeypatch.setattr(build, "load_yolo_model", forbidden)
 
 
 def one_line_error(capsys) -> str:
@@ -102,6 +102,6 @@ def test_output_that_is_a_file_is_one_line_before_models_load(image_dir, tmp_pat
 
 def test_unwritable_output_is_one_line_before_models_load(image_dir, tmp_path, capsys, no_models, monkeypatch) -> None:
     # Tests may run as root, for whom chmod does not stop writes; the permission check itself is replaced.
-    monkeypatch.setattr(setup, "_writable", lambda path: False)
+    monkeypatch.setattr(run_folder, "_writable", lambda path: False)
     assert main(tiny_pretrain_args(image_dir, tmp_path / "w")) == 2
     assert f"cannot write to {tmp_path}" in one_line_error(capsys)

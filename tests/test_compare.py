@@ -41,7 +41,6 @@ def fake_run(folder: Path, rows: list[list[float]], pad: bool = False, imgsz: in
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     """A yaml-built yolov8n (nc=2) saved as .pt, and its parameter count counted independently."""
     from ultralytics import YOLO
-
     from ultralytics.nn.tasks import DetectionModel
 
     model = YOLO("yolov8n.yaml")

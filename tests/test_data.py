@@ -100,20 +100,20 @@ def test_training_loader_workers_pin_the_glibc_mmap_threshold(image_dir, tmp_pat
     the training loader's workers now pin the threshold through ``fix_worker_heap``."""
     import ctypes
 
+    from backbone_kd.pretrain import batches, loop
     from backbone_kd.pretrain import data as data_module
-    from backbone_kd.pretrain import loop as loop_module
     from backbone_kd.pretrain.config import build_config
     from tests.conftest import tiny_pretrain_args
 
     seen: dict = {}
-    real_loader = loop_module.DataLoader
+    real_loader = batches.DataLoader
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return real_loader(*args, **kwargs)
 
-    monkeypatch.setattr(loop_module, "DataLoader", spy)
-    loop_module.pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "out", steps=1, workers=1)))
+    monkeypatch.setattr(batches, "DataLoader", spy)
+    loop.pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "out", steps=1, workers=1)))
     assert seen["worker_init_fn"] is data_module.fix_worker_heap
 
     calls = []
@@ -134,18 +134,18 @@ def test_training_loader_forks_workers_from_frozen_objects(image_dir, tmp_path, 
     and the objects are handed back to the collector when the run ends."""
     import gc
 
-    from backbone_kd.pretrain import loop as loop_module
+    from backbone_kd.pretrain import batches, loop
     from backbone_kd.pretrain.config import build_config
     from tests.conftest import tiny_pretrain_args
 
     frozen_at_fork = []
-    real_loader = loop_module.DataLoader
+    real_loader = batches.DataLoader
 
     def spy(*args, **kwargs):
         frozen_at_fork.append(gc.get_freeze_count())
         return real_loader(*args, **kwargs)
 
-    monkeypatch.setattr(loop_module, "DataLoader", spy)
-    loop_module.pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "out", steps=1, workers=1)))
+    monkeypatch.setattr(batches, "DataLoader", spy)
+    loop.pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "out", steps=1, workers=1)))
     assert frozen_at_fork and frozen_at_fork[0] > 1000  # every live object of the parent, not a handful
     assert gc.get_freeze_count() == 0

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from backbone_kd.backbone_file import read_backbone_file
-from backbone_kd.pretrain import setup as pretrain_setup
+from backbone_kd.pretrain import loop
 from backbone_kd.pretrain.config import build_config
 from backbone_kd.pretrain.ema import StudentEMA
 from backbone_kd.pretrain.loop import pretrain
@@ -40,7 +40,7 @@ def test_ema_is_exported_and_resume_is_exact(image_dir, tmp_path, monkeypatch) -
         calls["n"] += 1
         return calls["n"] == 3
 
-    monkeypatch.setattr(pretrain_setup.StopFlag, "requested", stop_at_three)
+    monkeypatch.setattr(loop.StopFlag, "requested", stop_at_three)
     with pytest.raises(KeyboardInterrupt):
         pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "b", **common)))
     monkeypatch.undo()

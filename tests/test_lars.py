@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backbone_kd.pretrain import setup as pretrain_setup
 from backbone_kd.pretrain.config import build_config
 from backbone_kd.pretrain.lars import LARS
+from backbone_kd.pretrain.optim import build_optimizer
 
 
 def _step(opt: LARS, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
@@ -96,13 +96,11 @@ def test_bad_hyperparameters_are_refused(kwargs, match) -> None:
 def test_build_optimizer_gives_lars_with_norms_and_biases_unadapted() -> None:
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     cfg = build_config(unlabeled=["x"], optimizer="lars", lr=0.9, weight_decay=1e-6)
-    opt = pretrain_setup.build_optimizer(module, cfg, torch.device("cpu"))
+    opt = build_optimizer(module, cfg.optimizer, cfg.lr, cfg.weight_decay, torch.device("cpu"))
     assert isinstance(opt, LARS)
     adapted, plain = opt.param_groups
     assert adapted["adapt"] and adapted["weight_decay"] == 1e-6 and all(p.ndim > 1 for p in adapted["params"])
     assert not plain["adapt"] and plain["weight_decay"] == 0.0 and len(plain["params"]) == 3  # conv bias, BN w/b
-    assert isinstance(
-        pretrain_setup.build_optimizer(module, build_config(unlabeled=["x"]), torch.device("cpu")), torch.optim.AdamW
-    )
+    assert isinstance(build_optimizer(module, "adamw", 1e-3, 0.05, torch.device("cpu")), torch.optim.AdamW)
     with pytest.raises(ValueError, match="optimizer must be adamw or lars"):
         build_config(unlabeled=["x"], optimizer="sgd")

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from backbone_kd.backbone_file import read_backbone_file
-from backbone_kd.pretrain import setup as pretrain_setup
+from backbone_kd.pretrain import export as export_module
+from backbone_kd.pretrain import loop
 from backbone_kd.pretrain.cli import main
 from backbone_kd.pretrain.config import build_config
 from backbone_kd.pretrain.loop import pretrain
@@ -75,7 +76,7 @@ def test_resume_matches_uninterrupted_run(image_dir, tmp_path, monkeypatch, caps
         calls["n"] += 1
         return calls["n"] == 3  # checked once per optimizer step: "Ctrl-C" after step 3
 
-    monkeypatch.setattr(pretrain_setup.StopFlag, "requested", stop_at_three)
+    monkeypatch.setattr(loop.StopFlag, "requested", stop_at_three)
     with pytest.raises(KeyboardInterrupt):
         pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "b", **common)))
     monkeypatch.undo()
@@ -130,39 +131,6 @@ def test_two_process_accelerate_launch(image_dir, tmp_path, cache) -> None:
         (folder,) = (tmp_path / "w" / "teacher_cache").iterdir()
         assert meta["teacher_cache"] == str(folder) and not list(folder.parent.glob(".tmp_*"))
         assert json.loads((folder / "meta.json").read_text())["bad"] == []
-
-
-@pytest.mark.parametrize(
-    ("mixed", "device", "expected"),
-    [
-        ("no", "cpu", torch.float32),
-        ("bf16", "cpu", torch.bfloat16),  # native bf16 on AVX512-BF16/AMX CPUs: the teacher is most of a step
-        ("fp16", "cpu", torch.float32),  # CPU fp16 matmuls are emulated
-        ("fp16", "cuda", torch.float16),
-        ("bf16", "cuda", torch.bfloat16),
-    ],
-)
-def test_teacher_dtype_follows_mixed_precision(mixed, device, expected, monkeypatch) -> None:
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    _cpu(monkeypatch, "AVX512", avx512_bf16=True)  # a CPU with bf16 units; others: test_precision_fits_the_hardware
-    cfg = build_config(unlabeled=["x"], mixed_precision=mixed)
-    assert pretrain_setup.teacher_dtype(cfg, torch.device(device)) == expected
-    cfg.teacher_dtype = "fp32"  # an explicit dtype always wins
-    assert pretrain_setup.teacher_dtype(cfg, torch.device(device)) == torch.float32
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # `accelerate launch --mixed_precision bf16`
-    cfg.teacher_dtype = "auto"
-    assert pretrain_setup.teacher_dtype(cfg, torch.device("cpu")) == torch.bfloat16
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one mixed-precision setting per process (by design: it asks for a restart to change it); tests
-    that change it run in a fresh state and leave one behind."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-    yield
-    AcceleratorState._reset_state()
 
 
 def test_bf16_cpu_run_is_finite(image_dir, tmp_path, fresh_accelerate_state) -> None:
@@ -242,7 +210,7 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(
 
 
 def test_disk_full_at_export_keeps_the_checkpoint_and_resume_finishes(image_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(pretrain_setup, "atomic_save_safetensors", _enospc)
+    monkeypatch.setattr(export_module, "atomic_save_safetensors", _enospc)
     assert main(tiny_pretrain_args(image_dir, tmp_path / "w", name="run", steps=2)) == 2
     run = tmp_path / "w" / "run"
     err = _error_line(capsys)
@@ -252,162 +220,19 @@ def test_disk_full_at_export_keeps_the_checkpoint_and_resume_finishes(image_dir,
     assert json.loads((run / "run_summary.json").read_text())["steps"] == 2
 
 
-def _cpu(monkeypatch, capability: str, avx512_bf16: bool = False, amx: bool = False) -> None:
-    """Pretend to run on a CPU with this ATen capability and these bf16 units."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-
-
-@pytest.mark.parametrize(
-    ("capability", "avx512_bf16", "amx", "native"),
-    [
-        ("AVX2", False, False, False),
-        ("NO AVX", False, False, False),
-        ("DEFAULT", False, False, False),  # ARM NEON: fp32 (oneDNN bf16 on ARM is not assumed)
-        ("AVX512", False, False, False),  # Skylake-X / Cascade Lake: AVX512 without BF16 units
-        ("AVX512", True, False, True),  # Zen 4, Cooper Lake
-        ("AVX512", True, True, True),  # Sapphire Rapids (AMX)
-        ("AVX512_BF16", False, False, True),  # capability names that say it outright
-        ("AMX_BF16", False, False, True),
-    ],
-)
-def test_cpu_native_bf16(capability, avx512_bf16, amx, native, monkeypatch) -> None:
-    _cpu(monkeypatch, capability, avx512_bf16, amx)
-    assert pretrain_setup.cpu_has_native_bf16() is native
-
-
-@pytest.mark.parametrize(
-    ("device", "native", "mixed", "teacher", "want_mp", "want_teacher", "warns", "says_why"),
-    [
-        # CPU without native bf16 (AVX2): auto picks fp32 and says why; an explicit bf16 request runs, with a warning
-        ("cpu", False, "no", "auto", "no", torch.float32, False, False),
-        ("cpu", False, "bf16", "auto", "bf16", torch.float32, True, True),
-        ("cpu", False, "bf16", "bf16", "bf16", torch.bfloat16, True, False),
-        ("cpu", False, "no", "bf16", "no", torch.bfloat16, True, False),
-        ("cpu", False, "fp16", "auto", "no", torch.float32, True, False),  # fp16 needs a GPU
-        # AVX512-BF16 / AMX CPUs and GPUs keep bf16
-        ("cpu", True, "bf16", "auto", "bf16", torch.bfloat16, False, False),
-        ("cpu", True, "no", "auto", "no", torch.float32, False, False),
-        ("cuda", False, "bf16", "auto", "bf16", torch.bfloat16, False, False),
-        ("cuda", False, "fp16", "auto", "fp16", torch.float16, False, False),
-        ("cuda", False, "no", "auto", "no", torch.float32, False, False),
-    ],
-)
-def test_precision_fits_the_hardware(
-    device, native, mixed, teacher, want_mp, want_teacher, warns, says_why, monkeypatch
-) -> None:
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    _cpu(monkeypatch, "AVX512" if native else "AVX2", avx512_bf16=native)
-    cfg = build_config(unlabeled=["x"], mixed_precision=mixed, teacher_dtype=teacher)
-    plan = pretrain_setup.resolve_precision(cfg, torch.device(device))
-    assert (plan.mixed_precision, plan.teacher_dtype) == (want_mp, want_teacher)
-    assert pretrain_setup.teacher_dtype(cfg, torch.device(device)) == want_teacher
-    assert any(level == logging.WARNING for level, _ in plan.notes) is warns
-    assert any(level == logging.INFO and "no native bf16" in text for level, text in plan.notes) is says_why
-    if warns and "bf16" in (mixed, teacher):
-        assert any("AVX2" in text and "slow" in text for _, text in plan.notes)
-
-
-def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, caplog, fresh_accelerate_state) -> None:
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    _cpu(monkeypatch, "AVX2")
-    cfg = build_config(unlabeled=["x"], mixed_precision="bf16", cpu=True)
-    with caplog.at_level(logging.INFO, logger="backbone_kd"):
-        accelerator = pretrain_setup.make_accelerator(cfg)
-        assert pretrain_setup.teacher_dtype(cfg, accelerator.device) == torch.float32  # pure: logs nothing
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "mixed_precision=bf16" in warnings[0].getMessage(), caplog.text
-    assert accelerator.mixed_precision == "bf16"  # it runs, just slowly
-    assert "teacher_dtype=auto" in caplog.text and "fp32" in caplog.text
-
-
-class _HostSync(AssertionError):
-    pass
-
-
-@pytest.fixture
-def no_host_reads(monkeypatch):
-    """Inside ``with no_host_reads():`` any read of a tensor's value on the host (``if t``, ``.item()``...) fails."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def guard():
-        with monkeypatch.context() as m:
-            for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
-
-                def read(*args, _name=name, **kwargs):
-                    raise _HostSync(f"host sync: Tensor.{_name}")
-
-                m.setattr(torch.Tensor, name, read)
-            yield
-
-    return guard
-
-
-@pytest.mark.parametrize(
-    "fused, kind",
-    [(True, "adamw"), (False, "adamw"), (False, "lars")],
-    ids=["fused_adamw_no_sync", "foreach_fallback", "lars"],
-)
-def test_nonfinite_step_changes_nothing(fused, kind, no_host_reads, fresh_accelerate_state) -> None:
-    import contextlib
-    import copy
-
-    from accelerate import Accelerator
-
-    from backbone_kd.pretrain.loop import _optimizer_step
-
-    cfg = build_config(
-        unlabeled=["x"], grad_clip=1.0, weight_decay=0.05, optimizer=kind, lr=0.5 if kind == "lars" else 1e-3
-    )
-    accelerator = Accelerator(cpu=True)
-    module = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
-    optimizer = pretrain_setup.build_optimizer(module, cfg, accelerator.device)
-    if not fused and kind == "adamw":  # an optimizer without a found_inf hook: the skip takes the (syncing) host check
-        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    assert bool(optimizer.defaults.get("fused")) is fused
-    module, optimizer = accelerator.prepare(module, optimizer)
-    params = list(module.parameters())
-
-    def step(nan: bool):
-        accelerator.backward(module(torch.randn(4, 6)).square().mean())
-        if nan:
-            params[0].grad[0, 0] = float("nan")
-        with no_host_reads() if fused else contextlib.nullcontext():
-            skipped = _optimizer_step(accelerator, optimizer, params, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        return skipped
-
-    assert not bool(step(nan=False))  # moments and step counters exist now: the skip must leave them alone too
-    before = copy.deepcopy((module.state_dict(), optimizer.state_dict()["state"]))
-    skipped = step(nan=True)
-    if fused:
-        assert isinstance(skipped, torch.Tensor) and skipped.device == accelerator.device  # read at log time only
-    assert bool(skipped)
-    after = (module.state_dict(), optimizer.state_dict()["state"])
-    for k, v in before[0].items():
-        assert torch.equal(v, after[0][k]), k
-    for i, state in before[1].items():
-        for k, v in state.items():
-            assert torch.equal(torch.as_tensor(v), torch.as_tensor(after[1][i][k])), (i, k)
-    assert not bool(step(nan=False))
-    assert not torch.equal(before[0]["0.weight"], module.state_dict()["0.weight"])  # a finite step still updates
-
-
 def _nan_grads_at(monkeypatch, bad_steps: set[int]) -> None:
     """Make the gradients of these optimizer steps (1-based) non-finite, right before the loop's optimizer step."""
-    from backbone_kd.pretrain import loop
+    from backbone_kd.pretrain import step as step_module
 
-    real, calls = loop._optimizer_step, {"n": 0}
+    real, calls = step_module.optimizer_step, {"n": 0}
 
-    def step(accelerator, optimizer, params, cfg):
+    def step(accelerator, optimizer, params, grad_clip):
         calls["n"] += 1
         if calls["n"] in bad_steps:
             params[0].grad.fill_(float("nan"))
-        return real(accelerator, optimizer, params, cfg)
+        return real(accelerator, optimizer, params, grad_clip)
 
-    monkeypatch.setattr(loop, "_optimizer_step", step)
+    monkeypatch.setattr(step_module, "optimizer_step", step)
 
 
 def test_nonfinite_steps_counted_exactly_at_log_time(image_dir, tmp_path, monkeypatch) -> None:
@@ -443,7 +268,7 @@ def test_student_input_imagenet_feeds_normalised_images(image_dir, tmp_path, mon
     """``student_input=imagenet`` (lightly-train's convention, an A/B): the student sees (x - mean) / std, the
     teacher the same view (it normalises on its own), and the backbone file says which inputs its BN expects."""
     from backbone_kd.pretrain.projector import DistillStudent
-    from backbone_kd.pretrain.setup import student_view
+    from backbone_kd.pretrain.views import student_view
 
     x = torch.rand(2, 3, 8, 8)
     assert student_view(x, "unit") is x
@@ -468,17 +293,17 @@ def test_distill_neck_trains_and_exports_the_neck(image_dir, tmp_path, monkeypat
     carry them (layers 0-21 of yolov8n), and the file holds no head tensor."""
     import copy
 
-    from backbone_kd.pretrain import loop
+    from backbone_kd.pretrain import build as build_module
 
     initial = {}
-    build = loop.load_yolo_model
+    build = build_module.load_yolo_model
 
     def spy(*args, **kwargs):
         model = build(*args, **kwargs)
         initial.update(copy.deepcopy(model.state_dict()))
         return model
 
-    monkeypatch.setattr(loop, "load_yolo_model", spy)
+    monkeypatch.setattr(build_module, "load_yolo_model", spy)
     run = pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path, steps=2, distill_neck="true")))
     tensors, meta = read_backbone_file(run / "backbone.safetensors")
     assert meta["neck"] is True and meta["n_layers"] == 22 and meta["taps"] == [15, 18, 21]

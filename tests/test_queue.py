@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from backbone_kd.backbone_file import read_backbone_file
-from backbone_kd.pretrain import setup as pretrain_setup
+from backbone_kd.pretrain import loop
 from backbone_kd.pretrain.config import build_config
 from backbone_kd.pretrain.loop import pretrain
 from backbone_kd.pretrain.loss import DistillationLoss
@@ -122,7 +122,7 @@ def test_queue_run_validates_and_resumes_exactly(image_dir, tmp_path, monkeypatc
         return calls["n"] == 4
 
     with monkeypatch.context() as patch:
-        patch.setattr(pretrain_setup.StopFlag, "requested", stop_at_four)
+        patch.setattr(loop.StopFlag, "requested", stop_at_four)
         with pytest.raises(KeyboardInterrupt):
             pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "b", **common)))
     resumed = pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "b", resume="true", **common)))

@@ -30,9 +30,9 @@ from backbone_kd.pretrain.config import build_config
 from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, ViewTransform, collate, load_rgb
 from backbone_kd.pretrain.loss import DistillationLoss, pair_levels
 from backbone_kd.pretrain.projector import DistillStudent, Projectors
-from backbone_kd.pretrain.setup import teacher_input
 from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
 from backbone_kd.pretrain.teacher import build_teacher
+from backbone_kd.pretrain.views import teacher_input
 from tests.conftest import REPO, TINY_VIT, TINY_VIT_KWARGS, make_images, tiny_pretrain_args
 
 NO_AUG = {"crop_scale": "null", "hflip": 0, "color_jitter": 0}

@@ -3,8 +3,10 @@
 One module per concept: ``teacher`` / ``teacher_weights`` (frozen teachers), ``student`` (live slice of the YOLO
 backbone), ``features`` (the shared ``features(x) -> list[Tensor]`` + ``channels`` / ``strides`` contract),
 ``projector``, ``loss``, ``data`` / ``sources`` (unlabeled images), ``cache`` (teacher-feature cache), ``config``,
-``setup`` (run folder, optimizer, precision), ``loop`` (the accelerate training loop), ``validation`` (held-out
-cosine and probe during training), ``checkpoints``, ``metrics``, ``cli`` (``bkd pretrain``).
+``validation`` (held-out cosine and probe during training), ``checkpoints``, ``metrics``, ``cli`` (``bkd pretrain``).
+A run: ``loop`` (``pretrain`` = ``build_run`` -> ``train`` -> ``export``) over ``build`` (``Run``: every part, each
+built from the fields it needs), ``step`` (the one training step, also what the benchmarks time), ``batches``,
+``views`` (teacher / student inputs), ``precision``, ``optim``, ``run_folder`` and ``export``.
 
 The public entry points are re-exported lazily so that ``bkd --help`` does not import torch:
 ``from backbone_kd.pretrain import pretrain, build_config, PretrainConfig``.

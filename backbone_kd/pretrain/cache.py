@@ -59,7 +59,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
 from backbone_kd.pretrain.data import load_rgb
-from backbone_kd.pretrain.setup import teacher_input
+from backbone_kd.pretrain.views import teacher_input
 
 FORMAT_VERSION = 1
 STORAGE_DTYPES = ("fp16", "bf16", "int8")

@@ -66,8 +66,14 @@ class PretrainConfig:
     exist_ok: bool = _f(False, "reuse output/name even if it holds an earlier run (overwrites its outputs)")
     resume: Any = _f(None, "true: latest checkpoint of output/name; or a checkpoint folder path")
     # teacher
-    teacher: str = _f("vit_small_patch14_dinov2.lvd142m", "timm name, timm:<cnn>, or yolo:<path.pt>")
-    teacher_weights: Any = _f(None, "local teacher weights (.pth official DINOv2, timm state dict, .safetensors)")
+    teacher: str = _f(
+        "vit_small_patch14_dinov2.lvd142m", "timm name, timm:<cnn>, yolo:<path.pt>, or hf:<org>/<name> (transformers)"
+    )
+    teacher_weights: Any = _f(
+        None,
+        "local teacher weights (.pth official DINOv2, timm state dict, .safetensors) or a transformers DINOv2/DINOv3 "
+        "folder (config.json + model.safetensors; the default teacher then follows config.json)",
+    )
     teacher_pretrained: bool = _f(True, "download/cached pretrained weights when no teacher_weights; false = random")
     teacher_last_k: int = _f(1, "ViT: concatenate patch tokens of the last k blocks")
     teacher_indices: Any = _f(None, "explicit ViT block indices / CNN out_indices / YOLO teacher taps")
@@ -356,103 +362,73 @@ def _is_rtdetr(student: str) -> bool:
 
 
 def _check_values(cfg: PretrainConfig) -> None:
-    """Range and shape of every stage-1 option, so a bad value fails in milliseconds, before any model is built."""
+    """Range and shape of every stage-1 option, so a bad value fails in milliseconds, before any model is built.
 
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ValueError(message)
+    Raises:
+        ValueError: The first bad value, with the fix.
+    """
+    for check in (_check_optimisation, _check_objective, _check_data, _check_counts, _check_models, _check_cache):
+        check(cfg)
 
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _non_negative(cfg: PretrainConfig, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = getattr(cfg, key)
+        _need(math.isfinite(value) and value >= 0, f"{key}={value} must be >= 0 (0 turns it off)")
+
+
+def _check_optimisation(cfg: PretrainConfig) -> None:
+    """Run length, learning rate and its schedule, optimizer."""
     for key in ("lr", "epochs"):
         value = getattr(cfg, key)
-        need(math.isfinite(value) and value > 0, f"{key}={value} must be a positive number")
-    for key in (
-        "weight_decay",
-        "grad_clip",
-        "color_jitter",
-        "smooth_l1_weight",
-        "global_weight",
-        "affinity_weight",
-        "cosine_weight",
-    ):
-        value = getattr(cfg, key)
-        need(math.isfinite(value) and value >= 0, f"{key}={value} must be >= 0 (0 turns it off)")
-    need(0 <= cfg.min_lr_ratio <= 1, f"min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
-    need(cfg.affinity_temperature > 0, f"affinity_temperature={cfg.affinity_temperature} must be > 0 (e.g. 0.07)")
-    need(cfg.global_temperature > 0, f"global_temperature={cfg.global_temperature} must be > 0 (e.g. 0.07)")
-    need(
+        _need(math.isfinite(value) and value > 0, f"{key}={value} must be a positive number")
+    _non_negative(cfg, ("weight_decay", "grad_clip"))
+    _need(0 <= cfg.min_lr_ratio <= 1, f"min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
+    _need(cfg.steps is None or cfg.steps >= 1, f"steps={cfg.steps} must be >= 1 (or null for the default)")
+    _need(cfg.warmup_steps is None or cfg.warmup_steps >= 0, f"warmup_steps={cfg.warmup_steps} must be >= 0")
+    _need(cfg.optimizer in ("adamw", "lars"), f"optimizer must be adamw or lars, got {cfg.optimizer!r}")
+
+
+def _check_objective(cfg: PretrainConfig) -> None:
+    """Loss terms and their weights, target normalisation, heads and alignment, the student's inputs."""
+    _non_negative(cfg, ("smooth_l1_weight", "global_weight", "affinity_weight", "cosine_weight"))
+    _need(cfg.affinity_temperature > 0, f"affinity_temperature={cfg.affinity_temperature} must be > 0 (e.g. 0.07)")
+    _need(cfg.global_temperature > 0, f"global_temperature={cfg.global_temperature} must be > 0 (e.g. 0.07)")
+    _need(
         cfg.student_input in ("unit", "imagenet"), f"student_input must be unit or imagenet, got {cfg.student_input!r}"
     )
-    need(
+    _need(
         cfg.target_norm in ("none", "center", "standardize"),
         f"target_norm must be none, center or standardize, got {cfg.target_norm!r}",
     )
-    need(cfg.global_loss in ("cosine", "queue"), f"global_loss must be cosine or queue, got {cfg.global_loss!r}")
+    _need(cfg.global_loss in ("cosine", "queue"), f"global_loss must be cosine or queue, got {cfg.global_loss!r}")
     queue = cfg.global_queue_size
-    need(
+    _need(
         queue == "auto" or (_is_number(queue, whole=True) and queue >= 1),
         f"global_queue_size={queue!r} must be auto or a whole number >= 1, e.g. 1024",
     )
-    need(
+    _need(
         cfg.cosine_weight + cfg.smooth_l1_weight + cfg.affinity_weight + cfg.global_weight > 0,
         "every loss weight is 0: keep cosine_weight > 0 or turn on affinity_weight / global_weight / smooth_l1_weight",
     )
-    need(
+    _need(
         not (cfg.mixup and cfg.teacher_cache not in OFF),
         "mixup needs the online teacher (cached targets belong to unmixed images); drop teacher_cache or mixup",
     )
-    need(0 <= cfg.hflip <= 1, f"hflip={cfg.hflip} is a probability: give a value in [0, 1]")
-    need(cfg.image_size >= 32, f"image_size={cfg.image_size} must be >= 32 (a positive multiple of 32)")
-    for key in ("batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints", "nc", "teacher_last_k"):
-        need(getattr(cfg, key) >= 1, f"{key}={getattr(cfg, key)} must be >= 1")
-    need(cfg.max_image_pixels >= 1, f"max_image_pixels={cfg.max_image_pixels} must be >= 1")
-    for key in ("workers", "save_every", "max_nonfinite_steps", "seed"):
-        need(getattr(cfg, key) >= 0, f"{key}={getattr(cfg, key)} must be >= 0")
-    for key in ("steps", "projector_hidden", "teacher_cache_size"):
-        value = getattr(cfg, key)
-        need(value is None or value >= 1, f"{key}={value} must be >= 1 (or null for the default)")
-    need(
-        cfg.teacher_cache_dtype in ("fp16", "bf16", "int8"),
-        f"teacher_cache_dtype must be fp16, bf16 or int8, got {cfg.teacher_cache_dtype!r}",
-    )
-    need(
-        cfg.teacher_cache_grid is None or cfg.teacher_cache_grid >= 1,
-        f"teacher_cache_grid={cfg.teacher_cache_grid} must be >= 1 tokens per side, e.g. 8 (or null for the full grid)",
-    )
-    need(cfg.warmup_steps is None or cfg.warmup_steps >= 0, f"warmup_steps={cfg.warmup_steps} must be >= 0")
-    need(cfg.optimizer in ("adamw", "lars"), f"optimizer must be adamw or lars, got {cfg.optimizer!r}")
-    need(cfg.projector in ("mlp", "linear"), f"projector must be mlp or linear, got {cfg.projector!r}")
-    need(
+    hidden = cfg.projector_hidden
+    _need(hidden is None or hidden >= 1, f"projector_hidden={hidden} must be >= 1 (or null for the default)")
+    _need(cfg.projector in ("mlp", "linear"), f"projector must be mlp or linear, got {cfg.projector!r}")
+    _need(
         cfg.align in ("student_to_teacher", "resize_first", "teacher_to_student"),
         f"align must be student_to_teacher, resize_first or teacher_to_student, got {cfg.align!r}",
     )
-    for key in ("name", "output", "teacher", "student"):
-        need(bool(str(getattr(cfg, key)).strip()), f"{key} must not be empty")
-    need(
-        str(cfg.student).endswith((".yaml", ".yml", ".pt")),
-        f"student must be an ultralytics model .yaml (e.g. yolov8n.yaml) or .pt, got {cfg.student!r}",
-    )
-    # Refused rather than supported: the taps derive fine, but student.pt is written by inject-backbone, which builds
-    # YOLO detection models only, so an RT-DETR run would train for hours and then fail at export.
-    need(
-        not _is_rtdetr(cfg.student),
-        f"RT-DETR students ({Path(str(cfg.student)).name}) are not supported: stage 1 exports student.pt through "
-        "inject-backbone, which builds YOLO detection models only; distil a YOLO detect model (e.g. yolov8l.yaml)",
-    )
-    for key in ("taps", "teacher_indices"):
-        value = getattr(cfg, key)
-        need(
-            value is None or (isinstance(value, list) and all(_is_number(i, whole=True) for i in value)),
-            f"{key}={value!r} must be a list of layer indices, e.g. [4, 6, 9] (or null for the default)",
-        )
-    # One source of truth for the levels: distill_neck taps the head's inputs itself, and taps are backbone layers
-    # (a neck tap without distill_neck would train neck layers that the backbone file never exports).
-    need(
-        not (cfg.distill_neck and cfg.taps is not None),
-        f"taps={cfg.taps!r} and distill_neck=true both choose the distilled levels: drop taps (distill_neck taps the "
-        "maps the Detect head reads) or set distill_neck=false to distil the backbone layers in taps",
-    )
     weights = cfg.level_weights
-    need(
+    _need(
         weights is None
         or (
             isinstance(weights, list)
@@ -461,8 +437,16 @@ def _check_values(cfg: PretrainConfig) -> None:
         ),
         f"level_weights={weights!r} must be a list of weights >= 0, one per tapped level, e.g. [1, 1, 2]",
     )
+
+
+def _check_data(cfg: PretrainConfig) -> None:
+    """Image size, augmentation, the decompression-bomb guard."""
+    _non_negative(cfg, ("color_jitter",))
+    _need(0 <= cfg.hflip <= 1, f"hflip={cfg.hflip} is a probability: give a value in [0, 1]")
+    _need(cfg.image_size >= 32, f"image_size={cfg.image_size} must be >= 32 (a positive multiple of 32)")
+    _need(cfg.max_image_pixels >= 1, f"max_image_pixels={cfg.max_image_pixels} must be >= 1")
     scale = cfg.crop_scale
-    need(
+    _need(
         scale is None
         or (
             isinstance(scale, list | tuple)
@@ -472,11 +456,63 @@ def _check_values(cfg: PretrainConfig) -> None:
         ),
         f"crop_scale={scale!r} must be [min, max] area fractions with 0 < min <= max <= 1, or null (no cropping)",
     )
-    need(
+
+
+def _check_counts(cfg: PretrainConfig) -> None:
+    """Whole-number options: batch and accumulation, logging and checkpoints, workers, seed, classes."""
+    for key in ("batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints", "nc", "teacher_last_k"):
+        _need(getattr(cfg, key) >= 1, f"{key}={getattr(cfg, key)} must be >= 1")
+    for key in ("workers", "save_every", "max_nonfinite_steps", "seed"):
+        _need(getattr(cfg, key) >= 0, f"{key}={getattr(cfg, key)} must be >= 0")
+
+
+def _check_models(cfg: PretrainConfig) -> None:
+    """Names of the run, teacher and student; the distilled levels."""
+    for key in ("name", "output", "teacher", "student"):
+        _need(bool(str(getattr(cfg, key)).strip()), f"{key} must not be empty")
+    _need(
+        str(cfg.student).endswith((".yaml", ".yml", ".pt")),
+        f"student must be an ultralytics model .yaml (e.g. yolov8n.yaml) or .pt, got {cfg.student!r}",
+    )
+    # Refused rather than supported: the taps derive fine, but student.pt is written by inject-backbone, which builds
+    # YOLO detection models only, so an RT-DETR run would train for hours and then fail at export.
+    _need(
+        not _is_rtdetr(cfg.student),
+        f"RT-DETR students ({Path(str(cfg.student)).name}) are not supported: stage 1 exports student.pt through "
+        "inject-backbone, which builds YOLO detection models only; distil a YOLO detect model (e.g. yolov8l.yaml)",
+    )
+    for key in ("taps", "teacher_indices"):
+        value = getattr(cfg, key)
+        _need(
+            value is None or (isinstance(value, list) and all(_is_number(i, whole=True) for i in value)),
+            f"{key}={value!r} must be a list of layer indices, e.g. [4, 6, 9] (or null for the default)",
+        )
+    # One source of truth for the levels: distill_neck taps the head's inputs itself, and taps are backbone layers
+    # (a neck tap without distill_neck would train neck layers that the backbone file never exports).
+    _need(
+        not (cfg.distill_neck and cfg.taps is not None),
+        f"taps={cfg.taps!r} and distill_neck=true both choose the distilled levels: drop taps (distill_neck taps the "
+        "maps the Detect head reads) or set distill_neck=false to distil the backbone layers in taps",
+    )
+    _need(
         cfg.teacher_kwargs is None or isinstance(cfg.teacher_kwargs, dict),
         f"teacher_kwargs={cfg.teacher_kwargs!r} must be a mapping, e.g. {{depth: 2}}",
     )
-    need(
+
+
+def _check_cache(cfg: PretrainConfig) -> None:
+    """The teacher cache's folder, size, storage dtype and grid."""
+    size = cfg.teacher_cache_size
+    _need(size is None or size >= 1, f"teacher_cache_size={size} must be >= 1 (or null for the default)")
+    _need(
+        cfg.teacher_cache_dtype in ("fp16", "bf16", "int8"),
+        f"teacher_cache_dtype must be fp16, bf16 or int8, got {cfg.teacher_cache_dtype!r}",
+    )
+    _need(
+        cfg.teacher_cache_grid is None or cfg.teacher_cache_grid >= 1,
+        f"teacher_cache_grid={cfg.teacher_cache_grid} must be >= 1 tokens per side, e.g. 8 (or null for the full grid)",
+    )
+    _need(
         cfg.teacher_cache is not True,
         "teacher_cache=true is ambiguous: use teacher_cache=auto (a cache under <output>/teacher_cache) or a folder",
     )

@@ -20,8 +20,8 @@ import torch
 from backbone_kd.pretrain.config import OFF, PretrainConfig
 from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, collate
 from backbone_kd.pretrain.loss import align, cosine_token_loss, normalize_targets
-from backbone_kd.pretrain.setup import student_view, teacher_input
 from backbone_kd.pretrain.sources import PathList, resolve_image_sources
+from backbone_kd.pretrain.views import student_view, teacher_input
 from backbone_kd.probe.folder import in_val_split
 
 
