@@ -23,9 +23,11 @@ unrestricted loader — only for files you trust.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import pkgutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +231,19 @@ def _names(value: Any) -> dict[int, str] | None:
     return None
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the duration: rebuilding a model runs a tiny forward pass (ultralytics measures the
+    strides) and copies a few thousand small tensors, which take ~60 ms on one thread but seconds when several
+    threads contend for a busy machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def rebuild_model(record: Any, path: Path) -> nn.Module:
     """A live model built from a record's validated yaml, its recorded tensors loaded strictly.
 
@@ -247,7 +262,8 @@ def rebuild_model(record: Any, path: Path) -> nn.Module:
     except UnsafeModelYamlError as e:
         raise UnsafeCheckpointError(path, f"its model yaml is refused ({e.problem})", e.problem) from None
     tensors = module_tensors(record, path)
-    model = build_model(cfg, path, task=MODEL_CLASSES[name])
+    with one_thread():
+        model = build_model(cfg, path, task=MODEL_CLASSES[name])
     own = model.state_dict()
     missing = [k for k in own if k not in tensors]
     extra = [k for k in tensors if k not in own]
@@ -258,8 +274,9 @@ def rebuild_model(record: Any, path: Path) -> nn.Module:
         raise ValueError(f"{path}: tensor {key!r} is {what} in the model its yaml describes; the file is damaged "
                          "or fused, re-save the unfused model")  # fmt: skip
     dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
-    model = model.to(dtype)
-    model.load_state_dict(tensors, strict=True)
+    with one_thread():
+        model = model.to(dtype)
+        model.load_state_dict(tensors, strict=True)
     model.names = _names(state.get("names")) or model.names
     stride = state.get("stride")
     if isinstance(stride, torch.Tensor) and stride.ndim == 1 and 0 < stride.numel() <= 8:
@@ -278,7 +295,8 @@ def rebuild_clean(model: nn.Module, source: str | Path) -> nn.Module:
     from ultralytics.nn.tasks import guess_model_task
 
     try:
-        clean = build_model(model.yaml, source, task=guess_model_task(model))
+        with one_thread():
+            clean = build_model(model.yaml, source, task=guess_model_task(model))
     except UnsafeModelYamlError as e:
         fix = "and backbone_kd writes only models whose yaml is a plain architecture description"
         raise UnsafeCheckpointError(source, f"its model yaml is refused ({e.problem})", e.problem, fix) from None
