@@ -130,12 +130,19 @@ def _load_target(into: str, nc: int | None, trust_pickle: bool = False) -> tuple
     return new.to(dtype), ckpt, len(keep)
 
 
+def _plain_value(value: Any) -> bool:
+    if isinstance(value, list | tuple):
+        return all(_plain_value(v) for v in value)
+    return value is None or isinstance(value, str | int | float | bool | Path)
+
+
 def _train_args(ckpt: dict[str, Any], model: nn.Module, into: str, data: str | None, rebuilt: bool) -> dict[str, Any]:
     """``train_args`` for the output: the input's (known keys only), minus anything that would steer a new training."""
     from ultralytics.nn.tasks import guess_model_task
     from ultralytics.utils import DEFAULT_CFG_KEYS
 
-    args = {k: v for k, v in (ckpt.get("train_args") or {}).items() if k in DEFAULT_CFG_KEYS}
+    # known keys with plain values only: an object in a file read as data is an inert record, never ours to write
+    args = {k: v for k, v in (ckpt.get("train_args") or {}).items() if k in DEFAULT_CFG_KEYS and _plain_value(v)}
     for key in ("resume", "pretrained", "freeze"):  # would re-route or silently alter the next training
         args.pop(key, None)
     if rebuilt:

@@ -234,3 +234,16 @@ def test_old_backbone_only_file_still_injects(files, tmp_path):
     assert any(k.startswith("model.15.") for k in report.untouched_keys)  # neck left as it was
     assert "injected: backbone (layers 0–9)" in describe(report.out)
     assert "neck/head tensors left" in str(report)
+
+
+def test_train_args_carry_plain_values_only(files, tmp_path):
+    """A train_args value that is an object (read as an inert record) is dropped, not written into our output."""
+    import torchvision.transforms as T
+    from ultralytics.nn.tasks import torch_safe_load
+
+    ckpt, _ = torch_safe_load(files["base"])
+    odd = tmp_path / "odd.pt"
+    torch.save({**ckpt, "train_args": {"imgsz": 320, "cfg": T.Resize(32), "classes": [0, 1]}}, odd)
+    report = inject_backbone(files["backbone"], odd, tmp_path / "o.pt", verbose=False)
+    args = torch.load(report.out, map_location="cpu", weights_only=False)["train_args"]
+    assert args["imgsz"] == 320 and args["classes"] == [0, 1] and "cfg" not in args
