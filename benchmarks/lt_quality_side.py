@@ -6,7 +6,8 @@ Runs inside lightly-train's own environment (AGPL; never a dependency of backbon
 
 ``spec.json``: ``data`` (folder), ``out``, ``method`` (``distillationv2`` or ``distillation`` = v3), ``teacher_pth``
 (lightly-train's DINOv2 layout, see :func:`quality_compare.lightly_teacher_file`), ``batch_size``, ``steps``,
-``image_size``, ``workers``, ``seed``, ``precision``. Writes ``out/backbone.safetensors`` (the YOLO backbone
+``image_size``, ``workers``, ``seed``, ``precision``, optionally ``optim_args`` (e.g. ``{"lr": 9.0}``: lightly-train's
+optimizer arguments, for the lr sweep). Writes ``out/backbone.safetensors`` (the YOLO backbone
 lightly-train trained, in the ``backbone_kd.backbone/1`` format) and ``out/lt_summary.json`` (wall time, images/s).
 """
 
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(spec["out"])
     n_images = sum(1 for p in Path(spec["data"]).iterdir())
     steps_per_epoch = max(1, n_images // spec["batch_size"])
+    # optim_args only when the sweep sets it: otherwise lightly-train's own defaults, untouched
+    extra = {"optim_args": spec["optim_args"]} if spec.get("optim_args") else {}
     lightly_train.pretrain(
         out=str(out / "lt"),
         data=spec["data"],
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         loggers={"tensorboard": None},
         transform_args={"image_size": (spec["image_size"], spec["image_size"])},
         trainer_args={"max_steps": spec["steps"]},
+        **extra,
     )
     wall = time.perf_counter() - t0
     model = YOLO(str(out / "lt" / "exported_models" / "exported_last.pt"))
@@ -59,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "lightly_train": lightly_train.__version__,
         "steps": spec["steps"],
         "image_size": spec["image_size"],
+        "optim_args": spec.get("optim_args"),
     }
     write_backbone_file(model, out / "backbone.safetensors", metadata=meta)
     images = spec["steps"] * spec["batch_size"]

@@ -52,3 +52,24 @@ def test_ema_is_exported_and_resume_is_exact(image_dir, tmp_path, monkeypatch) -
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
     conv = "model.0.conv.weight"
     assert not torch.allclose(a[conv], r[conv], atol=1e-6)  # the EMA, not the raw iterate, was exported
+
+
+class _NoSync(torch.Tensor):
+    """A tensor that refuses to be read back to the host (what a device sync per step would do)."""
+
+    def __int__(self):
+        raise AssertionError("read back to the host")
+
+    __index__ = __float__ = __bool__ = item = __int__
+
+
+def test_ema_update_never_reads_the_count_back_and_resume_restores_it() -> None:
+    live = nn.Linear(2, 2)
+    ema = StudentEMA(live, decay=0.99)
+    ema.updates = torch.zeros((), dtype=torch.long).as_subclass(_NoSync)
+    for _ in range(3):
+        ema.update(live)  # int(self.updates) here would raise: the ramp reads the host copy
+    assert ema.count == 3
+    restored = StudentEMA(live, decay=0.99)
+    restored.load_state_dict({**ema.state_dict(), "updates": torch.tensor(7)})
+    assert restored.count == 7 and restored.current_decay() == pytest.approx(8 / 17)

@@ -12,11 +12,11 @@ from PIL import Image
 
 from backbone_kd.backbone_file import write_backbone_file
 from backbone_kd.demo import make_shapes_dataset
-from backbone_kd.pretrain.student import load_yolo_model
 from backbone_kd.probe.backbones import load_backbone, parse_specs
 from backbone_kd.probe.classify import knn_accuracy, linear_accuracy
 from backbone_kd.probe.cli import main
 from backbone_kd.probe.folder import cut_crops, labelled_splits
+from backbone_kd.yolo_backbone import load_yolo_model
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 

@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
-from backbone_kd.pretrain.data import load_rgb
+from backbone_kd.images import load_rgb
 from backbone_kd.pretrain.views import teacher_input
 
 FORMAT_VERSION = 1
@@ -182,6 +182,18 @@ class TeacherCache:
             if self.storage == "int8":
                 self._scales = [np.load(self.folder / scale_name(n), mmap_mode="r") for n in names]
         return self._arrays
+
+    def channel_means(self) -> list[torch.Tensor]:
+        """Per-channel mean token of each level over every readable image, [(C_i,)] fp32 (``ema_center``'s start)."""
+        from backbone_kd.pretrain.centering import cache_channel_means
+
+        arrays = self.arrays()
+
+        def decode(j: int, start: int, stop: int) -> torch.Tensor:
+            scale = None if self._scales is None else torch.from_numpy(np.array(self._scales[j][start:stop]))
+            return decode_values(stored_tensor(np.array(arrays[j][start:stop]), self.storage), scale)
+
+        return cache_channel_means(arrays[: len(self.channels)], decode, self.bad)
 
     def rows(self, index: int) -> dict[str, Any]:
         """Stored rows of one image, in the stored type (decoded later, on the device, by :meth:`targets`).

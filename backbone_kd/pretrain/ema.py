@@ -28,10 +28,14 @@ class StudentEMA(nn.Module):
             raise ValueError(f"ema_decay must be in (0, 1) (e.g. 0.999) or 0 to switch the EMA off, got {decay}")
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
         self.decay = float(decay)
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # saved in checkpoints
+        # Host copy of ``updates``: the decay ramp reads it every optimizer step, and ``int(self.updates)`` would wait
+        # for the device each time. Refreshed from the buffer after a checkpoint load (once, at resume).
+        self.count = 0
+        self.register_load_state_dict_post_hook(_mirror_updates)
 
     def current_decay(self) -> float:
-        t = int(self.updates)
+        t = self.count
         return min(self.decay, (1 + t) / (10 + t))
 
     @torch.no_grad()
@@ -45,4 +49,10 @@ class StudentEMA(nn.Module):
                 shadow.mul_(d).add_(value.to(shadow.dtype), alpha=1 - d)
             else:  # integer buffers (BN num_batches_tracked): follow the live value
                 shadow.copy_(value)
-        self.updates += 1
+        self.updates += 1  # on the device, no sync; the host copy below stays equal to it
+        self.count += 1
+
+
+def _mirror_updates(module: StudentEMA, _incompatible) -> None:
+    """After ``load_state_dict`` (resume): the host copy of the update count from the restored buffer."""
+    module.count = int(module.updates)

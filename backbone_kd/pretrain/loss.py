@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backbone_kd.pretrain.centering import TargetCenter
 from backbone_kd.pretrain.queue import TeacherQueue, queue_kl
 
 ALIGN_MODES = ("student_to_teacher", "teacher_to_student", "resize_first")
-TARGET_NORMS = ("none", "center", "standardize")
+BATCH_NORMS = ("none", "center", "standardize")  # stateless: each batch's own statistics
+TARGET_NORMS = (*BATCH_NORMS, "ema_center")  # ema_center: a running centre (pretrain/centering.py)
 
 
 def pair_levels(student_strides: list[int], teacher_strides: list[int]) -> list[int]:
@@ -80,8 +82,8 @@ def normalize_targets(teacher: torch.Tensor, mode: str = "none") -> torch.Tensor
     Returns:
         (B, D, h, w) fp32 map.
     """
-    if mode not in TARGET_NORMS:
-        raise ValueError(f"target_norm must be one of {TARGET_NORMS}, got {mode!r}")
+    if mode not in BATCH_NORMS:
+        raise ValueError(f"target_norm {mode!r} is not a batch mode {BATCH_NORMS}; ema_center is DistillationLoss's")
     t = teacher.float()
     if mode == "none":
         return t
@@ -147,7 +149,10 @@ class DistillationLoss(nn.Module):
         cosine_weight: Weight of the per-token cosine term (0: relational terms only; ``cos_<level>`` is still logged).
         queue: The teacher-CLS queue of the queue KL (None: the cosine global term).
         target_norm: :func:`normalize_targets` mode applied to every teacher map before the per-level terms
-            (default ``center``, as the config's).
+            (default ``center``, as the config's), or ``ema_center``: the running centre ``center``.
+        center: The :class:`TargetCenter` of ``target_norm=ema_center`` (built from ``teacher_channels`` when None).
+        teacher_channels: Channels per teacher level (only for ``ema_center`` without ``center``).
+        center_momentum: Its EMA momentum (only for ``ema_center`` without ``center``).
     """
 
     def __init__(
@@ -164,11 +169,19 @@ class DistillationLoss(nn.Module):
         queue: TeacherQueue | None = None,
         global_temperature: float = 0.07,
         target_norm: str = "center",
+        center: TargetCenter | None = None,
+        teacher_channels: list[int] | None = None,
+        center_momentum: float = 0.99,
     ) -> None:
         super().__init__()
         if target_norm not in TARGET_NORMS:
             raise ValueError(f"target_norm must be one of {TARGET_NORMS}, got {target_norm!r}")
         self.target_norm = target_norm
+        if target_norm == "ema_center" and center is None:
+            if teacher_channels is None:
+                raise ValueError("target_norm=ema_center needs teacher_channels (or a TargetCenter) to size its centre")
+            center = TargetCenter(teacher_channels, center_momentum)
+        self.center = center if target_norm == "ema_center" else None
         self.affinity_weight, self.affinity_temperature = affinity_weight, affinity_temperature
         self.cosine_weight, self.queue, self.global_temperature = cosine_weight, queue, global_temperature
         if align_mode not in ALIGN_MODES:
@@ -195,6 +208,15 @@ class DistillationLoss(nn.Module):
             return None
         return [(int(teacher[j].shape[-2]), int(teacher[j].shape[-1])) for j in self.pairing]
 
+    def targets(self, teacher: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Normalised teacher maps [(B, D_j, h, w)] fp32, without updating any state (what validation scores).
+
+        ``ema_center`` subtracts the current (frozen) centre, so an image's targets do not depend on its batch.
+        """
+        if self.center is not None:
+            return self.center.apply(teacher)
+        return [normalize_targets(t, self.target_norm) for t in teacher]
+
     def forward(
         self,
         student: list[torch.Tensor],
@@ -210,7 +232,10 @@ class DistillationLoss(nn.Module):
         """
         total = student[0].new_zeros((), dtype=torch.float32)
         logs: dict[str, torch.Tensor] = {}
-        teacher = [normalize_targets(t, self.target_norm) for t in teacher]
+        raw = teacher
+        teacher = self.targets(raw)
+        if self.center is not None and self.training:
+            self.center.observe(raw)  # moves the centre at the optimizer step (step.py), not per micro-batch
         for i, (s, w) in enumerate(zip(student, self.level_weights)):
             s_al, t_al = align(s, teacher[self.pairing[i]], self.align_mode)
             loss, cos = cosine_token_loss(s_al, t_al)

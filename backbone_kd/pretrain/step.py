@@ -2,8 +2,8 @@
 
 :func:`train_step` = :func:`inputs` (images on the device, optional mixup) -> :func:`teacher_targets` (online teacher
 or cache) -> :func:`student_step` (forward, loss, backward; on a sync step the clipped optimizer step that skips
-non-finite gradients on the device, EMA update, schedule). Benchmarks time the three parts separately; training
-calls :func:`train_step`.
+non-finite gradients on the device, target-centre and EMA updates, schedule). Benchmarks time the three parts
+separately; training calls :func:`train_step`.
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def student_step(
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             run.nonfinite.add(optimizer_step(accelerator, optimizer, run.params, run.options.grad_clip))
+            if run.criterion.center is not None:  # once per optimizer step, from every rank's micro-batches
+                run.criterion.center.step(lambda t: accelerator.reduce(t, reduction="sum"))
             if run.ema is not None:
                 run.ema.update(run.plain)
             optimizer.zero_grad(set_to_none=True)

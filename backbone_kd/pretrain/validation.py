@@ -19,7 +19,7 @@ import torch
 
 from backbone_kd.pretrain.config import OFF, PretrainConfig
 from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, collate
-from backbone_kd.pretrain.loss import align, cosine_token_loss, normalize_targets
+from backbone_kd.pretrain.loss import align, cosine_token_loss
 from backbone_kd.pretrain.sources import PathList, resolve_image_sources
 from backbone_kd.pretrain.views import student_view, teacher_input
 from backbone_kd.probe.folder import in_val_split
@@ -119,12 +119,9 @@ class Validator:
                 n = 0
                 for start in range(0, len(self.images), self.cfg.batch_size):
                     x = self.images[start : start + self.cfg.batch_size].to(self.device).float() / 255
-                    # The criterion's target normalisation (batch statistics, as in training), so val_cos and the
-                    # training cos_<level> measure the same thing.
-                    t = [
-                        normalize_targets(level[start : start + len(x)].to(self.device), criterion.target_norm)
-                        for level in self.targets
-                    ]
+                    # The criterion's target normalisation, as in training, so val_cos and the training cos_<level>
+                    # measure the same thing (ema_center: the frozen centre, whatever the batch holds).
+                    t = criterion.targets([level[start : start + len(x)].to(self.device) for level in self.targets])
                     s_feats, _ = module(student_view(x, self.cfg.student_input), criterion.head_grids(t))  # as trained
                     # Per-level cosine only, not the criterion: its global / queue / affinity terms need inputs
                     # validation does not have (and the queue must not see held-out images).

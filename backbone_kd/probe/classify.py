@@ -110,18 +110,28 @@ def _predict_all(
 
 
 def score_predictions(
-    preds: dict[str, torch.Tensor], y: torch.Tensor, groups: list[str], n_classes: int, resamples: int, seed: int = 0
+    preds: dict[str, torch.Tensor],
+    y: torch.Tensor,
+    groups: list[str],
+    n_classes: int,
+    resamples: int,
+    seed: int = 0,
+    keep_samples: bool = False,
 ) -> dict:
     """``{probe: accuracy, probe_bacc: balanced accuracy, "ci": {...}}`` with bootstrap intervals over groups.
 
     Args:
         preds: ``{probe: (M,) predictions}``; y: ``(M,)`` true labels; groups: ``M`` group names (a resample draws
             whole groups: the crops of one photo are not independent).
+        keep_samples: Also return ``"samples": {key: (resamples,) float64}``, the bootstrap values behind each
+            interval. The draws depend only on the sorted group names, ``resamples`` and ``seed``, so two rows scored
+            on the same images share them and their difference gets a paired interval.
     """
     ids = {g: i for i, g in enumerate(sorted(set(groups)))}
     gid = torch.tensor([ids[g] for g in groups])
     counts = stats.bootstrap_counts(len(ids), resamples, seed)
     out: dict = {"ci": {}}
+    samples: dict[str, torch.Tensor] = {}
     for probe, p in preds.items():
         per_group = torch.zeros(len(ids), n_classes, n_classes, dtype=torch.float64)
         per_group.index_put_((gid, y, p), torch.ones(len(y), dtype=torch.float64), accumulate=True)
@@ -132,6 +142,9 @@ def score_predictions(
                 out[probe], out[f"{probe}_bacc"] = float(acc), float(bacc)
             else:
                 out["ci"][probe], out["ci"][f"{probe}_bacc"] = stats.interval(acc), stats.interval(bacc)
+                samples[probe], samples[f"{probe}_bacc"] = acc, bacc
+    if keep_samples:
+        out["samples"] = samples
     return out
 
 
@@ -143,6 +156,7 @@ def probe_scores(
     level_names: list[str] | None = None,
     val_groups: list[str] | None = None,
     resamples: int = 1000,
+    keep_samples: bool = False,
 ) -> dict:
     """k-NN (10, 20) and linear accuracies, balanced accuracies and intervals on pooled multi-level features.
 
@@ -151,6 +165,7 @@ def probe_scores(
         level_names: Also score each level alone under these names (e.g. ``["P3", "P4", "P5"]``); None skips it.
         val_groups: Bootstrap groups of the val samples (default: each sample its own group).
         resamples: Bootstrap resamples of the intervals.
+        keep_samples: Add the pooled features' bootstrap values as ``"samples"`` (see :func:`score_predictions`).
 
     Returns:
         ``{"knn10", "knn10_bacc", "knn20", ..., "linear_bacc", "linear_wd", "ci": {...}, "per_level"?: {...}}``.
@@ -160,7 +175,7 @@ def probe_scores(
     n_classes = int(max(train_y.max(), val_y.max())) + 1
     groups = val_groups or [str(i) for i in range(len(val_y))]
     preds, wd = _predict_all(combine_levels(train), train_y, combine_levels(val), n_classes)
-    out = {**score_predictions(preds, val_y, groups, n_classes, resamples), "linear_wd": wd}
+    out = {**score_predictions(preds, val_y, groups, n_classes, resamples, keep_samples=keep_samples), "linear_wd": wd}
     if level_names:
         out["per_level"] = {}
         for name, t, v in zip(level_names, train, val):
@@ -176,6 +191,7 @@ def cv_probe_scores(
     folds: int,
     level_names: list[str] | None = None,
     resamples: int = 1000,
+    keep_samples: bool = False,
 ) -> dict:
     """Grouped k-fold version of :func:`probe_scores`: every sample is scored once, as val of its fold.
 
@@ -214,7 +230,7 @@ def cv_probe_scores(
             preds, _ = _predict_all(x[train], y[train], x[val], n_classes)
             for p in PROBES:
                 oof[key][p][val] = preds[p]
-    out = score_predictions(oof.pop(""), y, groups, n_classes, resamples)
+    out = score_predictions(oof.pop(""), y, groups, n_classes, resamples, keep_samples=keep_samples)
     if level_names:
         out["per_level"] = {name: score_predictions(oof[name], y, groups, n_classes, resamples) for name in level_names}
     out["folds"] = folds

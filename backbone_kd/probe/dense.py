@@ -18,7 +18,6 @@ is one map: computed at the nearest multiple of its patch size to ``imgsz`` and 
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from backbone_kd.probe import stats
+from backbone_kd.probe.backbones import P5_CHOICES, level_names
 from backbone_kd.probe.dense_fit import class_targets, cross_validated_predictions, one_thread
 from backbone_kd.probe.dense_labels import grid_labels, kept_classes, make_folds, read_dense_data, train_locations
 from backbone_kd.probe.extract import ProbeImages
@@ -36,6 +36,7 @@ from backbone_kd.probe.special_specs import input_size, is_teacher, load_any_bac
 STRIDES = (8, 16, 32)
 COMBINED_STRIDE = 16
 METRICS = ("objectness_ap", "class_bacc")
+LEVEL_SEED = {"P3": 1, "P4": 2, "P5": 3, "P5pre": 3, "combined": 4}  # offsets of each level's fitted-cell draw
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,15 @@ class DenseSettings:
     weight_decay: float = 1e-3
     iters: int = 100
     batch: int = 16
+    p5: str = "post"  # stride-32 taps of YOLO rows: after SPPF, before it, or both (an extra level P5pre)
 
     def __post_init__(self) -> None:
         if self.imgsz <= 0 or self.imgsz % max(STRIDES):
             raise ValueError(f"--dense-imgsz must be a positive multiple of {max(STRIDES)}, got {self.imgsz}")
         if self.train_per_image < 2 or self.resamples < 1 or self.min_locations < 1:
             raise ValueError("--dense-train-locs must be >= 2, and resamples and min locations >= 1")
+        if self.p5 not in P5_CHOICES:
+            raise ValueError(f"--p5 must be one of {', '.join(P5_CHOICES)}, got {self.p5!r}")
 
 
 def _resample(m: torch.Tensor, grid: int) -> torch.Tensor:
@@ -68,11 +72,24 @@ def _resample(m: torch.Tensor, grid: int) -> torch.Tensor:
     return F.interpolate(m, size=(grid, grid), mode="bilinear", align_corners=False)
 
 
+def level_strides(p5: str = "post") -> dict[str, int]:
+    """``{level name: stride}`` of the probed levels: P3/P4/P5, plus ``P5pre`` (before SPPF) for ``p5="both"``."""
+    strides = [*STRIDES, STRIDES[-1]] if p5 == "both" else list(STRIDES)
+    return dict(zip(level_names(strides, p5), strides))
+
+
 @torch.no_grad()
-def level_features(module: torch.nn.Module, loader: DataLoader, imgsz: int, teacher: bool) -> dict[str, torch.Tensor]:
-    """``{"P3", "P4", "P5", "combined"}`` -> ``(N, cells, C)`` float32 features on each level's grid at ``imgsz``."""
-    grids = {f"P{int(math.log2(s))}": imgsz // s for s in STRIDES}
-    if not teacher and tuple(module.strides) != STRIDES:
+def level_features(
+    module: torch.nn.Module, loader: DataLoader, imgsz: int, teacher: bool, p5: str = "post"
+) -> dict[str, torch.Tensor]:
+    """``{level: (N, cells, C)}`` float32 features on each level's grid at ``imgsz``, plus ``"combined"``.
+
+    Levels are :func:`level_strides` (``p5``). Combined concatenates P3/P4/P5 on the stride-16 grid (never P5pre:
+    ``both`` adds a level, it does not change the combined row).
+    """
+    levels = level_strides(p5)
+    grids = {name: imgsz // s for name, s in levels.items()}
+    if not teacher and tuple(module.strides) != tuple(levels.values()):
         raise ValueError(f"the dense probe needs P3/P4/P5 taps (strides {STRIDES}), got strides {module.strides}")
     device = next(module.parameters()).device
     chunks: dict[str, list[torch.Tensor]] = {k: [] for k in [*grids, "combined"]}
@@ -83,7 +100,7 @@ def level_features(module: torch.nn.Module, loader: DataLoader, imgsz: int, teac
         per = {name: _resample(m, g) for (name, g), m in zip(grids.items(), maps)}
         for name, m in per.items():
             chunks[name].append(m.flatten(2).transpose(1, 2).cpu())
-        joined = [maps[0]] if teacher else maps
+        joined = [maps[0]] if teacher else [m for name, m in zip(grids, maps) if name != "P5pre"]
         combined = torch.cat([_resample(m, imgsz // COMBINED_STRIDE) for m in joined], dim=1)
         chunks["combined"].append(combined.flatten(2).transpose(1, 2).cpu())
     return {k: torch.cat(v) for k, v in chunks.items()}
@@ -138,7 +155,7 @@ class DenseProbe:
         self.settings = s = settings
         self.data = read_dense_data(data_yaml)
         n = len(self.data.images)
-        self.grids = {f"P{int(math.log2(st))}": s.imgsz // st for st in STRIDES}
+        self.grids = {name: s.imgsz // st for name, st in level_strides(s.p5).items()}
         self.grids["combined"] = s.imgsz // COMBINED_STRIDE
         self.fold = make_folds(n, s.folds, s.seed)
         self.labels = {k: grid_labels(self.data, g) for k, g in self.grids.items()}
@@ -149,8 +166,10 @@ class DenseProbe:
                 "--dense-folds, or use a dataset with more boxes"
             )
         self.targets = {k: class_targets(v, self.kept) for k, v in self.labels.items()}
+        # Seed offsets by level name, not position: P5pre (--p5 both) fits on P5's cells and leaves every other level's
+        # cells as they are without it, so P3/P4/P5/combined are the same numbers in every --p5 mode.
         self.train_mask = {
-            k: train_locations(v, s.train_per_image, s.seed + 1 + i) for i, (k, v) in enumerate(self.labels.items())
+            k: train_locations(v, s.train_per_image, s.seed + LEVEL_SEED[k]) for k, v in self.labels.items()
         }
         self.counts = stats.bootstrap_counts(n, s.resamples, s.seed)
 
@@ -234,9 +253,11 @@ def dense_probe(
         t0 = time.time()
         teacher = is_teacher(spec)
         calibration = functools.partial(probe.loader, settings.imgsz)  # bn: SPECs measure statistics on the images
-        module = load_any_backbone(spec, seed, calibration, image_size=settings.imgsz, trust_pickle=trust_pickle)
+        module = load_any_backbone(
+            spec, seed, calibration, image_size=settings.imgsz, trust_pickle=trust_pickle, p5=settings.p5
+        )
         size = input_size(module, settings.imgsz)
-        feats = level_features(module.to(device), probe.loader(size), settings.imgsz, teacher)
+        feats = level_features(module.to(device), probe.loader(size), settings.imgsz, teacher, settings.p5)
         per_level, boots[name] = probe.score(feats)
         combined = per_level.pop("combined")
         row = {**combined, "per_level": per_level, "input_size": size, "seen_labels": name in seen}
@@ -248,39 +269,3 @@ def dense_probe(
             f"class bAcc {row['class_bacc']:.3f} {row['ci']['class_bacc']} ({row['seconds']:.0f} s)"
         )
     return {"backbones": rows, "settings": probe.summary()}
-
-
-def _fmt(value: float, ci: list[float]) -> str:
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
-def dense_markdown(result: dict) -> str:
-    """The dense table: a row per backbone, combined metrics with intervals, paired differences vs the first row,
-    and each level's point values; a footnote states the protocol and marks rows that have seen the labels."""
-    rows = {n: r["dense"] for n, r in result["backbones"].items() if "dense" in r}
-    s = result["settings"]["dense"]
-    names = list(rows)
-    levels = list(rows[names[0]]["per_level"])
-    head = ["backbone", "objectness AP [95% CI]", "class bAcc [95% CI]", f"Δ AP vs {names[0]}", f"Δ bAcc vs {names[0]}"]
-    head += [f"{lv} AP / bAcc" for lv in levels] + ["s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in rows.items():
-        cells = [f"{name} †" if r["seen_labels"] else name]
-        cells += [_fmt(r[m], r["ci"][m]) for m in METRICS]
-        for m in METRICS:
-            d = r["vs"].get(names[0], {}).get("combined", {}).get(m)
-            cells.append("—" if d is None else f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
-        cells += [
-            f"{r['per_level'][lv]['objectness_ap']:.3f} / {r['per_level'][lv]['class_bacc']:.3f}" for lv in levels
-        ]
-        lines.append("| " + " | ".join(cells + [f"{r['seconds']:.0f}"]) + " |")
-    lines.append(
-        f"\nDense probe: {s['images']} images at {s['imgsz']} px, {s['folds']}-fold grouped by image, "
-        f"{s['resamples']} paired bootstrap resamples over images; objectness AP of a constant scorer = positive rate "
-        f"{s['positive_rate']['combined']:.3f} (combined grid), class bAcc chance 0.5 over "
-        f"{len(s['classes_scored'])} classes ({', '.join(s['classes_scored'])}; >= {s['min_locations']} cells in "
-        f"every fold). Combined: {s['combined']}."
-    )
-    if any(r["seen_labels"] for r in rows.values()):
-        lines.append("† its weights were trained with labels on these images (an optimistic reference).")
-    return "\n".join(lines)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from backbone_kd.pretrain.data import load_rgb
+from backbone_kd.images import load_rgb
 
 
 class ProbeImages(Dataset):

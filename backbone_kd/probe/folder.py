@@ -168,3 +168,55 @@ def cut_crops(data: str | Path, out: str | Path, min_size: int = 16, pad: float 
                 d.rmdir()
     atomic_write_text(json.dumps({"params": stamp, "classes": sorted(keep), "written": written}, indent=1), stamp_file)
     return out
+
+
+def balance_crops(folder: str | Path, out: str | Path, top: int = 0, balance: bool = True, seed: int = 0) -> Path:
+    """A copy of a :func:`cut_crops` folder with the ``top`` most frequent classes only, each subsampled to the
+    smallest one's crop count (``balance``), so accuracy is balanced accuracy and majority guessing scores 1 / K.
+
+    Counts pool train and val (a small val split holds too few crops of most classes to balance it alone); every
+    kept crop stays in its split, so score it with cross-validation (``--cv``: folds grouped by source photo).
+    Ties in frequency go to the class name that sorts first; the subsample is a seeded permutation of the sorted
+    file list, the same on every machine.
+
+    Args:
+        folder: Crop folder (``train/<class>/*`` + ``val/<class>/*`` with ``crops.json``).
+        out: Output folder, rebuilt when its ``crops.json`` records other parameters.
+        top: Keep the ``top`` most frequent classes (0 = all).
+    """
+    import torch
+
+    folder, out = Path(folder), Path(out)
+    stamp = {
+        "format": CROPS_FORMAT,
+        "source": json.loads((folder / "crops.json").read_text())["params"],
+        "top": top,
+        "balance": balance,
+        "seed": seed,
+    }
+    if (out / "crops.json").is_file() and json.loads((out / "crops.json").read_text()).get("params") == stamp:
+        return out
+    by_class: dict[str, list[Path]] = {}
+    for split in ("train", "val"):
+        for d in sorted(p for p in (folder / split).iterdir() if p.is_dir()):
+            by_class.setdefault(d.name, []).extend(_images(d))
+    ranked = sorted(by_class, key=lambda c: (-len(by_class[c]), c))
+    kept = ranked[:top] if top else ranked
+    n = min(len(by_class[c]) for c in kept)
+    for split in ("train", "val"):
+        shutil.rmtree(out / split, ignore_errors=True)
+    counts = {}
+    for c in kept:
+        files = sorted(by_class[c])
+        if balance:
+            order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+            files = sorted(files[i] for i in order[:n])
+        if not any(f.parent.parent.name == "train" for f in files):  # labelled_splits refuses val-only classes
+            raise ValueError(f"class {c!r} keeps no train crop after balancing; pass another --seed or fewer classes")
+        for f in files:
+            dst = out / f.parent.parent.name / c / f.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dst)
+        counts[c] = len(files)
+    atomic_write_text(json.dumps({"params": stamp, "classes": kept, "counts": counts}, indent=1), out / "crops.json")
+    return out

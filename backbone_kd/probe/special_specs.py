@@ -48,8 +48,8 @@ def load_teacher(spec: str, image_size: int = 224) -> TeacherMaps:
     Without ``@weights`` timm's pretrained weights are used (hub or local cache); offline that fails with a message
     naming the fix.
     """
-    from backbone_kd.pretrain.teacher import ViTTeacher, build_teacher
-    from backbone_kd.pretrain.teacher_weights import is_vit_name
+    from backbone_kd.teachers.frozen import ViTTeacher, build_teacher
+    from backbone_kd.teachers.weights import is_vit_name
 
     name, _, weights = spec.removeprefix(TEACHER_PREFIX).partition("@")
     if not name or not is_vit_name(name):
@@ -96,6 +96,7 @@ def load_any_backbone(
     calibration: Callable[[], Iterable[torch.Tensor]] | None = None,
     image_size: int = 224,
     trust_pickle: bool = False,
+    p5: str = "post",
 ) -> nn.Module:
     """Frozen eval-mode feature module of any probe SPEC (``bn:``, ``teacher:``, or a backbone file / yaml / .pt).
 
@@ -105,6 +106,8 @@ def load_any_backbone(
         calibration: For ``bn:``: returns the image batches the statistics are measured on.
         image_size: For ``teacher:``: the input size it will see (ViT position grid interpolation).
         trust_pickle: Open ``.pt`` SPECs with full unpickling (trusted files only; see ``backbone_kd.safe_load``).
+        p5: Stride-32 taps of YOLO SPECs: ``post``, ``pre`` or ``both`` SPPF (see ``backbones.probe_taps``); a
+            teacher has one map whatever it is.
     """
     from backbone_kd.probe.backbones import load_backbone
 
@@ -113,14 +116,20 @@ def load_any_backbone(
     if spec.startswith(BN_PREFIX):
         if calibration is None:
             raise ValueError(f"{spec!r}: bn: SPECs need calibration images; use them with bkd probe --dense")
-        backbone = load_backbone(spec.removeprefix(BN_PREFIX), seed, trust_pickle)
+        backbone = load_backbone(spec.removeprefix(BN_PREFIX), seed, trust_pickle, p5)
         recalibrate_bn(backbone, calibration())
         return backbone
-    return load_backbone(spec, seed, trust_pickle)
+    return load_backbone(spec, seed, trust_pickle, p5)
 
 
 def pooled_probe_module(
-    spec: str, seed: int, train_images: list[Path], imgsz: int, batch: int = 64, trust_pickle: bool = False
+    spec: str,
+    seed: int,
+    train_images: list[Path],
+    imgsz: int,
+    batch: int = 64,
+    trust_pickle: bool = False,
+    p5: str = "post",
 ) -> tuple[nn.Module, int]:
     """``(frozen feature module, input size)`` of a SPEC for the pooled k-NN / linear probes.
 
@@ -134,7 +143,7 @@ def pooled_probe_module(
     def calibration() -> DataLoader:
         return DataLoader(ProbeImages(train_images, imgsz), batch_size=batch)
 
-    module = load_any_backbone(spec, seed, calibration, image_size=imgsz, trust_pickle=trust_pickle)
+    module = load_any_backbone(spec, seed, calibration, image_size=imgsz, trust_pickle=trust_pickle, p5=p5)
     return module, input_size(module, imgsz)
 
 

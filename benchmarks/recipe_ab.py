@@ -1,0 +1,297 @@
+"""Recipe A/B of stage 1 on the dense probe: variants x seeds, pretrained on a pool the probe never scores.
+
+Each run is ``bkd pretrain`` on the pool (a subprocess, so no state leaks between runs) into ``<out>/runs/<key>``,
+``key`` = sha256 of the run's full validated config (defaults included, paths left out: a changed default is a new
+run), the teacher file's sha256 and the pool's file list; a finished run (``backbone.safetensors`` + ``done.json``) is
+reused, an unfinished one is started again. Each backbone is scored once by the dense probe (features + bootstrap
+samples saved under ``<out>/probe/<key>-<settings hash>.pt``), with the same folds, fitted cells and bootstrap
+resamples for every row, so every gap gets two paired intervals:
+
+- ``seeds``: per-seed differences (variant seed s - baseline seed s), mean and t interval over seeds;
+- ``bootstrap``: the seed-mean of the variant minus that of the baseline, percentile interval over the probe's shared
+  image resamples (the image noise of the probe, for these seeds).
+
+A gap whose interval contains 0 is marked ``inconclusive``. Prints a table and writes ``<out>/recipe_ab.json``.
+
+Example (the run in docs/results.md)::
+
+    python benchmarks/recipe_ab.py --pool /work/shared/data/unlabeled/bsds500 \\
+        --dense-data /work/shared/data/coco128/coco128.yaml --teacher vit_small_patch14_dinov2 \\
+        --teacher-weights ~/.cache/bkd-teachers/dinov2_vits14_imgfocus.safetensors --out runs/recipe_ab
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VARIANTS: dict[str, dict[str, Any]] = {  # priority order: the tail is dropped with --variants
+    "baseline": {},
+    "ema_center": {"target_norm": "ema_center"},
+    "resize_first": {"align": "resize_first"},
+    "cos_l1": {"cosine_weight": 0.9, "smooth_l1_weight": 0.1},
+    "no_norm": {"target_norm": "none"},
+}
+UNKEYED = ("output", "name", "exist_ok", "resume", "unlabeled", "teacher_weights", "workers")
+METRICS = ("objectness_ap", "class_bacc")
+LEVELS = ("combined", "P3", "P4", "P5")
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def digest(obj: Any) -> str:
+    """sha256 of canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_overrides(args: argparse.Namespace, variant: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The ``bkd pretrain`` options of one run (common budget + the variant's options + seed)."""
+    common: dict[str, Any] = {
+        "teacher": args.teacher,
+        "teacher_cache": "auto",
+        "mixed_precision": args.precision,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "steps": args.images // args.batch_size,
+        "save_every": 0,
+        "workers": args.workers,
+        "student": args.student,
+        "tensorboard": False,  # nothing here reads the trackers or pictures; they only cost time
+        **({"plots": False, "log_with": "none"} if _has_option("plots") else {}),
+    }
+    if args.teacher_weights:
+        common["teacher_weights"] = args.teacher_weights
+    extra = dict(kv.split("=", 1) for kv in args.extra)  # e.g. a tiny test teacher's options, as typed
+    return {**common, **extra, **variant, "seed": seed}
+
+
+def as_argv(overrides: dict[str, Any]) -> list[str]:
+    """``key=value`` arguments of ``bkd pretrain`` (the same text the run key is computed from)."""
+    return [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in overrides.items()]
+
+
+def _has_option(key: str) -> bool:
+    """Whether this checkout's ``bkd pretrain`` knows ``key`` (options added since are set only where they exist)."""
+    from backbone_kd.pretrain.config import PretrainConfig
+
+    return key in PretrainConfig.__dataclass_fields__
+
+
+def run_key(overrides: dict[str, Any], args: argparse.Namespace, pool_digest: str) -> str:
+    """Hash of everything that decides a run's weights: full validated config, teacher bytes, pool file list."""
+    from backbone_kd.pretrain.config import build_config
+
+    cfg = build_config([*as_argv(overrides), f"unlabeled={args.pool}"]).to_dict()
+    keyed = {k: v for k, v in cfg.items() if k not in UNKEYED}
+    teacher = file_sha256(Path(args.teacher_weights).expanduser()) if args.teacher_weights else None
+    return digest({"config": keyed, "teacher_sha256": teacher, "pool": pool_digest})[:16]
+
+
+def pool_digest(pool: str) -> str:
+    """Digest of the pool's sorted file names and sizes (what the run reads)."""
+    files = sorted(p for p in Path(pool).rglob("*") if p.is_file())
+    return digest([[str(p.relative_to(pool)), p.stat().st_size] for p in files])
+
+
+def pretrain(overrides: dict[str, Any], args: argparse.Namespace, key: str) -> Path:
+    """Run (or reuse) one pretraining; returns its run folder. Wall time lands in ``done.json``."""
+    run_dir = Path(args.out) / "runs" / key
+    if (run_dir / "done.json").is_file() and (run_dir / "backbone.safetensors").is_file():
+        return run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again: nothing stale is reused
+    cmd = [sys.executable, "-m", "backbone_kd", "pretrain", "--output", str(Path(args.out) / "runs"), "--name", key]
+    cmd += as_argv(overrides)
+    cmd += ["--unlabeled", args.pool]
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    done = {"overrides": overrides, "seconds": round(time.time() - t0, 1)}
+    (run_dir / "done.json").write_text(json.dumps(done, indent=1), encoding="utf-8")
+    return run_dir
+
+
+def score(run_dir: Path, probe: Any, key: str, args: argparse.Namespace) -> dict:
+    """Dense-probe points and bootstrap samples of one backbone (cached per run key and probe settings)."""
+    from dataclasses import asdict
+
+    from backbone_kd.probe.dense import level_features
+    from backbone_kd.probe.special_specs import input_size, load_any_backbone
+
+    path = Path(args.out) / "probe" / f"{key}-{digest(asdict(probe.settings))[:12]}.pt"
+    if path.is_file():
+        return torch.load(path)
+    t0 = time.time()
+    spec = str(run_dir / "backbone.safetensors")
+    # ``p5`` (P5 before / after SPPF) is a newer probe option: passed only where this checkout has it (default post)
+    p5 = {"p5": probe.settings.p5} if hasattr(probe.settings, "p5") else {}
+    module = load_any_backbone(spec, 0, None, image_size=probe.settings.imgsz, **p5)
+    size = input_size(module, probe.settings.imgsz)
+    feats = level_features(module, probe.loader(size), probe.settings.imgsz, False, *p5.values())
+    per_level, boot = probe.score(feats)
+    rec = {"per_level": per_level, "boot": boot, "seconds": round(time.time() - t0, 1)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(rec, path)
+    return rec
+
+
+def seed_interval(diffs: list[float]) -> dict:
+    """Mean and 95 % t interval of per-seed paired differences (None interval with a single seed)."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return {"diff": round(mean, 4), "ci": None, "inconclusive": True, "per_seed": [round(d, 4) for d in diffs]}
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = T95.get(n - 1, 1.96) * sd / math.sqrt(n)
+    lo, hi = mean - half, mean + half
+    return {
+        "diff": round(mean, 4),
+        "ci": [round(lo, 4), round(hi, 4)],
+        "inconclusive": bool(lo <= 0 <= hi),
+        "per_seed": [round(d, 4) for d in diffs],
+    }
+
+
+def compare(rows: dict[str, list[dict]], baseline: str = "baseline") -> dict:
+    """Per variant, level and metric: seed mean, per-seed paired and bootstrap paired differences vs ``baseline``.
+
+    Args:
+        rows: ``{variant: [score record per seed]}`` (seed order equal across variants; records from :func:`score`).
+    """
+    from backbone_kd.probe.stats import interval, paired_difference
+
+    out: dict[str, Any] = {}
+    base = rows[baseline]
+    for name, recs in rows.items():
+        n = min(len(recs), len(base))
+        entry: dict[str, Any] = {"seeds": len(recs)}
+        for level in LEVELS:
+            for m in METRICS:
+                vals = [r["boot"][level][0][m] for r in recs]
+                samples = torch.stack([r["boot"][level][1][m] for r in recs]).mean(0)
+                cell = {"mean": round(sum(vals) / len(vals), 4), "ci": interval(samples), "per_seed": vals}
+                if name != baseline and n:
+                    ref = [r["boot"][level][0][m] for r in base[:n]]
+                    ref_s = torch.stack([r["boot"][level][1][m] for r in base[:n]]).mean(0)
+                    own_s = torch.stack([r["boot"][level][1][m] for r in recs[:n]]).mean(0)
+                    cell["vs_baseline_seeds"] = seed_interval([a - b for a, b in zip(vals[:n], ref)])
+                    cell["vs_baseline_bootstrap"] = paired_difference(sum(vals[:n]) / n, sum(ref) / n, own_s, ref_s)
+                entry[f"{level}/{m}"] = cell
+        out[name] = entry
+    return out
+
+
+def table(result: dict) -> str:
+    """Markdown table: combined metrics with both paired differences vs the baseline."""
+
+    def gap(d: dict | None) -> str:
+        if not d or d.get("ci") is None:
+            return "—"
+        word = " inconclusive" if d["inconclusive"] else ""
+        return f"{d['diff']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]{word}"
+
+    head = "| variant | seeds | level | metric | mean [bootstrap CI] | Δ vs baseline: per-seed t | Δ: probe bootstrap |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for level in LEVELS:
+        for name, e in result.items():
+            for m in METRICS:
+                c = e[f"{level}/{m}"]
+                lines.append(
+                    f"| {name} | {e['seeds']} | {level} | {m} | {c['mean']:.4f} [{c['ci'][0]:.4f}, {c['ci'][1]:.4f}] | "
+                    f"{gap(c.get('vs_baseline_seeds'))} | {gap(c.get('vs_baseline_bootstrap'))} |"
+                )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pool")
+    ap.add_argument("--dense-data")
+    ap.add_argument("--table", help="only print the table of this recipe_ab.json")
+    ap.add_argument("--only-finished", action="store_true", help="score and report finished runs; start none")
+    ap.add_argument("--teacher", default="vit_small_patch14_dinov2")
+    ap.add_argument("--teacher-weights", default=None)
+    ap.add_argument("--student", default="yolov8n.yaml")
+    ap.add_argument("--out", default="runs/recipe_ab")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--images", type=int, default=3200, help="images seen per run (steps = images / batch)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--dense-imgsz", type=int, default=320)
+    ap.add_argument("--dense-resamples", type=int, default=1000)
+    ap.add_argument("--dense-folds", type=int, default=5)
+    ap.add_argument("--dense-min-locs", type=int, default=5)
+    ap.add_argument("--dense-train-locs", type=int, default=64)
+    ap.add_argument("--extra", nargs="*", default=[], help="more key=value pretrain options for every run")
+    args = ap.parse_args(argv)
+    if not args.table and not (args.pool and args.dense_data):
+        ap.error("--pool and --dense-data are required (or --table JSON to re-print a finished A/B)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.table:  # re-print the table of a finished A/B from its JSON (what docs/results.md quotes)
+        print(table(json.loads(Path(args.table).read_text(encoding="utf-8"))["results"]))
+        return 0
+    from backbone_kd.probe.dense import DenseProbe, DenseSettings
+
+    pool = pool_digest(args.pool)
+    settings = DenseSettings(
+        imgsz=args.dense_imgsz,
+        folds=args.dense_folds,
+        resamples=args.dense_resamples,
+        min_locations=args.dense_min_locs,
+        train_per_image=args.dense_train_locs,
+    )
+    probe = DenseProbe(args.dense_data, settings)
+    rows: dict[str, list[dict]] = {}
+    runs: dict[str, list[dict]] = {}
+    for seed in args.seeds:  # seed-major: an interrupted A/B still has paired rows for the seeds it finished
+        for name in args.variants:
+            overrides = run_overrides(args, VARIANTS[name], seed)
+            key = run_key(overrides, args, pool)
+            if args.only_finished and not (Path(args.out) / "runs" / key / "done.json").is_file():
+                continue  # report what an interrupted A/B finished, starting nothing
+            run_dir = pretrain(overrides, args, key)
+            rec = score(run_dir, probe, key, args)
+            done = json.loads((run_dir / "done.json").read_text(encoding="utf-8"))
+            rows.setdefault(name, []).append(rec)
+            runs.setdefault(name, []).append(
+                {"seed": seed, "key": key, "pretrain_seconds": done["seconds"], "probe_seconds": rec["seconds"]}
+            )
+            print(f"[recipe_ab] {name} seed {seed} ({key}): pretrain {done['seconds']} s, probe {rec['seconds']} s")
+            result = {
+                "variants": {k: VARIANTS[k] for k in rows},
+                "runs": runs,
+                "common": {k: v for k, v in run_overrides(args, {}, 0).items() if k != "seed"},
+                "pool": {"path": args.pool, "digest": pool},
+                "dense": probe.summary(),
+                "results": compare(rows),
+            }
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "recipe_ab.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    print(table(result["results"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""benchmarks/recipe_ab.py: runs keyed by their full config and reused, paired differences, the table (tiny models)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from benchmarks import recipe_ab
+from tests.conftest import TINY_VIT, make_images
+from tests.test_probe_dense import colour_boxes_yaml
+
+
+def _record(shift: float, noise: torch.Tensor) -> dict:
+    """A dense-probe score record whose every level and metric is ``0.5 + shift`` (bootstrap: + ``noise``)."""
+    point = {m: 0.5 + shift for m in recipe_ab.METRICS}
+    samples = {m: 0.5 + shift + noise for m in recipe_ab.METRICS}
+    return {"boot": {level: (point, samples) for level in recipe_ab.LEVELS}, "per_level": {}, "seconds": 0.0}
+
+
+def test_paired_differences_and_inconclusive() -> None:
+    noise = torch.linspace(-0.01, 0.01, 200)
+    rows = {
+        "baseline": [_record(0.0, noise), _record(0.01, noise)],
+        "better": [_record(0.05, noise), _record(0.06, noise)],  # +0.05 on every seed and resample: beyond noise
+        "mixed": [_record(0.02, noise), _record(-0.01, noise.flip(0))],  # +0.02 then -0.02 per seed
+    }
+    out = recipe_ab.compare(rows)
+    better = out["better"]["combined/objectness_ap"]
+    assert better["vs_baseline_seeds"]["diff"] == 0.05 and not better["vs_baseline_seeds"]["inconclusive"]
+    assert better["vs_baseline_bootstrap"]["ci"] == [0.05, 0.05]
+    mixed = out["mixed"]["combined/class_bacc"]
+    assert mixed["vs_baseline_seeds"]["inconclusive"] and mixed["vs_baseline_seeds"]["per_seed"] == [0.02, -0.02]
+    assert "vs_baseline_seeds" not in out["baseline"]["combined/class_bacc"]
+    text = recipe_ab.table(out)
+    assert "inconclusive" in text and "+0.0500 [+0.0500, +0.0500] |" in text and "| P3 |" in text
+
+
+def test_a_single_seed_has_no_seed_interval() -> None:
+    assert recipe_ab.seed_interval([0.1]) == {"diff": 0.1, "ci": None, "inconclusive": True, "per_seed": [0.1]}
+
+
+def test_end_to_end_keys_reuse_and_json(tmp_path, monkeypatch) -> None:
+    pool, out = tmp_path / "pool", tmp_path / "out"
+    make_images(pool, 8)
+    data = colour_boxes_yaml(tmp_path / "probe", n=12)
+    argv = ["--pool", str(pool), "--dense-data", str(data), "--teacher", TINY_VIT, "--out", str(out)]
+    argv += ["--images", "4", "--batch-size", "2", "--image-size", "64", "--precision", "no", "--workers", "0"]
+    argv += ["--variants", "baseline", "ema_center", "--seeds", "0", "--dense-imgsz", "64", "--dense-resamples", "20"]
+    argv += ["--dense-folds", "3", "--dense-min-locs", "1", "--dense-train-locs", "8"]
+    argv += ["--extra", "teacher_pretrained=false", "teacher_kwargs={depth: 2, embed_dim: 48, num_heads: 2}"]
+    assert recipe_ab.main(argv) == 0
+    result = json.loads((out / "recipe_ab.json").read_text())
+    keys = [r["key"] for runs in result["runs"].values() for r in runs]
+    assert len(set(keys)) == 2 and result["common"]["steps"] == 2
+    assert "vs_baseline_bootstrap" in result["results"]["ema_center"]["combined/objectness_ap"]
+    assert recipe_ab.main(["--table", str(out / "recipe_ab.json")]) == 0
+    started = []
+    monkeypatch.setattr(recipe_ab.subprocess, "run", lambda *a, **k: started.append(a))
+    assert recipe_ab.main(argv) == 0 and started == []  # finished runs are found by key, not rerun
+    swapped = ["no_norm" if a == "ema_center" else a for a in argv]
+    assert recipe_ab.main([*swapped, "--only-finished"]) == 0 and started == []
+    assert list(json.loads((out / "recipe_ab.json").read_text())["runs"]) == ["baseline"]  # no_norm never ran
+    args = recipe_ab.parse_args(argv)
+    same = recipe_ab.run_key(recipe_ab.run_overrides(args, {}, 0), args, "pool")
+    args.extra = [*args.extra, "lr=0.002"]  # any option, also one left at its default before, is a new run
+    assert recipe_ab.run_key(recipe_ab.run_overrides(args, {}, 0), args, "pool") != same
+    assert same == recipe_ab.run_key(recipe_ab.run_overrides(recipe_ab.parse_args(argv), {}, 0), args, "pool")
