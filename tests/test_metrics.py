@@ -18,7 +18,7 @@ def test_planted_links_are_replaced_not_followed(tmp_path, name, resume_step):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n", encoding="utf-8")
     (run / name).symlink_to(victim)
-    logger = MetricsLogger(run, tensorboard=False, resume_step=resume_step)
+    logger = MetricsLogger(run, resume_step=resume_step)
     logger.log({"step": 1, "loss": 0.5})
     logger.close()
     assert victim.read_text(encoding="utf-8") == "precious\n"
@@ -29,7 +29,7 @@ def test_planted_links_are_replaced_not_followed(tmp_path, name, resume_step):
 def test_append_refuses_a_link_planted_after_the_start(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    logger = MetricsLogger(run, tensorboard=False)
+    logger = MetricsLogger(run)
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n", encoding="utf-8")
     (run / "metrics.jsonl").unlink()

@@ -5,12 +5,16 @@
 :func:`train` is the loop: draw a batch, :func:`~backbone_kd.pretrain.step.train_step`, and after each optimizer
 step log, validate and checkpoint as configured. A step never waits for the device except at log and checkpoint
 steps. SIGINT/SIGTERM checkpoint at the next optimizer step and end the run with ``KeyboardInterrupt``.
+
+Every metrics row goes to ``metrics.csv`` / ``metrics.jsonl`` and to the experiment trackers (``log_with``); at each
+checkpoint the main process also draws ``metrics.png`` and the feature-PCA panel ``pca_step<N>.png``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import signal
 import time
 from pathlib import Path
@@ -23,9 +27,13 @@ from backbone_kd.pretrain.checkpoints import save_checkpoint
 from backbone_kd.pretrain.config import PretrainConfig
 from backbone_kd.pretrain.export import export
 from backbone_kd.pretrain.metrics import MetricsLogger
+from backbone_kd.pretrain.plots import write_metrics_png
 from backbone_kd.pretrain.run_folder import create_run_dir, write_run_config
 from backbone_kd.pretrain.step import train_step
+from backbone_kd.pretrain.trackers import RunTrackers
 from backbone_kd.pretrain.validation import export_best, is_val_step
+
+LOGGER = logging.getLogger("backbone_kd")
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
@@ -52,12 +60,15 @@ def train(run: Run) -> None:
         n_images, world, mp = len(run.images.paths), accelerator.num_processes, accelerator.mixed_precision
         write_run_config(cfg.to_dict(), run.run_dir, n_images=n_images, world=world, mixed_precision=mp)
     resume_step = state.step if run.resume_from is not None else None
-    metrics = MetricsLogger(run.run_dir, enabled=main, tensorboard=cfg.tensorboard, resume_step=resume_step)
+    metrics = MetricsLogger(run.run_dir, enabled=main, resume_step=resume_step)
     run.rows = metrics.rows
+    trackers = RunTrackers(accelerator, run.trackers, run.run_dir, cfg.tracker_project or run.run_dir.name)
+    trackers.start(cfg.to_dict(), resume_step, metrics.logged_through)
     batches = _batch_stream(run)
     stop, progress, window = StopFlag(), _progress(main, run.steps, state.step), _Window()
     bad_images = set(state.bad_images)
     run.module.train()
+    finished = False
     try:
         while state.step < run.steps:
             batch = batches.next(state.step, state.micro_step)
@@ -69,25 +80,30 @@ def train(run: Run) -> None:
             state.step += 1
             progress.update(1)
             if state.step % cfg.log_every == 0 or state.step == run.steps:
-                _log_training(run, window, metrics, progress, len(bad_images))
+                _log_training(run, window, (metrics, trackers), progress, len(bad_images))
                 window = _Window()
             if run.validator is not None and is_val_step(cfg, state.step, run.steps):
-                window.t0 += _validate(run, metrics)  # validation time is not training throughput
+                window.t0 += _validate(run, (metrics, trackers))  # validation time is not training throughput
             interrupted = stop.requested(accelerator)
             if (cfg.save_every and state.step % cfg.save_every == 0) or interrupted or state.step == run.steps:
                 run.nonfinite.read(state)  # the checkpoint's count is exact too
                 state.bad_images = sorted(bad_images)
                 save_checkpoint(accelerator, run.run_dir, state.step, cfg.keep_checkpoints)
                 metrics.flush()
+                if main and cfg.plots:
+                    window.t0 += _pictures(run, metrics.rows)  # drawing time is not training throughput
             if interrupted:
                 progress.close()
                 metrics.close()
                 accelerator.print(f"interrupted: checkpoint saved at step {state.step}; continue with --resume")
                 raise KeyboardInterrupt
+        finished = True
     finally:  # on every exit: the workers end (then gc thaws), the bar closes, the signal handlers come back
         batches.close()
         progress.close()
         stop.restore()
+        if not finished:  # a finished run's trackers end in accelerator.end_training(), after the export
+            trackers.finish()
     metrics.close()
 
 
@@ -123,10 +139,10 @@ class _Window:
         self.seen += batch_size
 
 
-def _log_training(run: Run, window: _Window, metrics: MetricsLogger, progress, n_bad: int) -> None:
+def _log_training(run: Run, window: _Window, sinks: tuple, progress, n_bad: int) -> None:
     """One training row (the loop's only host sync besides checkpoints): mean terms, lr, throughput, counts.
 
-    Every row goes through ``metrics.log``; another sink (an experiment tracker) belongs beside it.
+    Every row goes to each of ``sinks`` (the metrics files, the experiment trackers).
     """
     accelerator, state = run.accelerator, run.state
     run.nonfinite.read(state)
@@ -142,11 +158,12 @@ def _log_training(run: Run, window: _Window, metrics: MetricsLogger, progress, n
         "nonfinite_steps": state.nonfinite_steps,
         "bad_images": n_bad,
     }
-    metrics.log(row)
+    for sink in sinks:
+        sink.log(row)
     progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}")
 
 
-def _validate(run: Run, metrics: MetricsLogger) -> float:
+def _validate(run: Run, sinks: tuple) -> float:
     """Score the exported student on held-out data, keep the best as ``backbone_best.safetensors``; returns seconds."""
     t0 = time.perf_counter()
     state = run.state
@@ -156,8 +173,25 @@ def _validate(run: Run, metrics: MetricsLogger) -> float:
         state.best_val = score
         export_best(run.exported, run.run_dir, state.step, val, run.teacher.name)
     seconds = time.perf_counter() - t0
-    metrics.log({"step": state.step, **val, "val_seconds": seconds})
+    row = {"step": state.step, **val, "val_seconds": seconds}
+    for sink in sinks:
+        sink.log(row)
     return seconds
+
+
+def _pictures(run: Run, rows: list[dict]) -> float:
+    """``metrics.png`` and ``pca_step<N>.png`` (main process, at checkpoints); returns the seconds spent.
+
+    A picture that fails to draw is a warning, not the end of a long run: the checkpoint was already written.
+    """
+    t0 = time.perf_counter()
+    try:
+        write_metrics_png(rows, run.run_dir / "metrics.png", title=str(run.run_dir))
+        if run.panel is not None:
+            run.panel.write(run.exported, run.criterion, run.run_dir / f"pca_step{run.state.step}.png")
+    except (OSError, RuntimeError, ValueError) as err:
+        LOGGER.warning("pictures at step %d not written: %s", run.state.step, err)
+    return time.perf_counter() - t0
 
 
 class StopFlag:

@@ -117,10 +117,17 @@ def _emulated_bf16_notes(mp: str, teacher_dtype: str) -> list[tuple[int, str]]:
 
 
 def make_accelerator(
-    mixed_precision: str, teacher_dtype: str, cpu: bool = False, gradient_accumulation_steps: int = 1, seed: int = 0
+    mixed_precision: str,
+    teacher_dtype: str,
+    cpu: bool = False,
+    gradient_accumulation_steps: int = 1,
+    seed: int = 0,
+    log_with: list | None = None,
+    project_dir: str | os.PathLike | None = None,
 ):
     """An ``Accelerator`` in the precision :func:`resolve_precision` picks (``accelerate launch`` flags and env vars
-    win), seeded; the precision notes are logged once per run, not once per process."""
+    win), seeded; the precision notes are logged once per run, not once per process. ``log_with`` / ``project_dir``
+    go to the ``Accelerator`` as they are (experiment trackers, :mod:`~backbone_kd.pretrain.trackers`)."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
@@ -130,7 +137,11 @@ def make_accelerator(
         for level, text in plan.notes:
             LOGGER.log(level, text)
     accelerator = Accelerator(
-        mixed_precision=plan.mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps, cpu=cpu
+        mixed_precision=plan.mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        cpu=cpu,
+        log_with=log_with or None,
+        project_dir=None if project_dir is None else str(project_dir),
     )
     set_seed(seed)
     return accelerator
