@@ -18,7 +18,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from backbone_kd.io_utils import atomic_write, atomic_write_text
-from backbone_kd.pretrain.teacher_weights import hub_reachable
+from backbone_kd.teachers.weights import hub_reachable
 
 NAMES = {0: "rectangle", 1: "ellipse"}
 BANNER = "!" * 100

@@ -1,18 +1,19 @@
 """Ultralytics-style ``key=value`` command lines, parsed and run the same way by every ``bkd distill-*`` command.
 
-Values follow YAML rules (``3`` -> int, ``false`` -> bool, ``[1, 2]`` -> list) plus exponent floats (YAML 1.1 keeps
-``1e-3`` a string; here it is 0.001). Keys naming paths or run names stay verbatim, because YAML would turn
-``name=001`` into 1 or a file called ``yes`` into True.
+A command's own (KD) keys are read as every option backbone_kd owns (:mod:`backbone_kd.options`: YAML 1.2 scalars,
+``1e-3`` a float, only true/false booleans, type and range checked before any model is built). Ultralytics' own
+arguments pass through as ``yolo`` itself reads them (``ultralytics.cfg.smart_value``); a key that is neither is refused
+with the closest valid names. Keys naming paths or run names stay verbatim, because YAML would turn ``name=001`` into 1.
 """
 
 from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
-import yaml
+from backbone_kd.options import Option, check_key, parse_scalar
 
 _EXP_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
@@ -29,14 +30,29 @@ def coerce_numbers(value: Any) -> Any:
 
 
 def parse_value(text: str) -> Any:
-    """Parse a command-line value with YAML rules plus exponent floats (``1e-3`` -> 0.001, ``a,b`` stays a string)."""
+    """A value with no declared type (``recipe.a.b=...``): YAML 1.2 (``1e-3`` -> 0.001, ``no`` and ``a,b`` stay
+    strings); text that is not valid YAML stays text."""
     try:
-        return coerce_numbers(yaml.safe_load(text))
-    except yaml.YAMLError:
+        return coerce_numbers(parse_scalar(text))
+    except ValueError:
         return text
 
 
-def parse_kv_args(argv: Iterable[str], command: str, verbatim: Collection[str] = ()) -> dict[str, Any]:
+def ultralytics_keys() -> frozenset[str]:
+    """The arguments ultralytics' trainers accept (its default config's keys)."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    return frozenset(DEFAULT_CFG_DICT)
+
+
+def parse_kv_args(
+    argv: Iterable[str],
+    command: str,
+    verbatim: Collection[str] = (),
+    options: Mapping[str, Option] | None = None,
+    passthrough: Collection[str] | None = None,
+    prefixes: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Parse ``key=value`` tokens into a dict.
 
     Args:
@@ -44,10 +60,19 @@ def parse_kv_args(argv: Iterable[str], command: str, verbatim: Collection[str] =
         command: The command's name, used in error messages (``"bkd distill-detect"``).
         verbatim: Keys whose values stay text (paths, names). ``resume`` is always a bool or a path: a bare
             ``resume`` or ``resume=true`` means "latest run", ``resume=false`` off, anything else a checkpoint path.
+        options: The command's own keys and what each takes: read and checked here, before anything is built.
+        passthrough: Keys handed to ultralytics (read as ``yolo`` reads them); with it, a key in none of
+            ``verbatim``, ``options``, ``passthrough`` or ``prefixes`` is an error naming the closest valid keys.
+            None: every other key passes through unchecked.
+        prefixes: Own dotted keys (``recipe.``), read with :func:`parse_value` and checked where they are used.
 
     Raises:
-        ValueError: A token without ``=`` (other than ``resume``), or an empty key.
+        ValueError: A token without ``=`` (other than ``resume``), an empty key, an unknown key, a bad value.
     """
+    from ultralytics.cfg import smart_value
+
+    options = options or {}
+    known = [*verbatim, *options, *(passthrough or ())]
     out: dict[str, Any] = {}
     for tok in argv:
         if "=" not in tok:
@@ -60,8 +85,16 @@ def parse_kv_args(argv: Iterable[str], command: str, verbatim: Collection[str] =
             raise ValueError(f"argument {tok!r} has no key; write key=value (see {command} --help)")
         if key == "resume":
             out[key] = value.lower() == "true" if value.lower() in {"true", "false"} else value
+        elif key in verbatim:
+            out[key] = value
+        elif key in options:
+            out[key] = options[key].read(key, value)
+        elif key.startswith(prefixes):
+            out[key] = parse_value(value)
         else:
-            out[key] = value if key in verbatim else parse_value(value)
+            if passthrough is not None and key not in passthrough:
+                check_key(key, known, "the command line", f"{command} --help")  # raises: did you mean ...?
+            out[key] = smart_value(value)
     return out
 
 
@@ -72,12 +105,15 @@ def run_trainer_command(
     verbatim: Collection[str],
     model_hint: str,
     build_trainer: Callable[[dict[str, Any]], Any],
+    options: Mapping[str, Option] | None = None,
+    prefixes: tuple[str, ...] = (),
 ) -> int:
     """The whole front end of a ``bkd distill-*`` command: help, parsing, checks, then ``build_trainer(args).train()``.
 
-    ``resume=PATH`` without ``model=`` resumes that checkpoint (ultralytics reads the model from it). Usage errors and
-    ``ValueError`` / ``FileNotFoundError`` raised while building the trainer (bad teacher, missing file) are printed
-    as ``<command>: <message>`` with exit code 2 instead of a traceback.
+    ``options`` / ``prefixes``: the command's own keys (see :func:`parse_kv_args`); with them, every other key must be
+    an ultralytics argument. ``resume=PATH`` without ``model=`` resumes that checkpoint (ultralytics reads the model
+    from it). Usage errors, bad values and ``ValueError`` / ``FileNotFoundError`` raised while building the trainer
+    (bad teacher, missing file) are printed as ``<command>: <message>`` with exit code 2 instead of a traceback.
 
     Returns:
         0 after training (the run folder is printed), 2 for a usage or input error.
@@ -87,7 +123,8 @@ def run_trainer_command(
         print(usage)
         return 0
     try:
-        args = parse_kv_args(argv, command, verbatim)
+        passthrough = ultralytics_keys() if options is not None else None
+        args = parse_kv_args(argv, command, verbatim, options, passthrough, prefixes)
     except ValueError as e:
         print(f"{command}: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ backbone (or any SPEC) with the statistics measured on images — no gradient, n
 compared with "random conv weights, calibrated statistics" and the gain of distillation separated from the gain of
 calibration::
 
-    python benchmarks/bn_recalibrate.py yolov8n.yaml --images <unlabeled> --seed 0 --out scratch-bn_s0.safetensors
+    python -m benchmarks.bn_recalibrate yolov8n.yaml --images <unlabeled> --seed 0 --out scratch-bn_s0.safetensors
 
 The random init is the one the probe gives a ``.yaml`` SPEC with the same ``--seed`` (``load_detector``), so the
 output differs from the probe's scratch row only in its BatchNorm statistics.
@@ -26,9 +26,9 @@ from PIL import Image
 
 from backbone_kd.backbone_file import write_backbone_file
 from backbone_kd.pretrain.sources import IMAGE_SUFFIXES
-from backbone_kd.pretrain.student import YoloBackbone
 from backbone_kd.probe.backbones import load_detector
 from backbone_kd.probe.special_specs import recalibrate_bn
+from backbone_kd.yolo_backbone import YoloBackbone
 
 
 def load_images(source: Path, n: int, size: int) -> torch.Tensor:

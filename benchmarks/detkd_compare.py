@@ -11,13 +11,13 @@ into a read-only data folder (``../shared``).
 
 Examples (CPU, real data and COCO weights from ``../shared`` or ``$BKD_SHARED``):
     # smoke test, seconds: coco8, 1 epoch, 64 px, every shipped recipe (mechanics only, metrics meaningless)
-    python benchmarks/detkd_compare.py --smoke --threads 1
+    python -m benchmarks.detkd_compare --smoke --threads 1
     # the real comparison (96 train / 32 val images)
-    python benchmarks/detkd_compare.py --data ../shared/data/coco128/coco128-split.yaml --epochs 3 --imgsz 320 \
+    python -m benchmarks.detkd_compare --data ../shared/data/coco128/coco128-split.yaml --epochs 3 --imgsz 320 \
         --recipes default,response_full,response_pseudo,feature_mgd,builtin_l2 --out runs/detkd_compare
     # end-to-end student (YOLO26 / YOLOv10; weights not in ../shared): each recipe with and without distilling the
     # one2one branch that inference uses (`--o2o-ablation` adds the "o2m-only" rows, recipe.one2one=false)
-    python benchmarks/detkd_compare.py --student yolo26n.pt --teacher yolo26s.pt --recipes default,builtin_l2 \
+    python -m benchmarks.detkd_compare --student yolo26n.pt --teacher yolo26s.pt --recipes default,builtin_l2 \
         --o2o-ablation --out runs/detkd_compare_yolo26
 """
 
@@ -30,9 +30,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench_data import mirror_dataset, shared_dir
-
 from backbone_kd.io_utils import atomic_path, atomic_write_text
+from benchmarks.bench_data import mirror_dataset, shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("run", "mAP50", "mAP50-95", "params_M", "infer_ms", "train_s")

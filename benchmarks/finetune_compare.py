@@ -11,8 +11,8 @@ frozen features are. ``--full`` trains everything with the same optimizer settin
 
 Writes ``results.json`` (per-epoch mAP50-95 / mAP50 per variant), ``curves.png`` and prints a table. Usage::
 
-    python benchmarks/finetune_compare.py --backbone runs/pretrain/exp/backbone.safetensors
-    python benchmarks/finetune_compare.py --full --epochs 30 --imgsz 256 --out bench_out/full
+    python -m benchmarks.finetune_compare --backbone runs/pretrain/exp/backbone.safetensors
+    python -m benchmarks.finetune_compare --full --epochs 30 --imgsz 256 --out bench_out/full
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_data import mirror_dataset, shared_dir
-
 from backbone_kd.backbone_file import write_backbone_file
 from backbone_kd.inject import inject_backbone
 from backbone_kd.io_utils import atomic_write_text
+from benchmarks.bench_data import mirror_dataset, shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ writes the backbone with the normalisation folded in, for the probe to score wha
 
 (exact away from the image border; zero padding of the normalised image is padding with ``mean`` in [0, 1] units).
 
-    python benchmarks/fold_input_norm.py IN.safetensors OUT.safetensors [--inverse]
+    python -m benchmarks.fold_input_norm IN.safetensors OUT.safetensors [--inverse]
 
 ``--inverse`` does the opposite, to test the explanation: a backbone trained on [0, 1] images is made to see what
 lightly-train's sees in the probe (its [0, 1] training input x arrives as ``x * std + mean``), i.e. ``fold`` with

@@ -33,11 +33,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.bench_data import REPO, lightly_train_side
+from benchmarks.throughput import _synthetic_folder, build_parts, data_speed, time_parts
 
-from throughput import _synthetic_folder, build_parts, data_speed, time_parts  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 # (name, config file, overrides): what the GPU goals in issue 12 are stated for.
 CASES = [
     ("vits14_yolov8n", "configs/dinov2_vits14_yolov8n.yaml", {"batch_size": 256}),
@@ -88,9 +86,8 @@ def _error(err: BaseException) -> str:
 
 def _lightly_train(args: argparse.Namespace, folder: str, work: Path, device: str) -> dict[str, Any]:
     """lightly-train's distillation step and ours on the same job, each a short real run; or why it was skipped."""
-    from vs_lightly_train import _lt_importable, _run_side, _throughput
-
-    version = _lt_importable(args.lt_python)
+    lt = lightly_train_side()
+    version = lt._lt_importable(args.lt_python)
     if version is None:
         return {"skipped": f"lightly-train is not importable with {args.lt_python}"}
     if args.dry_run:
@@ -111,9 +108,9 @@ def _lightly_train(args: argparse.Namespace, folder: str, work: Path, device: st
             "lt_precision": "bf16-mixed",
         }
         try:
-            report = _run_side(python, side, spec, work / f"lt_{side}.log")
+            report = lt._run_side(python, side, spec, work / f"lt_{side}.log")
             result[side] = {
-                **_throughput(report, args.lt_batch, warmup_steps=3),
+                **lt._throughput(report, args.lt_batch, warmup_steps=3),
                 "peak_gpu_mib": report["peak_gpu_mib"],
             }
         except Exception as err:  # a failing side is reported, not fatal

@@ -10,6 +10,8 @@
 # ./gpu_check.json. The driver stops starting work after --budget-s (420 s); this hard limit (GPU_CHECK_TIMEOUT_S,
 # 480 s) is the backstop, and the JSON written after every measurement survives it.
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${OUT:-.}/gpu_check.json"
-exec timeout -k 10 "${GPU_CHECK_TIMEOUT_S:-480}" "${PYTHON:-python}" "$here/gpu_check.py" --out "$out" "$@"
+# benchmarks/ is a package run as a module from the checkout (relative paths such as --out stay the caller's).
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+exec timeout -k 10 "${GPU_CHECK_TIMEOUT_S:-480}" "${PYTHON:-python}" -m benchmarks.gpu_check --out "$out" "$@"

@@ -1,6 +1,6 @@
 """Scale: listing millions of unlabeled files, and loader memory (PSS) over a run of the student-only path.
 
-    nice -n 19 python benchmarks/scale.py --files 2000000 --steps 200 --workers 4 --json scale.json
+    nice -n 19 python -m benchmarks.scale --files 2000000 --steps 200 --workers 4 --json scale.json
 
 1. Generates ``--files`` image entries (default 2,000,000) and a ``.txt`` list of them. The entries are hard links
    (``files/d<k>/f<i>.jpg``) to copies of a few real images (``--images``, default BSDS500; consecutive entries cycle
@@ -45,9 +45,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_data import shared_dir
 
 from backbone_kd.pretrain.data import WORKER_MMAP_THRESHOLD, fix_worker_heap, freeze_before_fork
+from benchmarks.bench_data import shared_dir
 
 DEFAULT_IMAGES = shared_dir() / "data" / "unlabeled" / "bsds500"
 LINKS_PER_COPY = 50_000  # below ext4's 65,000 hard links per inode
@@ -172,7 +172,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     from backbone_kd.pretrain.data import AugmentConfig, ShardedInfiniteSampler, UnlabeledImages, collate
     from backbone_kd.pretrain.sources import resolve_image_sources
-    from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
+    from backbone_kd.yolo_backbone import YoloBackbone, load_yolo_model
 
     args = parse(argv)
     if args.threads:

@@ -1,10 +1,14 @@
-"""Teacher-feature cache vs online teacher: training speed over several epochs, and the quality it costs.
+"""The teacher cache, measured: ``runs`` (default) online vs cached training runs; ``storage`` each cache dtype / grid.
 
-    python benchmarks/teacher_cache.py --unlabeled ../shared/data/unlabeled/bsds500 --epochs 3 --json tc.json \
+    python -m benchmarks.teacher_cache [runs] --unlabeled ../shared/data/unlabeled/bsds500 --epochs 3 --json tc.json \
         teacher=vit_small_patch14_dinov2 teacher_pretrained=false image_size=112 batch_size=16 workers=2
+    python -m benchmarks.teacher_cache storage --n 32 --json cache_dtype.json     # see benchmarks/cache_storage.py
 
-Every ``--holdout``-th image is held out; the rest train two runs with the same config, seed and step count: one
-with the online teacher, one with ``teacher_cache`` (a fresh folder, so the build is timed; reported separately).
+``storage`` (formerly ``benchmarks/cache_dtype.py``): disk per image and target fidelity of each
+``teacher_cache_dtype`` and ``teacher_cache_grid``; its options, table and JSON are in ``benchmarks/cache_storage.py``.
+
+``runs``: every ``--holdout``-th image is held out; the rest train two runs with the same config, seed and step count:
+one with the online teacher, one with ``teacher_cache`` (a fresh folder, so the build is timed; reported separately).
 Step time is the mean per-step wall time logged in ``metrics.jsonl`` after the first step (data waits included;
 warm-up, model setup and export excluded: the same for both); s/epoch = step time * steps per epoch. Quality:
 
@@ -25,14 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_UNLABELED = REPO.parent / "shared" / "data" / "unlabeled" / "bsds500"
+from benchmarks.bench_data import shared_dir
+
+DEFAULT_UNLABELED = shared_dir() / "data" / "unlabeled" / "bsds500"
 
 
 def _train(cfg) -> tuple[Path, float, float]:
@@ -99,11 +105,26 @@ def _fidelity(online, cached, jitter: float, batches: int = 4) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Dispatch on the first argument: ``storage`` (cache dtypes / grids) or ``runs`` (the default); the result dict."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "storage":
+        from benchmarks import cache_storage
+
+        return cache_storage.run(argv[1:])
+    return runs(argv[1:] if argv and argv[0] == "runs" else argv)
+
+
+def runs(argv: list[str]) -> dict:
+    """Online vs cached teacher: two real runs on the same images, seed and steps; speed and quality (module doc)."""
     from backbone_kd.pretrain.build import build_run
     from backbone_kd.pretrain.config import build_config
     from backbone_kd.pretrain.sources import resolve_image_sources
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.teacher_cache [runs]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--unlabeled", default=str(DEFAULT_UNLABELED))
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--holdout", type=int, default=10, help="every k-th image is held out (default 10: 10%%)")

@@ -2,7 +2,7 @@
 
 Parts of our step (default mode)::
 
-    python benchmarks/throughput.py --config configs/dinov2_vits14_yolov8n.yaml teacher_pretrained=false \
+    python -m benchmarks.throughput --config configs/dinov2_vits14_yolov8n.yaml teacher_pretrained=false \
         --batch-size 32 --iters 10 [--unlabeled ../shared/data/unlabeled/bsds500] [--json out.json]
 
 Measures, for the resolved pretraining config: data loading (decode + augment, ``workers`` processes), teacher
@@ -11,7 +11,7 @@ student). ``--parts teacher_fwd`` times only the teacher (e.g. with ``compile=tr
 ``--compile-backend`` picks the ``torch.compile`` backend. Options other than these are the ``bkd pretrain`` options
 (``--help`` of that command). ``benchmarks/gpu_check.py`` runs these parts over a grid of GPU settings.
 
-Side by side with lightly-train: ``python benchmarks/throughput.py --vs lightly-train ...`` hands over to
+Side by side with lightly-train: ``python -m benchmarks.throughput --vs lightly-train ...`` hands over to
 ``benchmarks/vs_lightly_train.py`` (its docstring has the method and options).
 
 Timed numbers are printed and written to JSON, never asserted.
@@ -33,9 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_UNLABELED = REPO.parent / "shared" / "data" / "unlabeled" / "bsds500"
 
 
 def _sync(device: torch.device) -> None:
@@ -238,10 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch: ``--vs lightly-train`` (side by side) or the parts benchmark."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--vs" or a.startswith("--vs=") for a in argv):
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from vs_lightly_train import compare
+        from benchmarks.bench_data import lightly_train_side
 
-        return compare(argv)
+        return lightly_train_side().compare(argv)
     run(argv)
     return 0
 

@@ -8,11 +8,10 @@ from PIL import Image
 
 from backbone_kd.backbone_file import read_backbone_file
 from backbone_kd.probe.backbones import load_detector
-from tests.test_scale_bench import bench
+from benchmarks import bn_recalibrate as recal
 
 
 def test_running_statistics_are_the_images_statistics(tmp_path) -> None:
-    recal = bench("bn_recalibrate")
     torch.manual_seed(0)
     for i in range(5):
         Image.fromarray((torch.rand(40, 48, 3) * 255).byte().numpy()).save(tmp_path / f"{i}.png")

@@ -1,4 +1,4 @@
-"""benchmarks/feature_stats.py: effective dimension and common component, on known maps and a tiny run."""
+"""experiments/feature_stats.py: effective dimension and common component, on known maps and a tiny run."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import json
 import torch
 from PIL import Image
 
-from tests.test_scale_bench import bench
+from experiments import feature_stats as stats
 
 
 def test_effective_dimension_and_common_component_of_known_maps() -> None:
-    stats = bench("feature_stats")
     torch.manual_seed(0)
     rank1 = torch.randn(4, 1, 5, 5) * torch.randn(1, 16, 1, 1)  # every position on one direction
     assert stats.map_stats(rank1)["eff_dim"] < 1.01
@@ -23,7 +22,6 @@ def test_effective_dimension_and_common_component_of_known_maps() -> None:
 
 
 def test_cli_writes_per_level_stats(tmp_path) -> None:
-    stats = bench("feature_stats")
     for i in range(3):
         Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(tmp_path / f"{i}.png")
     out = tmp_path / "s.json"

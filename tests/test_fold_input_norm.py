@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from ultralytics.nn.tasks import DetectionModel
 
-from tests.test_scale_bench import bench
+from benchmarks import fold_input_norm as fold
 
 
 def test_folded_first_layer_matches_away_from_the_border() -> None:
-    fold = bench("fold_input_norm")
     torch.manual_seed(0)
     model = DetectionModel("yolov8n.yaml", verbose=False).eval()
     layer = model.model[0]
@@ -27,7 +26,6 @@ def test_folded_first_layer_matches_away_from_the_border() -> None:
 
 
 def test_inverse_fold_undoes_the_fold() -> None:
-    fold = bench("fold_input_norm")
     model = DetectionModel("yolov8n.yaml", verbose=False)
     state = {f"model.0.{k}": v for k, v in model.model[0].state_dict().items()}
     inverse_mean = tuple(-m / s for m, s in zip(fold.IMAGENET_MEAN, fold.IMAGENET_STD))

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+from benchmarks import gpu_check
 from tests.conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
@@ -31,11 +32,6 @@ def test_gpu_check_dry_run_writes_every_measurement(tmp_path) -> None:
 
 
 def test_gpu_check_skips_what_the_budget_does_not_cover(tmp_path) -> None:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
     out = tmp_path / "r.json"
     result = gpu_check.run(["--dry-run", "--budget-s", "0", "--out", str(out)])
     assert result["complete"] and json.loads(out.read_text())["complete"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from backbone_kd.pretrain.hf_config import read_hf_config
-from backbone_kd.pretrain.hf_weights import timm_spec
-from backbone_kd.pretrain.teacher import build_teacher
+from backbone_kd.teachers.frozen import build_teacher
+from backbone_kd.teachers.hf_config import read_hf_config
+from backbone_kd.teachers.hf_weights import timm_spec
 
 DEFAULT = "vit_small_patch14_dinov2.lvd142m"
 # What transformers writes for a tiny Dinov2Model (architectures names a class: read as data, never imported).

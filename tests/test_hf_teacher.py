@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from backbone_kd.pretrain import teacher_weights
 from backbone_kd.pretrain.cli import main
-from backbone_kd.pretrain.teacher import build_teacher
+from backbone_kd.teachers import weights as teacher_weights
+from backbone_kd.teachers.frozen import build_teacher
 from tests.conftest import make_images, tiny_pretrain_args
 
 transformers = pytest.importorskip("transformers")

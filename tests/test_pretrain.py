@@ -18,7 +18,7 @@ from backbone_kd.pretrain import loop
 from backbone_kd.pretrain.cli import main
 from backbone_kd.pretrain.config import build_config
 from backbone_kd.pretrain.loop import pretrain
-from backbone_kd.pretrain.student import load_yolo_model
+from backbone_kd.yolo_backbone import load_yolo_model
 from tests.conftest import REPO, tiny_pretrain_args
 
 

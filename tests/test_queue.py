@@ -12,7 +12,7 @@ from backbone_kd.pretrain.config import build_config
 from backbone_kd.pretrain.loop import pretrain
 from backbone_kd.pretrain.loss import DistillationLoss
 from backbone_kd.pretrain.queue import TeacherQueue, auto_queue_size, global_queue, queue_kl
-from backbone_kd.pretrain.teacher import ViTTeacher
+from backbone_kd.teachers.frozen import ViTTeacher
 from tests.conftest import tiny_pretrain_args
 
 

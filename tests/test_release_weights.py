@@ -106,9 +106,9 @@ def test_every_pt_argument_takes_a_release_name(hub, release_files, tmp_path, ca
     from backbone_kd.compare import compare
     from backbone_kd.detkd.teacher import load_teacher
     from backbone_kd.inject import main as inject_main
-    from backbone_kd.pretrain.student import load_yolo_model
-    from backbone_kd.pretrain.teacher import build_teacher
     from backbone_kd.probe.backbones import load_backbone
+    from backbone_kd.teachers.frozen import build_teacher
+    from backbone_kd.yolo_backbone import load_yolo_model
 
     out = tmp_path / "out.pt"
     assert inject_main(["--weights", str(release_files["backbone"]), "--into", "yolov8n.pt", "--out", str(out)]) == 0

@@ -190,8 +190,8 @@ def test_constructor_call_refused(files, marker):
 
 def test_yolo_teachers_refuse_payload(files, marker):
     from backbone_kd.detkd.teacher import load_teacher
-    from backbone_kd.pretrain.student import load_yolo_model as load_student
-    from backbone_kd.pretrain.teacher import build_teacher
+    from backbone_kd.teachers.frozen import build_teacher
+    from backbone_kd.yolo_backbone import load_yolo_model as load_student
 
     with pytest.raises(UnsafeCheckpointError, match="--trust-pickle"):
         build_teacher(f"yolo:{files['evil']}")
@@ -213,7 +213,7 @@ def test_pretrain_cli_refuses_yolo_teacher_payload(files, marker, image_dir, tmp
 
 
 def test_trust_pickle_loads_and_runs_the_payload(files, marker, capsys):
-    from backbone_kd.pretrain.teacher import build_teacher
+    from backbone_kd.teachers.frozen import build_teacher
 
     assert inject_main(["--info", str(files["evil"]), "--trust-pickle"]) == 0
     assert "no backbone_kd provenance" in capsys.readouterr().out

@@ -74,7 +74,7 @@ def fresh_dynamo():
 
 
 def test_compiled_teacher_encode_gives_eager_targets(fresh_dynamo) -> None:
-    from backbone_kd.pretrain.teacher import build_teacher
+    from backbone_kd.teachers.frozen import build_teacher
     from tests.conftest import TINY_VIT, TINY_VIT_KWARGS
 
     teacher = build_teacher(TINY_VIT, pretrained=False, image_size=56, model_kwargs=TINY_VIT_KWARGS)
@@ -91,7 +91,7 @@ def test_compiled_teacher_encode_gives_eager_targets(fresh_dynamo) -> None:
 
 def test_compile_true_runs_the_compiled_teacher(image_dir, tmp_path, monkeypatch, fresh_dynamo) -> None:
     # compile=true used to wrap the teacher module, whose forward() nothing calls: encode stayed eager.
-    from backbone_kd.pretrain.teacher import FrozenTeacher
+    from backbone_kd.teachers.frozen import FrozenTeacher
 
     calls: list[str] = []
     real_compile = torch.compile

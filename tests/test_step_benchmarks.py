@@ -9,9 +9,7 @@ times real runs and takes its quality measures from the same parts.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from types import ModuleType
 
 import pytest
 import torch
@@ -20,18 +18,11 @@ from backbone_kd.backbone_file import read_backbone_file
 from backbone_kd.pretrain.build import build_run
 from backbone_kd.pretrain.config import build_config
 from backbone_kd.pretrain.loop import pretrain
-from tests.conftest import REPO, TINY_VIT, TINY_VIT_KWARGS, make_images, tiny_pretrain_args
+from benchmarks import teacher_cache, throughput
+from tests.conftest import TINY_VIT, TINY_VIT_KWARGS, make_images, tiny_pretrain_args
 
 # The options the hand-wired benchmark ignored, and a cached-teacher variant (its targets come from the batch).
 DRIFTED = {"align": "resize_first", "level_weights": "[1, 1, 2]", "student_input": "imagenet", "ema_decay": 0.9}
-
-
-def bench(name: str) -> ModuleType:
-    """``benchmarks/<name>.py`` as a module (a script, not a package member)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("extra", [DRIFTED, {"distill_neck": "true"}, {"teacher_cache": "auto"}])
@@ -42,7 +33,7 @@ def test_benchmark_step_is_a_training_step(image_dir, tmp_path, extra) -> None:
     trained_weights, _ = read_backbone_file(trained / "backbone.safetensors")
 
     run = build_run(build_config(args))  # same seed: same init, same first batch
-    parts = bench("throughput").step_parts(run)
+    parts = throughput.step_parts(run)
     logs = parts["full_step"]()
     assert run.accelerator.sync_gradients
     assert float(logs["loss"]) == pytest.approx(row["loss"], rel=1e-5, abs=1e-6)
@@ -57,7 +48,7 @@ def test_benchmark_step_is_a_training_step(image_dir, tmp_path, extra) -> None:
 def test_throughput_cli_writes_every_part(image_dir, tmp_path, capsys) -> None:
     out = tmp_path / "t.json"
     args = tiny_pretrain_args(image_dir, tmp_path / "w")
-    result = bench("throughput").run(["--device", "cpu", "--iters", "1", "--warmup", "0", "--json", str(out), *args])
+    result = throughput.run(["--device", "cpu", "--iters", "1", "--warmup", "0", "--json", str(out), *args])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert set(result["images_per_s"]) == {"teacher_fwd", "student_fwd_bwd", "full_step", "data"}
     assert all(v > 0 for v in result["images_per_s"].values()) and "full_step" in capsys.readouterr().out
@@ -67,7 +58,7 @@ def test_throughput_cli_writes_every_part(image_dir, tmp_path, capsys) -> None:
 def test_teacher_cache_benchmark_reports_speed_and_quality(tmp_path, capsys) -> None:
     make_images(tmp_path / "imgs", 12)
     options = [f"teacher={TINY_VIT}", "teacher_pretrained=false", f"teacher_kwargs={TINY_VIT_KWARGS}"]
-    out = bench("teacher_cache").main(
+    out = teacher_cache.main(
         ["--unlabeled", str(tmp_path / "imgs"), "--epochs", "1", "--holdout", "4", "--work-dir", str(tmp_path / "w")]
         + ["--json", str(tmp_path / "tc.json"), *options, "image_size=64", "batch_size=4", "workers=0"]
     )

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from backbone_kd.pretrain import teacher_weights
 from backbone_kd.pretrain.cli import main
-from backbone_kd.pretrain.teacher import ViTTeacher, build_teacher
-from backbone_kd.pretrain.teacher_weights import create_timm_model
+from backbone_kd.teachers import weights as teacher_weights
+from backbone_kd.teachers.frozen import ViTTeacher, build_teacher
+from backbone_kd.teachers.weights import create_timm_model
 from tests.conftest import TINY_VIT, TINY_VIT_KWARGS, make_images, tiny_pretrain_args
 
 
@@ -178,7 +178,7 @@ def test_vit_keeps_native_grid_and_interpolates_once_per_size(tmp_path) -> None:
     import timm
     from safetensors.torch import save_file
 
-    from backbone_kd.pretrain.teacher_weights import create_timm_model
+    from backbone_kd.teachers.weights import create_timm_model
 
     kwargs = {"depth": 1, "embed_dim": 24, "num_heads": 2, "num_classes": 0}
     torch.manual_seed(0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,10 +29,11 @@ from backbone_kd.pretrain.config import build_config
 from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, ViewTransform, collate, load_rgb
 from backbone_kd.pretrain.loss import DistillationLoss, pair_levels
 from backbone_kd.pretrain.projector import DistillStudent, Projectors
-from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
-from backbone_kd.pretrain.teacher import build_teacher
 from backbone_kd.pretrain.views import teacher_input
-from tests.conftest import REPO, TINY_VIT, TINY_VIT_KWARGS, make_images, tiny_pretrain_args
+from backbone_kd.teachers.frozen import build_teacher
+from backbone_kd.yolo_backbone import YoloBackbone, load_yolo_model
+from benchmarks import teacher_cache as cache_bench
+from tests.conftest import TINY_VIT, TINY_VIT_KWARGS, make_images, tiny_pretrain_args
 
 NO_AUG = {"crop_scale": "null", "hflip": 0, "color_jitter": 0}
 ACCEL = SimpleNamespace(  # a single-process stand-in for accelerate.Accelerator (all the cache builder touches)
@@ -314,15 +314,22 @@ def test_cli_int8_cached_run_trains_like_online(tmp_path, capsys) -> None:
 
 
 def test_cache_dtype_benchmark_reports_size_and_fidelity_per_storage(tmp_path, capsys) -> None:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import cache_dtype
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
     make_images(tmp_path / "imgs", 5)
     out = tmp_path / "r.json"
-    result = cache_dtype.run(
-        ["--unlabeled", str(tmp_path / "imgs"), "--n", "4", "--image-size", "64", "--grids", "2", "--json", str(out)]
+    result = cache_bench.main(
+        [
+            "storage",
+            "--unlabeled",
+            str(tmp_path / "imgs"),
+            "--n",
+            "4",
+            "--image-size",
+            "64",
+            "--grids",
+            "2",
+            "--json",
+            str(out),
+        ]
         + ["--teacher-weights", "none", "--teacher-kwargs", "{depth: 2, embed_dim: 48, num_heads: 2}"]
     )
     assert json.loads(out.read_text()) == json.loads(json.dumps(result)) and "rel L2" in capsys.readouterr().out

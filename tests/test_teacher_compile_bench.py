@@ -1,4 +1,4 @@
-"""benchmarks/teacher_compile.py: every variant runs the same teacher and matches eager; the report is complete."""
+"""experiments/teacher_compile.py: every variant runs the same teacher and matches eager; the report is complete."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from experiments import teacher_compile as tc
 from tests.conftest import TINY_VIT, TINY_VIT_KWARGS
-from tests.test_scale_bench import bench
 
 TINY = ["--teacher", TINY_VIT, "--teacher-kwargs", json.dumps(TINY_VIT_KWARGS), "--batch-size", "2"]
 TINY += ["--image-size", "56", "--rounds", "2", "--device", "cpu"]
@@ -23,7 +23,6 @@ def _clean_dynamo():
 
 
 def test_compiled_variant_matches_eager_and_writes_json(tmp_path, capsys) -> None:
-    tc = bench("teacher_compile")
     out = tmp_path / "tc.json"
     result = tc.run([*TINY, "--variants", "eager", "compiled", "--backend", "aot_eager", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
@@ -41,7 +40,6 @@ def test_inductor_freezing_runs_and_gives_the_eager_targets(monkeypatch) -> None
     calls: list[int] = []
     real = freezing.freeze
     monkeypatch.setattr(freezing, "freeze", lambda *a, **k: calls.append(1) or real(*a, **k))
-    tc = bench("teacher_compile")
     result = tc.run([*TINY, "--variants", "eager", "compiled", "frozen"])
     assert len(calls) == 1  # once, for the frozen variant's graph; never for the plain one
     assert result["results"]["frozen"]["max_abs_diff"] < 1e-4
@@ -49,6 +47,5 @@ def test_inductor_freezing_runs_and_gives_the_eager_targets(monkeypatch) -> None
 
 
 def test_one_round_is_refused_with_the_fix() -> None:
-    tc = bench("teacher_compile")
     with pytest.raises(ValueError, match="at least 2"):
         tc.run([*TINY, "--rounds", "1"])

@@ -12,11 +12,12 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from backbone_kd.kv_args import parse_kv_args, run_trainer_command
+from backbone_kd.clskd.config import CLI_OPTIONS
+from backbone_kd.kv_args import parse_kv_args, run_trainer_command, ultralytics_keys
 
 USAGE = """usage: bkd distill-classify model=STUDENT teacher=TEACHER data=FOLDER [key=value ...]
 
-KD keys (everything else goes to ultralytics' trainer, e.g. epochs= imgsz= batch= optimizer= lr0= amp= device=):
+KD keys (everything else goes to ultralytics' trainer as `yolo` reads it, e.g. epochs= imgsz= batch= lr0= amp=):
   teacher=PATH|timm:NAME  frozen teacher: YOLO -cls .pt (same classes), *-cls.yaml (random, mechanics only),
                           or any timm classifier (needs teacher_classes=)
   teacher_weights=FILE    timm: local checkpoint (.pth/.safetensors) trained on the dataset's classes
@@ -37,8 +38,9 @@ RAW_KEYS = {"model", "data", "teacher", "teacher_weights", "project", "name", "r
 
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
-    """Parse ``key=value`` tokens (values with YAML rules, paths kept as text); a bare ``resume`` means True."""
-    return parse_kv_args(argv, "bkd distill-classify", RAW_KEYS)
+    """Parse ``key=value`` tokens: KD values checked (:mod:`backbone_kd.options`), ultralytics' as ``yolo`` reads them,
+    paths kept as text; an unknown key is refused with the closest valid ones; a bare ``resume`` means True."""
+    return parse_kv_args(argv, "bkd distill-classify", RAW_KEYS, CLI_OPTIONS, ultralytics_keys())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return DistillationClassificationTrainer(overrides={"mode": "train", **args})
 
-    return run_trainer_command(argv, "bkd distill-classify", USAGE, RAW_KEYS, "student .pt or -cls.yaml", build)
+    hint = "student .pt or -cls.yaml"
+    return run_trainer_command(argv, "bkd distill-classify", USAGE, RAW_KEYS, hint, build, CLI_OPTIONS)
 
 
 if __name__ == "__main__":

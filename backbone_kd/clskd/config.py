@@ -11,7 +11,27 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from backbone_kd.options import Option
+
 FEATURE_LOSSES = ("mse", "cosine")
+_WEIGHT = Option("float", optional=False, low=0, hint="use 0 to switch the term off")
+# What each field takes, read by backbone_kd.options as stage 1 and distill-detect read theirs: on the command line
+# (before any model is built) and again when a config is made from Python values
+OPTIONS: dict[str, Option] = {
+    "teacher": Option("str"),
+    "teacher_weights": Option("str"),
+    "teacher_pretrained": Option("bool", optional=False),
+    "teacher_classes": Option("any"),
+    "teacher_imgsz": Option("int", low=8, hint="use e.g. 224, or leave it unset for the student's size"),
+    "alpha": _WEIGHT,
+    "beta": _WEIGHT,
+    "temperature": Option("float", optional=False, low=0, above=True, hint="typical values are 1-8, e.g. 4"),
+    "feat_weight": _WEIGHT,
+    "feat_loss": Option("str", optional=False, choices=FEATURE_LOSSES),
+    "at_weight": _WEIGHT,
+    "student_layers": Option("any"),
+    "teacher_layers": Option("any"),
+}
 
 
 def _as_list(value: Any) -> list | None:
@@ -70,17 +90,10 @@ class ClsKDConfig:
     teacher_layers: list[int | str] | None = field(default=None)
 
     def __post_init__(self) -> None:
+        for name, option in OPTIONS.items():  # python callers may pass "224" or "false": typed here, once
+            setattr(self, name, option.check(name, getattr(self, name)))
         self.student_layers = _as_list(self.student_layers)
         self.teacher_layers = _as_list(self.teacher_layers)
-        for name in ("alpha", "beta", "temperature", "feat_weight", "at_weight"):
-            setattr(self, name, float(getattr(self, name)))
-        if isinstance(self.teacher_imgsz, str):  # python callers may pass "224"; the teacher compares ints
-            text = self.teacher_imgsz.strip()
-            if text and not text.isdigit():
-                raise ValueError(f"teacher_imgsz={text!r} is not a size; use an integer such as 224, or leave it unset")
-            self.teacher_imgsz = int(text) if text else None
-        if isinstance(self.teacher_pretrained, str):
-            self.teacher_pretrained = self.teacher_pretrained.strip().lower() in {"1", "true", "yes"}
         self.validate()
 
     @property
@@ -89,16 +102,11 @@ class ClsKDConfig:
         return self.feat_weight > 0 or self.at_weight > 0
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the fix for any inconsistent setting."""
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (got {self.temperature}); typical values are 1-8, e.g. 4")
-        for name in ("alpha", "beta", "feat_weight", "at_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)}); use 0 to switch the term off")
+        """Raise ``ValueError`` naming the fix for any bad or inconsistent setting."""
+        for name in ("temperature", "alpha", "beta", "feat_weight", "at_weight", "feat_loss", "teacher_imgsz"):
+            OPTIONS[name].check(name, getattr(self, name))  # ranges and choices again: fields may have been set since
         if self.alpha + self.beta + self.feat_weight + self.at_weight == 0:
             raise ValueError("every loss weight is 0; set beta>0 (labels) and/or alpha>0 (KD)")
-        if self.feat_loss not in FEATURE_LOSSES:
-            raise ValueError(f"feat_loss={self.feat_loss!r} is unknown; use one of {FEATURE_LOSSES}")
         if self.student_layers and any(not isinstance(i, int) for i in self.student_layers):
             raise ValueError(f"student_layers must be integer layer indices, got {self.student_layers}")
         if (self.student_layers is None) != (self.teacher_layers is None) or (
@@ -108,8 +116,6 @@ class ClsKDConfig:
                 f"student_layers={self.student_layers} and teacher_layers={self.teacher_layers} must both be given "
                 "with the same length (pairs), or both left out for the last backbone layer of each"
             )
-        if self.teacher_imgsz is not None and int(self.teacher_imgsz) < 8:
-            raise ValueError(f"teacher_imgsz={self.teacher_imgsz} is too small; use e.g. 224 or leave it unset")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (stored in ``kd_state.pt``)."""
@@ -129,6 +135,12 @@ ALIASES = {"T": "temperature", "kd_alpha": "alpha", "kd_beta": "beta"}
 # per-run choices the trainer takes out of the KD args itself: no config field, so never saved in kd_state.pt (a file
 # from elsewhere must not be able to switch on trust_pickle when it is resumed)
 RUN_KEYS = ("trust_pickle",)
+# distill-classify's own command-line keys, aliases included; every other key is ultralytics'
+CLI_OPTIONS: dict[str, Option] = {
+    **OPTIONS,
+    **{alias: OPTIONS[name] for alias, name in ALIASES.items()},
+    "trust_pickle": Option("bool"),
+}
 
 
 def split_kd_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import sys
 
-from backbone_kd.kv_args import parse_kv_args, run_trainer_command
+from backbone_kd.detkd.recipe import KD_OPTIONS
+from backbone_kd.kv_args import parse_kv_args, run_trainer_command, ultralytics_keys
 
 USAGE = """usage: bkd distill-detect model=STUDENT teacher=TEACHER.pt data=DATA.yaml [key=value ...]
 
-KD keys (everything else goes to ultralytics' trainer, e.g. epochs= imgsz= batch= optimizer= lr0= freeze= amp=):
+KD keys (everything else goes to ultralytics' trainer as `yolo` reads it, e.g. epochs= imgsz= batch= lr0= amp=):
   teacher=PATH         frozen YOLO teacher (.pt, same class names/order and strides as the student)
   recipe=NAME|PATH     configs/detkd/<NAME>.yaml or any YAML (default: built-in default recipe)
   kd=cls,dfl,cwd       enabled terms: cls dfl box pseudo (response), cos l2 cwd mgd at (features); kd=none: off
@@ -27,11 +28,13 @@ KD keys (everything else goes to ultralytics' trainer, e.g. epochs= imgsz= batch
 
 # paths and names stay verbatim: YAML would turn name=001 into 1 or a file named "yes" into True
 STRING_KEYS = frozenset({"kd", "teacher", "model", "data", "recipe", "name", "project"})
+PREFIXES = ("recipe.",)  # recipe.a.b.c=VALUE: checked against the recipe's own keys when the recipe is built
 
 
 def parse_args(argv: list[str]) -> dict:
-    """Parse ``key=value`` tokens (values with YAML rules); ``resume`` alone means resume=True."""
-    return parse_kv_args(argv, "bkd distill-detect", STRING_KEYS)
+    """Parse ``key=value`` tokens: KD values checked (:mod:`backbone_kd.options`), ultralytics' as ``yolo`` reads them;
+    an unknown key is refused with the closest valid ones; ``resume`` alone means resume=True."""
+    return parse_kv_args(argv, "bkd distill-detect", STRING_KEYS, KD_OPTIONS, ultralytics_keys(), PREFIXES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return DistillationDetectionTrainer(overrides={"task": "detect", "mode": "train", **args})
 
-    return run_trainer_command(argv, "bkd distill-detect", USAGE, STRING_KEYS, "student .pt or .yaml", build)
+    hint = "student .pt or .yaml"
+    return run_trainer_command(argv, "bkd distill-detect", USAGE, STRING_KEYS, hint, build, KD_OPTIONS, PREFIXES)
 
 
 if __name__ == "__main__":

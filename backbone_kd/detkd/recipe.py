@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from backbone_kd.kv_args import coerce_numbers
+from backbone_kd.options import Option, check_key, load_yaml, yaml_error_line
 
 RESPONSE_LOSSES = ("cls", "dfl", "box", "pseudo")
 FEATURE_LOSSES = ("cos", "l2", "cwd", "mgd", "at")
@@ -57,6 +58,17 @@ DEFAULT_RECIPE: dict[str, Any] = {
 
 # per-term options that must be numbers (checked so a typo fails at load time, not mid-epoch)
 NUMERIC_OPTIONS = ("weight", "temperature", "qfl_beta", "conf", "iou", "ciou", "kl", "mask_ratio")
+# distill-detect's own command-line keys that take a value of a known type (teacher / recipe / kd are text, kept as
+# typed), read and checked by backbone_kd.options before anything is built; the shortcuts land in the recipe
+KD_OPTIONS: dict[str, Option] = {
+    "kd_weight": Option("float", low=0),
+    "det_weight": Option("float", low=0),
+    "kd_warmup": Option("float", low=0),
+    "kd_anchors": Option("str", choices=ANCHOR_MODES),
+    "kd_max_norm": Option("float", low=0),
+    "class_map": Option("any"),
+    "trust_pickle": Option("bool"),
+}
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "detkd"
 
@@ -107,7 +119,11 @@ def load_recipe(recipe: str | Path | dict | None = None, enabled: str | list[str
     if isinstance(recipe, dict):
         user = recipe
     elif recipe is not None:
-        user = yaml.safe_load(resolve_recipe_path(recipe).read_text(encoding="utf-8")) or {}
+        path = resolve_recipe_path(recipe)
+        try:
+            user = load_yaml(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"KD recipe {path}: {yaml_error_line(err)}") from None
         if not isinstance(user, dict):
             raise ValueError(f"KD recipe {recipe!r} must be a YAML mapping (see configs/detkd/default.yaml)")
     out = _merge(DEFAULT_RECIPE, coerce_numbers(user))
@@ -140,14 +156,29 @@ def normalize_class_map(value: Any) -> Any:
     return value
 
 
+def _check_keys(recipe: dict) -> None:
+    """Every recipe key is one the recipe has (a misspelt option would be silently ignored): did-you-mean otherwise."""
+    see = "configs/detkd/default.yaml"
+    for key in recipe:
+        check_key(key, DEFAULT_RECIPE, "the KD recipe", see)
+    for name, block in recipe["losses"].items():
+        if name in DEFAULT_RECIPE["losses"] and isinstance(block, dict):
+            valid = {*DEFAULT_RECIPE["losses"][name], *(("mask",) if name in FEATURE_LOSSES else ())}
+            for key in block:
+                check_key(key, valid, f"the KD recipe's losses.{name}", see)
+    for key in recipe["features"]:
+        check_key(key, DEFAULT_RECIPE["features"], "the KD recipe's features", see)
+
+
 def validate_recipe(recipe: dict) -> None:
-    """Raise ValueError with the fix when a recipe names unknown losses, modes or bad weights."""
+    """Raise ValueError with the fix when a recipe names unknown keys, losses, modes or bad weights."""
     unknown = [e for e in recipe["enabled"] if e not in ALL_LOSSES]
     if unknown:
         raise ValueError(f"unknown KD loss(es) {unknown}; choose from {list(ALL_LOSSES)} (e.g. kd=cls,dfl,cwd)")
     unknown = [k for k in recipe["losses"] if k not in ALL_LOSSES]
     if unknown:
         raise ValueError(f"recipe 'losses' has unknown section(s) {unknown}; valid: {list(ALL_LOSSES)}")
+    _check_keys(recipe)
     for k in ("teacher_half", "one2one"):
         if not isinstance(recipe.get(k, False), bool):
             raise ValueError(f"recipe {k}={recipe[k]!r} must be true or false")

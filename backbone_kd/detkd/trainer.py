@@ -23,7 +23,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from backbone_kd.detkd.adapters import FeatureAdapters, broadcast_from_rank0, neck_widths
 from backbone_kd.detkd.criterion import COLUMNS
 from backbone_kd.detkd.model import KDDetectionModel, as_kd_model, as_plain_detection_model
-from backbone_kd.detkd.recipe import load_recipe, needs_adapters, set_dotted
+from backbone_kd.detkd.recipe import KD_OPTIONS, load_recipe, needs_adapters, set_dotted
 from backbone_kd.detkd.teacher import (
     KDLink,
     check_pair,
@@ -82,8 +82,8 @@ def build_recipe(kd: dict, base: dict | None = None) -> dict:
     """Recipe from KD args: ``recipe`` file/dict (or ``base``), ``kd=`` selection, shortcuts, dotted overrides."""
     recipe = load_recipe(kd.get("recipe", base), enabled=kd.get("kd"))
     for key, target in SHORTCUTS.items():
-        if kd.get(key) is not None:
-            recipe[target] = parse_value(str(kd[key])) if isinstance(kd[key], str) else kd[key]
+        if kd.get(key) is not None:  # read as the command line reads it, whether it came from there or from Python
+            recipe[target] = KD_OPTIONS[key].read(key, kd[key])
     for k, v in kd.items():
         if k.startswith("recipe."):
             set_dotted(recipe, k[len("recipe.") :], parse_value(v) if isinstance(v, str) else v)

@@ -28,15 +28,17 @@ from backbone_kd.pretrain.data import AugmentConfig, first_readable
 from backbone_kd.pretrain.ema import StudentEMA
 from backbone_kd.pretrain.loss import DistillationLoss, pair_levels
 from backbone_kd.pretrain.optim import NonfiniteSteps, build_optimizer, build_scheduler
+from backbone_kd.pretrain.pca_panel import PCAPanel
 from backbone_kd.pretrain.precision import make_accelerator, resolve_precision
 from backbone_kd.pretrain.projector import DistillStudent, Projectors
 from backbone_kd.pretrain.queue import global_queue
 from backbone_kd.pretrain.run_folder import resolve_run_dir
 from backbone_kd.pretrain.sources import resolve_image_sources
 from backbone_kd.pretrain.step import StepOptions
-from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
-from backbone_kd.pretrain.teacher import build_teacher
+from backbone_kd.pretrain.trackers import accelerate_log_with, resolve_trackers
 from backbone_kd.pretrain.validation import Validator, split_validation
+from backbone_kd.teachers.frozen import build_teacher
+from backbone_kd.yolo_backbone import YoloBackbone, load_yolo_model
 
 
 @dataclasses.dataclass
@@ -52,6 +54,8 @@ class Run:
         state: Loop counters, restored from the checkpoint on resume.
         steps: Optimizer steps of the whole run.
         rows: The metric rows logged so far (filled by training; the last one is exported).
+        trackers: The experiment trackers the run logs to (``log_with`` resolved).
+        panel: The feature-PCA panel's images and teacher maps (main process, ``plots`` with ``pca_images`` > 0).
     """
 
     cfg: PretrainConfig
@@ -76,6 +80,8 @@ class Run:
     options: StepOptions
     nonfinite: NonfiniteSteps
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    trackers: list[str] = dataclasses.field(default_factory=list)
+    panel: PCAPanel | None = None
 
     @property
     def exported(self) -> DistillStudent:
@@ -90,12 +96,22 @@ def build_run(cfg: PretrainConfig, compile_options: dict[str, Any] | None = None
         cfg: A validated config (:func:`~backbone_kd.pretrain.config.build_config`).
         compile_options: ``torch.compile`` keyword arguments (e.g. ``backend``) when ``cfg.compile`` is set.
     """
+    from accelerate import PartialState
+
+    trackers = resolve_trackers(cfg.log_with, cfg.tensorboard)  # a tracker that is not installed fails now
     images, val_paths = list_images(cfg)  # fails on empty or unreadable input before any model is built
+    # the run folder first: it is the trackers' project_dir (chosen only, not created; all processes wait)
+    run_dir = resolve_run_dir(cfg.output, cfg.name, cfg.resume, cfg.exist_ok, PartialState(cpu=cfg.cpu))
     accelerator = make_accelerator(
-        cfg.mixed_precision, cfg.teacher_dtype, cfg.cpu, cfg.gradient_accumulation_steps, cfg.seed
+        cfg.mixed_precision,
+        cfg.teacher_dtype,
+        cfg.cpu,
+        cfg.gradient_accumulation_steps,
+        cfg.seed,
+        log_with=accelerate_log_with(trackers),
+        project_dir=run_dir,
     )
     device = accelerator.device
-    run_dir = resolve_run_dir(cfg.output, cfg.name, cfg.resume, cfg.exist_ok, accelerator)
     resume_from = resolve_resume(cfg.resume, run_dir)
     torch.manual_seed(cfg.seed)  # identical init on every process (DDP also broadcasts it)
     t_dtype = resolve_precision(cfg.mixed_precision, cfg.teacher_dtype, device).teacher_dtype
@@ -103,6 +119,9 @@ def build_run(cfg: PretrainConfig, compile_options: dict[str, Any] | None = None
     validator = None
     if accelerator.is_main_process and (val_paths or cfg.probe_data not in OFF):
         validator = Validator(cfg, val_paths, teacher, t_dtype, device, run_dir)  # now: the cache may free the teacher
+    panel = None
+    if accelerator.is_main_process and cfg.plots and cfg.pca_images > 0:  # now too: the teacher runs once on it
+        panel = PCAPanel.build(cfg, images.paths, validator, teacher, t_dtype, device)
     cache = None
     if cfg.teacher_cache not in OFF:
         cache = prepare_teacher_cache(cfg, teacher, images.paths, accelerator, run_dir, t_dtype)
@@ -111,7 +130,9 @@ def build_run(cfg: PretrainConfig, compile_options: dict[str, Any] | None = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     module, criterion = _student_and_loss(cfg, teacher, len(images.paths))
-    criterion.to(device)  # the queue's buffers
+    criterion.to(device)  # the queue's and the target centre's buffers
+    if criterion.center is not None and cache is not None:  # start at the data set's mean (resume overwrites it)
+        criterion.center.start(cache.channel_means())
     images_per_step = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     steps = cfg.steps or max(1, round(cfg.epochs * len(images.paths) / images_per_step))
     optimizer = build_optimizer(module, cfg.optimizer, cfg.lr, cfg.weight_decay, device)
@@ -121,7 +142,8 @@ def build_run(cfg: PretrainConfig, compile_options: dict[str, Any] | None = None
     accelerator.register_for_checkpointing(scheduler, state)  # stepped by us, once per optimizer step
     plain = accelerator.unwrap_model(module)  # the trainable module itself (no DDP / compile wrapper)
     ema = StudentEMA(plain, cfg.ema_decay).to(device) if cfg.ema_decay > 0 else None
-    for extra in (criterion.queue, ema):  # training state too, saved with every checkpoint: exact resume
+    # training state too, saved with every checkpoint: exact resume
+    for extra in (criterion.queue, ema, criterion.center):
         if extra is not None:
             accelerator.register_for_checkpointing(extra)
     if resume_from is not None:
@@ -155,6 +177,8 @@ def build_run(cfg: PretrainConfig, compile_options: dict[str, Any] | None = None
         steps=steps,
         options=StepOptions(cfg.mixup, cfg.channels_last, cfg.student_input, cfg.grad_clip),
         nonfinite=NonfiniteSteps(device, cfg.max_nonfinite_steps),
+        trackers=trackers,
+        panel=panel,
     )
 
 
@@ -228,5 +252,7 @@ def _student_and_loss(cfg: PretrainConfig, teacher: Any, n_images: int) -> tuple
         queue=queue,
         global_temperature=cfg.global_temperature,
         target_norm=cfg.target_norm,
+        teacher_channels=list(teacher.channels),
+        center_momentum=cfg.target_center_momentum,
     )
     return module, criterion

@@ -4,50 +4,26 @@ Precedence: dataclass defaults < ``--config`` YAML files (in order; a YAML may `
 Command-line overrides are ``key=value``, ``--key value``, ``--key=value`` or a bare ``--flag`` (= true); dashes and
 underscores are interchangeable; values are parsed as YAML (``[1,2]``, ``true``, ``1e-3``). Unknown keys are errors.
 
-Values are read with YAML 1.2 booleans (only ``true``/``false``): YAML 1.1 turns ``no``/``off``/``yes``/``on`` into
-booleans, which made the documented ``mixed_precision=no`` arrive as ``False``. String options take the text as
-written; boolean options and on/off switches (``teacher_cache``, ``resume``) still accept yes/no/on/off.
+Values are read as every option backbone_kd owns is (:mod:`backbone_kd.options`): YAML 1.2 booleans (only
+``true``/``false``; YAML 1.1 made the documented ``mixed_precision=no`` arrive as ``False``), did-you-mean for unknown
+keys, a type check per option. String options take the text as written; boolean options and on/off switches
+(``teacher_cache``, ``resume``) still accept yes/no/on/off.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from backbone_kd.options import YAML11_BOOLS, check_key, coerce, load_yaml, parse_scalar, yaml_error_line
+from backbone_kd.teachers.weights import DEFAULT_TEACHER
+
 OFF = (None, False, "", "none", "null", "false", "off", "no")  # values that switch an optional feature off
-YAML11_BOOLS = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
-KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
-
-
-class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` with YAML 1.2 scalars: only true/false are booleans, and ``1e-3`` is a float."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
-)
-
-
-def yaml_error_line(err: yaml.YAMLError) -> str:
-    """A YAML parse error in one line: what is wrong and where (PyYAML's own text spans several lines)."""
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"not valid YAML ({problem}{where})"
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 — mirrors argparse's vocabulary
@@ -66,9 +42,7 @@ class PretrainConfig:
     exist_ok: bool = _f(False, "reuse output/name even if it holds an earlier run (overwrites its outputs)")
     resume: Any = _f(None, "true: latest checkpoint of output/name; or a checkpoint folder path")
     # teacher
-    teacher: str = _f(
-        "vit_small_patch14_dinov2.lvd142m", "timm name, timm:<cnn>, yolo:<path.pt>, or hf:<org>/<name> (transformers)"
-    )
+    teacher: str = _f(DEFAULT_TEACHER, "timm name, timm:<cnn>, yolo:<path.pt>, or hf:<org>/<name> (transformers)")
     teacher_weights: Any = _f(
         None,
         "local teacher weights (.pth official DINOv2, timm state dict, .safetensors) or a transformers DINOv2/DINOv3 "
@@ -122,7 +96,12 @@ class PretrainConfig:
     target_norm: str = _f(
         "center",
         "teacher targets per channel over batch and tokens before the loss: center (minus the batch's mean token; "
-        "the default, see docs/results.md), standardize (also / std) or none",
+        "the default, see docs/results.md), standardize (also / std), none, or ema_center (minus a running centre "
+        "updated once per optimizer step from the all-reduced mean: independent of batch size, accumulation and "
+        "ranks; starts at the data set's mean with teacher_cache; frozen in validation)",
+    )
+    target_center_momentum: float = _f(
+        0.99, "ema_center: centre = m * centre + (1 - m) * step mean, per optimizer step (1: keep the start value)"
     )
     cosine_weight: float = _f(1.0, "weight of the per-token 1-cos(student, teacher) term (0: relational terms only)")
     global_weight: float = _f(0.0, "weight of the global term on the pooled last student level vs the teacher CLS")
@@ -179,7 +158,15 @@ class PretrainConfig:
     log_every: int = _f(10, "steps between metric rows (and host syncs)")
     save_every: int = _f(500, "steps between resumable checkpoints (0 = only at the end)")
     keep_checkpoints: int = _f(2, "resumable checkpoints kept")
-    tensorboard: bool = _f(True, "log to TensorBoard when it is installed")
+    tensorboard: bool = _f(True, "old key, folded into log_with: false drops tensorboard from log_with=auto")
+    log_with: Any = _f(
+        "auto",
+        "experiment trackers through Accelerate: a list or comma string of tensorboard, wandb, mlflow, aim, clearml, "
+        "comet_ml, dvclive, or all (every installed one); auto = tensorboard when installed; none = only metrics.csv",
+    )
+    tracker_project: str | None = _f(None, "tracker project / experiment name (default: the run name)")
+    plots: bool = _f(True, "write metrics.png and feature-PCA panels pca_step<N>.png at checkpoints and the end")
+    pca_images: int = _f(4, "images in the feature-PCA panel (held-out ones when validating; 0 = no panel)")
     # held-out validation: the quality signal while training (backbone_kd/pretrain/validation.py)
     val_unlabeled: Any = _f(None, "held-out image sources: per-level teacher cosine on them at each validation")
     val_fraction: float = _f(0.0, "hold this share of --unlabeled out of training (by file-name hash) as val images")
@@ -197,15 +184,39 @@ class PretrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+# The sections of `bkd pretrain --help` and of README's option table, in that order. A new field goes in one of them
+# (tests/test_options.py fails on a field in none, or in two).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "teacher": (
+        *("teacher", "teacher_weights", "teacher_pretrained", "teacher_last_k", "teacher_indices", "teacher_kwargs"),
+        *("teacher_per_level", "teacher_dtype", "teacher_cache", "teacher_cache_size", "teacher_cache_dtype"),
+        "teacher_cache_grid",
+    ),
+    "student": ("student", "nc", "trust_pickle", "taps", "distill_neck", "projector", "projector_hidden", "align"),
+    "loss": (
+        *("level_weights", "cosine_weight", "smooth_l1_weight", "target_norm", "target_center_momentum"),
+        *("global_weight", "global_loss", "global_queue_size", "global_temperature", "affinity_weight"),
+        "affinity_temperature",
+    ),
+    "data": (
+        *("unlabeled", "student_input", "image_size", "image_size_schedule", "batch_size", "workers", "crop_scale"),
+        *("hflip", "color_jitter", "mixup", "max_image_pixels"),
+    ),
+    "optim": (
+        *("steps", "epochs", "optimizer", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip"),
+        *("ema_decay", "gradient_accumulation_steps"),
+    ),
+    "validation": ("val_unlabeled", "val_fraction", "val_every", "val_max_images", "probe_data", "probe_imgsz"),
+    "run": (
+        *("output", "name", "exist_ok", "resume", "mixed_precision", "seed", "max_nonfinite_steps", "channels_last"),
+        *("compile", "cpu", "log_every", "save_every", "keep_checkpoints", "tensorboard", "log_with"),
+        *("tracker_project", "plots", "pca_images"),
+    ),
+}
 
 
 def _check_key(key: str, origin: str) -> str:
-    key = key.replace("-", "_")
-    if key not in FIELDS:
-        close = difflib.get_close_matches(key, FIELDS, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ValueError(f"unknown option {key!r} in {origin}{hint}; see `bkd pretrain --help`")
-    return key
+    return check_key(key, FIELDS, origin, "bkd pretrain --help")
 
 
 def _kind(key: str) -> tuple[str, bool]:
@@ -217,60 +228,18 @@ def _kind(key: str) -> tuple[str, bool]:
 
 
 def _scalar(text: str, key: str = "") -> Any:
-    """Parse one CLI value: YAML (1.2 booleans) for most options, the text itself for string options.
-
-    A string option keeps exactly what was typed (``name=1e3`` is the name "1e3", ``mixed_precision=no`` is "no");
-    ``null`` only means None for string options whose default is None.
-    """
-    if key in FIELDS and _kind(key)[0] == "str":
-        return None if text in ("", "null", "~") and FIELDS[key].default is None else text
-    try:
-        value = yaml.load(text, Loader=_Loader) if text != "" else None  # noqa: S506 — a SafeLoader subclass
-    except yaml.YAMLError as err:
-        raise ValueError(f"option {key!r}: {yaml_error_line(err)} in {text!r}") from None
-    if isinstance(value, str):
-        for cast in (int, float):
-            try:
-                return cast(value)
-            except ValueError:
-                pass
-    return value
+    """One CLI value (:func:`~backbone_kd.options.parse_scalar`); ``null`` is None where the default is None."""
+    if key not in FIELDS:
+        return parse_scalar(text, key)
+    return parse_scalar(text, key, _kind(key)[0], null_ok=FIELDS[key].default is None)
 
 
 def _coerce(key: str, value: Any) -> Any:
     """Cast a value to the option's declared type, with an error that names the option and what it takes."""
     kind, optional = _kind(key)
-    if kind not in KINDS:  # list / dict / Any: yes/no/on/off switch features on or off, as they always did
-        if isinstance(value, str) and value.lower() in YAML11_BOOLS and kind == "Any":
-            return YAML11_BOOLS[value.lower()]
-        return value
-    shown = "null" if value is None else repr(value)
-    error = ValueError(f"option {key!r} expects type {kind} ({KINDS[kind]}), got {shown}")
-    if value is None:
-        if optional:
-            return None
-        raise error
-    if kind == "bool":
-        if isinstance(value, str) and value.lower() in YAML11_BOOLS:
-            return YAML11_BOOLS[value.lower()]
-        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
-            return bool(value)
-        raise error
-    if kind == "str":
-        if isinstance(value, list | dict):
-            raise error
-        return str(value)
-    if isinstance(value, bool):  # steps=true is a mistake, not 1
-        raise error
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise error from None
-    if kind == "float":
-        return number
-    if not math.isfinite(number) or number != int(number):
-        raise error
-    return int(value) if isinstance(value, int) else int(number)
+    if kind == "Any" and isinstance(value, str) and value.lower() in YAML11_BOOLS:
+        return YAML11_BOOLS[value.lower()]  # on/off switches (teacher_cache, resume): yes/no/on/off as they always did
+    return coerce(key, value, kind, optional)
 
 
 def load_yaml_config(path: str | Path, _depth: int = 0) -> dict[str, Any]:
@@ -279,7 +248,7 @@ def load_yaml_config(path: str | Path, _depth: int = 0) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}  # noqa: S506 — a SafeLoader
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: {yaml_error_line(err)}") from None
     if not isinstance(data, dict):
@@ -403,8 +372,12 @@ def _check_objective(cfg: PretrainConfig) -> None:
         cfg.student_input in ("unit", "imagenet"), f"student_input must be unit or imagenet, got {cfg.student_input!r}"
     )
     _need(
-        cfg.target_norm in ("none", "center", "standardize"),
-        f"target_norm must be none, center or standardize, got {cfg.target_norm!r}",
+        cfg.target_norm in ("none", "center", "standardize", "ema_center"),
+        f"target_norm must be none, center, standardize or ema_center, got {cfg.target_norm!r}",
+    )
+    _need(
+        _is_number(cfg.target_center_momentum) and 0 <= cfg.target_center_momentum <= 1,
+        f"target_center_momentum={cfg.target_center_momentum!r} must be in [0, 1], e.g. 0.99",
     )
     _need(cfg.global_loss in ("cosine", "queue"), f"global_loss must be cosine or queue, got {cfg.global_loss!r}")
     queue = cfg.global_queue_size
@@ -518,9 +491,22 @@ def _check_cache(cfg: PretrainConfig) -> None:
     )
 
 
+def _check_outputs(cfg: PretrainConfig) -> None:
+    """Trackers (names only: whether they are installed is checked when the run is built) and pictures."""
+    from backbone_kd.pretrain.trackers import parse_log_with
+
+    parse_log_with(cfg.log_with, cfg.tensorboard)  # raises with the valid names
+    _need(cfg.pca_images >= 0, f"pca_images={cfg.pca_images} must be >= 0 (0 = no feature-PCA panel)")
+    _need(
+        cfg.tracker_project is None or bool(str(cfg.tracker_project).strip()),
+        "tracker_project must not be empty (leave it out to use the run name)",
+    )
+
+
 def validate(cfg: PretrainConfig) -> None:
     """Raise ValueError for values that would fail later, with the fix in the message."""
     _check_values(cfg)
+    _check_outputs(cfg)
     if not 0 <= cfg.val_fraction < 1:
         raise ValueError(f"val_fraction={cfg.val_fraction} must be in [0, 1) (e.g. 0.05 holds out 5% of the images)")
     if cfg.val_every < 0 or cfg.val_max_images < 1:
@@ -572,10 +558,15 @@ def resolution_switches(cfg: PretrainConfig) -> list[tuple[float, int]]:
 
 
 def help_text() -> str:
-    """The option table for ``--help``."""
-    lines = ["usage: bkd pretrain --unlabeled DIR [DIR ...] [--config x.yaml ...] [--key value | key=value ...]", ""]
+    """The option table for ``--help``, one section per group of :data:`GROUPS` (fields in none come last)."""
+    lines = ["usage: bkd pretrain --unlabeled DIR [DIR ...] [--config x.yaml ...] [--key value | key=value ...]"]
     width = max(len(n) for n in FIELDS) + 2
-    for name, f in FIELDS.items():
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  --{name.replace('_', '-'):<{width}} {f.metadata['help']} [default: {default!r}]")
+    grouped = {name for names in GROUPS.values() for name in names}
+    sections = {**GROUPS, "other": tuple(n for n in FIELDS if n not in grouped)}
+    for group, names in sections.items():
+        lines += ["", f"{group}:"] if names else []
+        for name in (n for n in names if n in FIELDS):
+            f = FIELDS[name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  --{name.replace('_', '-'):<{width}} {f.metadata['help']} [default: {default!r}]")
     return "\n".join(lines)

@@ -2,8 +2,8 @@
 
 A transformers DINO checkpoint is ``model.safetensors`` (or shards with ``model.safetensors.index.json``, or
 ``pytorch_model.bin``, read as data by ``backbone_kd.safe_load``) plus ``config.json``. The architecture comes from
-``config.json`` (checked as untrusted input, :mod:`~backbone_kd.pretrain.hf_config`) unless ``--teacher`` names one,
-which must then agree with it; the tensors are mapped to timm's names (:mod:`~backbone_kd.pretrain.hf_weights`).
+``config.json`` (checked as untrusted input, :mod:`~backbone_kd.teachers.hf_config`) unless ``--teacher`` names one,
+which must then agree with it; the tensors are mapped to timm's names (:mod:`~backbone_kd.teachers.hf_weights`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from backbone_kd.pretrain import teacher_weights as tw
-from backbone_kd.pretrain.config import FIELDS
-from backbone_kd.pretrain.hf_config import load_json, read_hf_config, read_normalization
-from backbone_kd.pretrain.hf_weights import (
+from backbone_kd.teachers import weights as tw
+from backbone_kd.teachers.hf_config import load_json, read_hf_config, read_normalization
+from backbone_kd.teachers.hf_weights import (
     arch_tuple,
     describe,
     model_arch,
@@ -30,6 +29,7 @@ from backbone_kd.pretrain.hf_weights import (
     timm_spec,
     to_timm,
 )
+from backbone_kd.teachers.weights import DEFAULT_TEACHER
 
 LOGGER = logging.getLogger("backbone_kd")
 HUB_PREFIX = "hf:"
@@ -37,8 +37,7 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SHARD = re.compile(r"^[\w.-]+\.safetensors$")  # shard names from an index file: plain names inside the folder
 HUB_FILES = ["config.json", "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json",
              "model-*.safetensors"]  # fmt: skip
-# ``--teacher`` left at its default means "not given": the config.json then picks the architecture.
-DEFAULT_TEACHER = FIELDS["teacher"].default
+# ``--teacher`` left at its default (DEFAULT_TEACHER) means "not given": the config.json then picks the architecture.
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from backbone_kd.release_weights import host_reachable
 LOGGER = logging.getLogger("backbone_kd")
 VIT_MODULES = ("timm.models.vision_transformer", "timm.models.eva", "timm.models.vision_transformer_hybrid")
 # Keys a teacher never needs: classifier heads and DINOv2's masked-modelling token.
+DEFAULT_TEACHER = "vit_small_patch14_dinov2.lvd142m"  # bkd pretrain's --teacher default (DINOv2 ViT-S/14)
 IGNORABLE_PREFIXES = ("head.", "fc.", "classifier.", "mask_token", "head_drop")
 
 

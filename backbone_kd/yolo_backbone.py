@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from backbone_kd.pretrain.features import probe_strides
+from backbone_kd.features import probe_strides
 
 
 def load_yolo_model(

@@ -2,7 +2,7 @@
 
 ::
 
-    python benchmarks/teacher_compile.py --teacher vit_small_patch14_dinov2 --batch-size 16 --image-size 224 \
+    python -m experiments.teacher_compile --teacher vit_small_patch14_dinov2 --batch-size 16 --image-size 224 \
         [--variants eager compiled frozen] [--dtype fp32|bf16] [--json out.json]
 
 Freezing (``torch.compile(..., options={"freezing": True})``) treats the frozen teacher's weights as constants:
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from backbone_kd.pretrain.teacher import build_teacher
+from backbone_kd.teachers.frozen import build_teacher
 
 VARIANTS = ("eager", "compiled", "frozen")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backbone_kd.pretrain.features import FeatureExtractor
-from backbone_kd.pretrain.student import (
+from backbone_kd.features import FeatureExtractor
+from backbone_kd.yolo_backbone import (
     YoloBackbone,
     backbone_length,
     default_taps,

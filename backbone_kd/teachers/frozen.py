@@ -14,8 +14,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from backbone_kd.pretrain.hf_teacher import HUB_PREFIX, create_hf_model, find_hf_checkpoint
-from backbone_kd.pretrain.teacher_weights import create_timm_model, is_vit_name
+from backbone_kd.teachers.hf_teacher import HUB_PREFIX, create_hf_model, find_hf_checkpoint
+from backbone_kd.teachers.weights import create_timm_model, is_vit_name
 
 Output = tuple[list[torch.Tensor], torch.Tensor | None]
 
@@ -147,7 +147,7 @@ class YoloTeacher(FrozenTeacher):
     """
 
     def __init__(self, path: str, taps: list[int] | None = None, trust_pickle: bool = False) -> None:
-        from backbone_kd.pretrain.student import YoloBackbone, load_yolo_model
+        from backbone_kd.yolo_backbone import YoloBackbone, load_yolo_model
 
         super().__init__(None, None)
         self.backbone = YoloBackbone(load_yolo_model(path, trust_pickle=trust_pickle), taps)
@@ -181,7 +181,7 @@ def build_teacher(
             else they must agree).
         pretrained: Download timm weights when ``weights`` is not given; False gives a random-init teacher.
         image_size: Training resolution (ViTs keep their native position grid and interpolate it to each input
-            size; see :func:`~backbone_kd.pretrain.teacher_weights.create_timm_model`).
+            size; see :func:`~backbone_kd.teachers.weights.create_timm_model`).
         last_k / indices: ViT blocks to take (see :class:`ViTTeacher`); for CNNs, ``indices`` are ``out_indices``.
         model_kwargs: Extra ``timm.create_model`` kwargs (e.g. ``depth``/``embed_dim`` for tiny test teachers).
         per_level: ViT only: one target grid per block of ``indices`` (one per student level), see :class:`ViTTeacher`.

@@ -1,11 +1,12 @@
-"""Teacher-cache storage: disk per image and target fidelity of each teacher_cache_dtype (and teacher_cache_grid).
+"""``teacher_cache storage``: disk per image and target fidelity of each teacher_cache_dtype (and teacher_cache_grid).
 
-    nice -n 19 python benchmarks/cache_dtype.py --n 32 --json cache_dtype.json
-    python benchmarks/cache_dtype.py --n 500 --grids 8 --image-size 224     # + rows pooled to 8 x 8 tokens
+    nice -n 19 python -m benchmarks.teacher_cache storage --n 32 --json cache_dtype.json
+    python -m benchmarks.teacher_cache storage --n 500 --grids 8 --image-size 224     # + rows pooled to 8 x 8 tokens
 
-For each storage dtype (and each ``--grids`` G), a fresh cache of the first ``--n`` images is built with the real
-teacher (default: DINOv2 ViT-S/14 from ``--teacher-weights``, fp32 on the CPU, ``teacher_pretrained=false``
-semantics: the weights come only from that file). Reported per row:
+(Until this merge: ``benchmarks/cache_dtype.py``; same options, same JSON.) For each storage dtype (and each
+``--grids`` G), a fresh cache of the first ``--n`` images is built with the real teacher (default: DINOv2 ViT-S/14
+from ``--teacher-weights``, fp32 on the CPU, ``teacher_pretrained=false`` semantics: the weights come only from that
+file). Reported per row:
 
 - bytes per image: the cache's ``.npy`` files on disk / N (headers included), and the build's own estimate;
 - target fidelity: the cached targets of each full-image view (box = the whole image, no flip: the same
@@ -31,14 +32,19 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from bench_data import shared_dir
+
+from benchmarks.bench_data import shared_dir
 
 DEFAULT_UNLABELED = shared_dir() / "data" / "unlabeled" / "bsds500"
 DEFAULT_WEIGHTS = Path.home() / ".cache" / "bkd-teachers" / "dinov2_vits14_imgfocus.safetensors"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.teacher_cache storage",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--unlabeled", default=str(DEFAULT_UNLABELED), help="any --unlabeled source; the first --n images")
     p.add_argument("--n", type=int, default=32, help="images to cache (default 32)")
     p.add_argument("--teacher", default="vit_small_patch14_dinov2")
@@ -65,7 +71,7 @@ def full_views(paths: list[str], size: int) -> torch.Tensor:
     """(N, 3, size, size) float32 in [0, 1]: each image squash-resized, as the cache encodes it."""
     from torchvision.transforms.v2 import functional as TF
 
-    from backbone_kd.pretrain.data import load_rgb
+    from backbone_kd.images import load_rgb
 
     views = [TF.resize(TF.pil_to_tensor(load_rgb(p, draft_size=size)), [size, size], antialias=True) for p in paths]
     return TF.to_dtype(torch.stack(views), torch.float32, scale=True)
@@ -113,7 +119,7 @@ def run(argv: list[str] | None = None) -> dict:
     from backbone_kd.pretrain.cache import cache_bytes, prepare_teacher_cache
     from backbone_kd.pretrain.config import build_config
     from backbone_kd.pretrain.sources import resolve_image_sources
-    from backbone_kd.pretrain.teacher import build_teacher
+    from backbone_kd.teachers.frozen import build_teacher
 
     args = parse(argv)
     if args.threads:
@@ -212,7 +218,3 @@ def print_table(out: dict) -> None:
         row += f"{r['build_s']:>9.1f}{r['read_decode_ms_per_image']:>9.2f}"
         row += f"{r['token_cos_mean']:>10.6f}{r['token_cos_min']:>9.5f}{r.get('cls_cos_mean', float('nan')):>9.6f}"
         print(row + f"{r['rel_l2']:>9.5f}")
-
-
-if __name__ == "__main__":
-    run()

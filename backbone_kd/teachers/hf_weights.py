@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from backbone_kd.pretrain.hf_config import HFArch
+from backbone_kd.teachers.hf_config import HFArch
 
 LAYER = re.compile(r"^(?:encoder\.|model\.)?layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
 # transformers module path inside one layer -> a short name used below (both spellings of each module)

@@ -6,7 +6,7 @@ dimension (participation ratio of the channel covariance over all positions: (su
 C = all channels equal); for a teacher (``--teacher``), the same for its tokens and the mean cosine between a token and
 the mean token (the common component a plain per-token cosine rewards; see ``target_norm``)::
 
-    python benchmarks/feature_stats.py --images <coco128 train images> --size 160 \\
+    python -m experiments.feature_stats --images <coco128 train images> --size 160 \\
         --backbones ours=runs/x/backbone.safetensors scratch=yolov8n.yaml \\
         [--teacher vit_small_patch14_dinov2 --teacher-weights <file>] [--json out.json]
 
@@ -22,10 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bn_recalibrate import load_images  # noqa: E402
-
-from backbone_kd.probe.backbones import load_backbone, parse_specs  # noqa: E402
+from backbone_kd.probe.backbones import load_backbone, parse_specs
+from benchmarks.bn_recalibrate import load_images
 
 
 def map_stats(x: torch.Tensor) -> dict[str, float]:
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = " | ".join(f"rms {s['rms']:.3f} eff.dim {s['eff_dim']:.1f}/{s['channels']}" for s in levels)
         print(f"{name:>24}: {cells}", flush=True)
     if args.teacher:
-        from backbone_kd.pretrain.teacher import build_teacher
+        from backbone_kd.teachers.frozen import build_teacher
 
         teacher = build_teacher(args.teacher, weights=args.teacher_weights, pretrained=False)
         grid = teacher.encode(load_images(args.images, args.n, args.teacher_size))[0][0]

@@ -1,0 +1,1 @@
+"""One-off investigations, kept runnable for the record (``python -m experiments.<name>``); see README.md here."""
