@@ -23,11 +23,9 @@ unrestricted loader — only for files you trust.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import pkgutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,7 @@ from backbone_kd.model_yaml import (
 )
 from backbone_kd.pt_reader import EMULATED, TENSOR_GLOBALS, AttrRef, Opaque, Refused, read_pt
 from backbone_kd.release_weights import resolve_pt
+from backbone_kd.torch_threads import one_thread
 
 TRUST_FLAG = "--trust-pickle"
 MODEL_CLASSES = {f"ultralytics.nn.tasks.{cls}": task for task, cls in TASK_MODELS.items()} | {
@@ -229,19 +228,6 @@ def _names(value: Any) -> dict[int, str] | None:
     if isinstance(value, dict) and all(isinstance(k, int) and isinstance(v, str) for k, v in value.items()):
         return dict(value)
     return None
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """torch on one thread for the duration: rebuilding a model runs a tiny forward pass (ultralytics measures the
-    strides) and copies a few thousand small tensors, which take ~60 ms on one thread but seconds when several
-    threads contend for a busy machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def rebuild_model(record: Any, path: Path) -> nn.Module:

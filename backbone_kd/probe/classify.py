@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from backbone_kd.probe import stats
-from backbone_kd.probe.dense_fit import one_thread
+from backbone_kd.torch_threads import one_thread
 
 KNN_TEMPERATURE = 0.07  # DINO's k-NN protocol: votes weighted by exp(cos / T)
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)

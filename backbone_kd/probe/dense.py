@@ -28,10 +28,11 @@ from torch.utils.data import DataLoader
 
 from backbone_kd.probe import stats
 from backbone_kd.probe.backbones import P5_CHOICES, level_names
-from backbone_kd.probe.dense_fit import class_targets, cross_validated_predictions, one_thread
+from backbone_kd.probe.dense_fit import class_targets, cross_validated_predictions
 from backbone_kd.probe.dense_labels import grid_labels, kept_classes, make_folds, read_dense_data, train_locations
 from backbone_kd.probe.extract import ProbeImages
 from backbone_kd.probe.special_specs import input_size, is_teacher, load_any_backbone
+from backbone_kd.torch_threads import one_thread
 
 STRIDES = (8, 16, 32)
 COMBINED_STRIDE = 16

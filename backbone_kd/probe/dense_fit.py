@@ -6,27 +6,10 @@ standardised with the training fold's statistics, no data-dependent hyper-parame
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread for the duration (restored after).
-
-    The fits are small (thousands of cells x hundreds of channels): extra threads only add synchronisation (a fit
-    measured 80x slower with 2 threads than with 1 on a busy 2-core machine), and one thread makes fits and metrics
-    the same whatever the machine's thread count.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+from backbone_kd.torch_threads import one_thread
 
 
 def fit_linear(
@@ -88,6 +71,7 @@ def balanced_class_weight(y: torch.Tensor, n_out: int) -> torch.Tensor:
     return torch.where(present, counts.sum() / (present.sum() * counts.clamp_min(1)), torch.zeros_like(counts))
 
 
+@one_thread()
 def cross_validated_predictions(
     feats: torch.Tensor,
     targets: torch.Tensor,
@@ -109,19 +93,6 @@ def cross_validated_predictions(
         ``(objectness logits (N, L) float32, predicted class (N, L) int64)``, each image predicted by the fold
         that did not train on it.
     """
-    with one_thread():
-        return _cross_validated(feats, targets, fold, train_mask, n_classes, weight_decay, iters)
-
-
-def _cross_validated(
-    feats: torch.Tensor,
-    targets: torch.Tensor,
-    fold: torch.Tensor,
-    train_mask: torch.Tensor,
-    n_classes: int,
-    weight_decay: float,
-    iters: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
     n, cells, dim = feats.shape
     scores = torch.empty(n, cells)
     preds = torch.empty(n, cells, dtype=torch.int64)
