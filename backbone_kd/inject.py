@@ -176,7 +176,8 @@ def inject_backbone(
         force: Overwrite an existing ``out``.
         verbose: Print the report.
         trust_pickle: Open a ``.pt`` ``into`` with ultralytics' unrestricted unpickler (runs code stored in the
-            file); only for files you trust. By default it is opened with ``weights_only=True``.
+            file); only for files you trust. By default it is read as data (:mod:`backbone_kd.safe_load`); either
+            way the model written is rebuilt from its checked yaml.
 
     Raises:
         FileNotFoundError: an input does not exist.
@@ -185,39 +186,14 @@ def inject_backbone(
         ValueError: the file is not a backbone export or does not fit the target (names the first bad key and
             both shapes); nothing is written.
     """
-    from ultralytics import __version__ as ul_version
-
-    from backbone_kd import __version__
-
     weights, into = Path(weights), str(into)
-    out = Path(out) if out is not None else weights.parent / f"{Path(into).stem}-distilled.pt"
-    if out.suffix != ".pt":
-        raise ValueError(f"--out {out} must end with .pt so that ultralytics can load it")
-    if out.resolve() in {weights.resolve(), Path(into).resolve()}:
-        raise ValueError(f"--out {out} would overwrite an input; choose another output path")
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite it")
+    out = _output_path(weights, into, out, force)
     tensors, meta = read_backbone_file(weights)
-    names = None
-    if data is not None:
-        data_nc, names = dataset_classes(data)
-        if nc is not None and nc != data_nc:
-            raise ValueError(f"--nc {nc} disagrees with {data} (nc={data_nc}); pass only one of them")
-        nc = data_nc
-    if nc is not None and nc < 1:
-        raise ValueError(f"--nc must be a positive class count, got {nc}")
-    model, ckpt, transferred = _load_target(
-        into, nc, trust_pickle
-    )  # architecture and dtype of the target decide the fit
+    nc, names = _target_classes(nc, data)
+    model, ckpt, transferred = _load_target(into, nc, trust_pickle)  # the target's architecture and dtype decide
     target_sd = model.state_dict()
     check_backbone_fits(tensors, target_sd, weights, into, meta)
-
-    with torch.no_grad():
-        for key, value in tensors.items():
-            target_sd[key].copy_(value)  # copy_ casts to the target dtype (fp16 in ultralytics .pt files)
-    expected = {k: v.to(target_sd[k].dtype) for k, v in tensors.items()}
-    cast_err = max((v.double() - expected[k].double()).abs().max().item() for k, v in tensors.items())
-    _verify(model.state_dict(), expected, "after injection")
+    expected, cast_err = _copy_backbone(model, tensors)
     model.names = names or model.names
     model.args = _train_args(ckpt, model, into, None if data is None else str(data), transferred is not None)
     model.criterion = None  # training-only state, stripped as ultralytics does
@@ -229,11 +205,8 @@ def inject_backbone(
     # a neck file covers the backbone and more (with gaps where neck layers hold no tensors): nothing to note
     whole = layers[:n_target] == list(range(n_target)) if neck else layers == list(range(n_target))
     notes = [] if whole else [f"file has layers {layers}; target backbone: {n_target}"]
-    now = datetime.now().astimezone().isoformat(timespec="seconds")
     provenance = {
         "format": INJECT_FORMAT,
-        "injected": now,
-        "backbone_kd_version": __version__,
         "backbone_file": str(weights.resolve()),
         "backbone_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "into": into,
@@ -244,23 +217,7 @@ def inject_backbone(
         "head_rebuilt": transferred is not None,
         "source": meta,
     }
-    out_ckpt = {
-        "date": now,
-        "version": ul_version,
-        "license": "AGPL-3.0 License (https://ultralytics.com/license)",
-        **dict.fromkeys(("ema", "optimizer", "best_fitness", "updates", "modelopt")),
-        "epoch": -1,
-        "model": model,
-        "train_args": dict(model.args),
-        "backbone_kd": provenance,
-    }
-    with atomic_path(out, overwrite=True) as tmp:
-        torch.save(out_ckpt, tmp)
-        # verify what will be on disk, then rename; read it back the way --info and our loaders read it (a trusted
-        # input may carry objects beyond the allow-list into the output, so that one is read back trusted)
-        saved = torch.load(tmp, map_location="cpu", weights_only=False) if trust_pickle else load_yolo_checkpoint(tmp)
-        _verify(saved["model"].state_dict(), expected, f"in the written file {out}")
-
+    _write_verified(out, model, provenance, expected)
     report = InjectReport(
         out=out,
         weights=weights,
@@ -279,6 +236,69 @@ def inject_backbone(
     if verbose:
         print(report)
     return report
+
+
+def _output_path(weights: Path, into: str, out: str | Path | None, force: bool) -> Path:
+    """``out`` (default ``<into stem>-distilled.pt`` beside the weights), refused if it is an input or exists."""
+    out = Path(out) if out is not None else weights.parent / f"{Path(into).stem}-distilled.pt"
+    if out.suffix != ".pt":
+        raise ValueError(f"--out {out} must end with .pt so that ultralytics can load it")
+    if out.resolve() in {weights.resolve(), Path(into).resolve()}:
+        raise ValueError(f"--out {out} would overwrite an input; choose another output path")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to overwrite it")
+    return out
+
+
+def _target_classes(nc: int | None, data: str | Path | None) -> tuple[int | None, dict[int, str] | None]:
+    """``(nc, names)`` from ``--nc`` and/or ``--data`` (which must agree)."""
+    names = None
+    if data is not None:
+        data_nc, names = dataset_classes(data)
+        if nc is not None and nc != data_nc:
+            raise ValueError(f"--nc {nc} disagrees with {data} (nc={data_nc}); pass only one of them")
+        nc = data_nc
+    if nc is not None and nc < 1:
+        raise ValueError(f"--nc must be a positive class count, got {nc}")
+    return nc, names
+
+
+def _copy_backbone(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+    """Copy the file's tensors into ``model`` in place; ``(expected tensors in the target dtype, max cast error)``."""
+    target_sd = model.state_dict()
+    with torch.no_grad():
+        for key, value in tensors.items():
+            target_sd[key].copy_(value)  # copy_ casts to the target dtype (fp16 in ultralytics .pt files)
+    expected = {k: v.to(target_sd[k].dtype) for k, v in tensors.items()}
+    cast_err = max((v.double() - expected[k].double()).abs().max().item() for k, v in tensors.items())
+    _verify(model.state_dict(), expected, "after injection")
+    return expected, cast_err
+
+
+def _write_verified(out: Path, model: nn.Module, provenance: dict[str, Any], expected: dict[str, torch.Tensor]) -> None:
+    """Save ``model`` as an ultralytics checkpoint, re-read it as data and compare, then rename it into place.
+
+    The model was built from a checked yaml (also after ``--trust-pickle``), so our loader reads the output as any
+    user would: without full unpickling.
+    """
+    from ultralytics import __version__ as ul_version
+
+    from backbone_kd import __version__
+
+    now = datetime.now().astimezone().isoformat(timespec="seconds")
+    out_ckpt = {
+        "date": now,
+        "version": ul_version,
+        "license": "AGPL-3.0 License (https://ultralytics.com/license)",
+        **dict.fromkeys(("ema", "optimizer", "best_fitness", "updates", "modelopt")),
+        "epoch": -1,
+        "model": model,
+        "train_args": dict(model.args),
+        "backbone_kd": {"format": INJECT_FORMAT, "injected": now, "backbone_kd_version": __version__, **provenance},
+    }
+    with atomic_path(out, overwrite=True) as tmp:
+        torch.save(out_ckpt, tmp)
+        _verify(load_yolo_checkpoint(tmp)["model"].state_dict(), expected, f"in the written file {out}")
 
 
 def _verify(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
