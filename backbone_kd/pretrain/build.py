@@ -32,6 +32,7 @@ from backbone_kd.pretrain.pca_panel import PCAPanel
 from backbone_kd.pretrain.precision import make_accelerator, resolve_precision
 from backbone_kd.pretrain.projector import DistillStudent, Projectors
 from backbone_kd.pretrain.queue import global_queue
+from backbone_kd.pretrain.retired import check_resume_not_retired
 from backbone_kd.pretrain.run_folder import resolve_run_dir
 from backbone_kd.pretrain.sources import resolve_image_sources
 from backbone_kd.pretrain.step import StepOptions
@@ -113,6 +114,8 @@ def build_run(cfg: PretrainConfig, compile_options: dict[str, Any] | None = None
     )
     device = accelerator.device
     resume_from = resolve_resume(cfg.resume, run_dir)
+    if resume_from is not None:  # before any model is built: a retired lever's run cannot be continued by this code
+        check_resume_not_retired(resume_from)
     torch.manual_seed(cfg.seed)  # identical init on every process (DDP also broadcasts it)
     t_dtype = resolve_precision(cfg.mixed_precision, cfg.teacher_dtype, device).teacher_dtype
     teacher = _teacher(cfg).to(device=device, dtype=t_dtype)

@@ -1,0 +1,108 @@
+"""Stage-1 options and values that lost their A/B and were removed, and the one-line errors that name the commit.
+
+A lever that does not pay is removed from the package (code, tests, README), but the A/B that judged it must stay
+reproducible: ``git checkout <commit>^`` gives the last tree that had it. Each entry names the commit that removed it
+and the measurement (``docs/results.md``, "Retired levers"). The registry is what the user meets:
+
+- a retired option on the command line, in a ``--config`` YAML or as a keyword is a one-line error naming the commit;
+  the same option at the value that behaved like today's code (its old default) is accepted and dropped, so the full
+  ``config.yaml`` an older run folder wrote still loads with ``--config``;
+- a retired *value* of a kept option (``optimizer=lars``) is the same one-line error;
+- resuming a checkpoint whose run was started with a retired option or value is refused the same way
+  (:func:`check_resume_not_retired`), since today's code cannot continue the objective it was optimising.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RESULTS = "docs/results.md#retired-levers"
+
+
+@dataclass(frozen=True)
+class Retired:
+    """One removed option (``value`` is None) or one removed value of a kept option.
+
+    Attributes:
+        commit: The commit that removed it (``git checkout <commit>^`` has it).
+        inert: For a removed option, the value that behaves like today's code (its default then); None for values.
+        why: The measurement that retired it, one clause.
+    """
+
+    commit: str
+    inert: Any
+    why: str
+
+
+# option -> Retired (filled in by the commit that removes each option; see docs/results.md)
+RETIRED_OPTIONS: dict[str, Retired] = {}
+# (option, value) -> Retired
+RETIRED_VALUES: dict[tuple[str, Any], Retired] = {}
+
+
+def _message(what: str, r: Retired) -> str:
+    return (
+        f"{what} was retired in commit {r.commit} ({r.why}; {RESULTS}): drop it, or run `git checkout {r.commit}^` "
+        "to reproduce that A/B"
+    )
+
+
+def drop_retired(values: dict[str, Any], origin: str) -> dict[str, Any]:
+    """``values`` without retired options left at their inert value; a retired option set otherwise is an error.
+
+    Args:
+        values: ``{option: value}`` as read from one source (command line, a YAML, keyword arguments).
+        origin: Where they were read, for the message.
+
+    Raises:
+        ValueError: One line naming the option, the commit that removed it and the fix.
+    """
+    kept: dict[str, Any] = {}
+    for key, value in values.items():
+        norm = key.replace("-", "_")
+        r = RETIRED_OPTIONS.get(norm)
+        if r is None:
+            kept[key] = value
+        elif value != r.inert:
+            raise ValueError(_message(f"option {norm}={value!r} in {origin}", r))
+    return kept
+
+
+def check_value_not_retired(key: str, value: Any) -> None:
+    """Raise the one-line error when ``key=value`` is a retired value of a kept option."""
+    r = RETIRED_VALUES.get((key, value)) if isinstance(value, str | int | float | bool) else None
+    if r is not None:
+        raise ValueError(_message(f"{key}={value!r}", r))
+
+
+def check_resume_not_retired(checkpoint: Path) -> None:
+    """Refuse to resume a run whose ``config.yaml`` used a retired option or value.
+
+    Args:
+        checkpoint: ``<run>/checkpoints/step_N``; its run's ``config.yaml`` (written at the start) is read as data.
+
+    Raises:
+        ValueError: One line naming the option, the commit that removed it and the fix (start a new run).
+    """
+    import yaml
+
+    recorded = checkpoint.parent.parent / "config.yaml"
+    if not recorded.is_file():
+        return
+    old = yaml.safe_load(recorded.read_text(encoding="utf-8")) or {}
+    if not isinstance(old, dict):
+        return
+    for key, value in old.items():
+        r = RETIRED_OPTIONS.get(key)
+        if r is None and isinstance(value, str | int | float | bool):
+            r = RETIRED_VALUES.get((key, value))
+        elif r is not None and value == r.inert:
+            r = None
+        if r is not None:
+            raise ValueError(
+                f"--resume {checkpoint}: that run was started with {key}={value!r}, which "
+                + _message("it", r).removeprefix("it ")
+                + "; start a new run with another --name"
+            )
