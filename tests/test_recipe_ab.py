@@ -58,6 +58,13 @@ def test_end_to_end_keys_reuse_and_json(tmp_path, monkeypatch) -> None:
     started = []
     monkeypatch.setattr(recipe_ab.subprocess, "run", lambda *a, **k: started.append(a))
     assert recipe_ab.main(argv) == 0 and started == []  # finished runs are found by key, not rerun
+    # a fixed backbone as the row every variant is paired with (continued pretraining vs the backbone it started from)
+    fixed = out / "runs" / keys[0] / "backbone.safetensors"
+    assert recipe_ab.main([*argv, "--fixed", f"start={fixed}", "--baseline", "start"]) == 0
+    result = json.loads((out / "recipe_ab.json").read_text())
+    assert result["baseline"] == "start" and result["runs"]["start"][0]["fixed"] == str(fixed)
+    same = result["results"]["baseline"]["combined/objectness_ap"]["vs_baseline_bootstrap"]
+    assert same["diff"] == 0.0  # the fixed row is that very backbone: its paired gap is exactly 0
     swapped = ["no_norm" if a == "ema_center" else a for a in argv]
     assert recipe_ab.main([*swapped, "--only-finished"]) == 0 and started == []
     assert list(json.loads((out / "recipe_ab.json").read_text())["runs"]) == ["baseline"]  # no_norm never ran
@@ -66,3 +73,25 @@ def test_end_to_end_keys_reuse_and_json(tmp_path, monkeypatch) -> None:
     args.extra = [*args.extra, "lr=0.002"]  # any option, also one left at its default before, is a new run
     assert recipe_ab.run_key(recipe_ab.run_overrides(args, {}, 0), args, "pool") != same
     assert same == recipe_ab.run_key(recipe_ab.run_overrides(recipe_ab.parse_args(argv), {}, 0), args, "pool")
+
+
+def test_mixup_is_paired_with_the_online_baseline() -> None:
+    noise = torch.zeros(10)
+    rows = {
+        "baseline": [_record(0.0, noise)] * 2,
+        "online": [_record(0.1, noise)] * 2,
+        "mixup": [_record(0.12, noise), _record(0.12, noise)],
+    }
+    out = recipe_ab.compare(rows)
+    assert out["mixup"]["reference"] == "online" and out["online"]["reference"] == "baseline"
+    assert out["mixup"]["combined/objectness_ap"]["vs_baseline_bootstrap"]["diff"] == 0.02  # vs online, not baseline
+    assert "| mixup | online |" in recipe_ab.table(out)
+
+
+def test_reporting_options_do_not_change_the_run_key(tmp_path) -> None:
+    make_images(tmp_path / "pool", 2)
+    args = recipe_ab.parse_args(["--pool", str(tmp_path / "pool"), "--dense-data", "unused.yaml"])
+    base = recipe_ab.run_overrides(args, {}, 0)
+    quiet = recipe_ab.run_key({**base, "plots": False, "log_with": "none"}, args, "pool")
+    loud = recipe_ab.run_key({**base, "plots": True, "tracker_project": "x", "pca_images": 2}, args, "pool")
+    assert quiet == loud != recipe_ab.run_key({**base, "lr": 5e-4}, args, "pool")
