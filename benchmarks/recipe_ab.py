@@ -116,11 +116,21 @@ def _has_option(key: str) -> bool:
 def run_key(overrides: dict[str, Any], args: argparse.Namespace, pool_digest: str) -> str:
     """Hash of everything that decides a run's weights: full validated config, teacher bytes, pool file list."""
     from backbone_kd.pretrain.config import build_config
+    from backbone_kd.pretrain.retired import RETIRED_OPTIONS
 
     cfg = build_config([*as_argv(overrides), f"unlabeled={args.pool}"]).to_dict()
+    # a retired option is keyed at its inert value (what today's code does), so retiring one keeps finished runs' keys
+    cfg.update({k: r.inert for k, r in RETIRED_OPTIONS.items() if k not in cfg})
     keyed = {k: v for k, v in cfg.items() if k not in UNKEYED}
     teacher = file_sha256(Path(args.teacher_weights).expanduser()) if args.teacher_weights else None
     return digest({"config": keyed, "teacher_sha256": teacher, "pool": pool_digest})[:16]
+
+
+def fixed_key(spec: str) -> str:
+    """Cache key of a ``--fixed`` row: its SPEC with every file it names (``teacher:name@file``, a .pt) replaced by
+    the file's sha256, so a moved file is the same row and changed bytes are another (``yolov8n.yaml``: text only)."""
+    parts = [file_sha256(Path(p).expanduser()) if Path(p).expanduser().is_file() else p for p in spec.split("@")]
+    return "fixed-" + digest(parts)[:16]
 
 
 def pool_digest(pool: str) -> str:
@@ -303,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed = {}
     for item in args.fixed:  # a fixed backbone's score does not depend on the seed: one record, repeated per seed
         name, _, spec = item.partition("=")
-        fixed[name] = (score(Path(spec), probe, "fixed-" + file_sha256(spec)[:16], args, spec=spec), spec)
+        fixed[name] = (score(Path(spec), probe, fixed_key(spec), args, spec=spec), spec)
     for seed in args.seeds:  # seed-major: an interrupted A/B still has paired rows for the seeds it finished
         for name, (rec, spec) in fixed.items():
             rows.setdefault(name, []).append(rec)
@@ -330,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
                 "dense": probe.summary(),
                 "results": compare(rows, args.baseline),
             }
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "recipe_ab.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+            report = Path(args.report or Path(args.out) / "recipe_ab.json")
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(json.dumps(result, indent=1), encoding="utf-8")
     print(table(result["results"]))
     return 0
 

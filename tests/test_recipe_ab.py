@@ -95,3 +95,20 @@ def test_reporting_options_do_not_change_the_run_key(tmp_path) -> None:
     quiet = recipe_ab.run_key({**base, "plots": False, "log_with": "none"}, args, "pool")
     loud = recipe_ab.run_key({**base, "plots": True, "tracker_project": "x", "pca_images": 2}, args, "pool")
     assert quiet == loud != recipe_ab.run_key({**base, "lr": 5e-4}, args, "pool")
+
+
+def test_retiring_an_option_keeps_finished_runs_keys(tmp_path, monkeypatch) -> None:
+    from backbone_kd.pretrain import config, retired
+
+    make_images(tmp_path / "pool", 2)
+    args = recipe_ab.parse_args(["--pool", str(tmp_path / "pool"), "--dense-data", "unused.yaml"])
+    overrides = recipe_ab.run_overrides(args, {}, 0)
+    before = recipe_ab.run_key(overrides, args, "pool")
+    # retire `hflip` (inert at its default 0.5): the field leaves the config, the key must not move
+    fields = {k: v for k, v in config.FIELDS.items() if k != "hflip"}
+    to_dict = config.PretrainConfig.to_dict
+    monkeypatch.setattr(
+        config.PretrainConfig, "to_dict", lambda self: {k: v for k, v in to_dict(self).items() if k in fields}
+    )
+    monkeypatch.setitem(retired.RETIRED_OPTIONS, "hflip", retired.Retired("abc1234", 0.5, "test"))
+    assert recipe_ab.run_key(overrides, args, "pool") == before
