@@ -10,8 +10,9 @@ batch 256, and ViT-B/14 @ 224 + YOLOv8s at batch 128. Variants of each: eager, `
 (fixed teacher targets, as with the teacher cache), full step (the training loop's ``train_step``), and the peak GPU
 memory of each part; per case, the training data loader's img/s with ``--workers`` processes (generated
 480x360 noise JPEGs: harder to decode than photos, a pessimistic figure) and whether it keeps up with the fastest
-full step. If lightly-train is importable with ``--lt-python``: its distillation step and ours on the same job (ViT-B/14
-+ YOLOv8n, bf16, ``--lt-batch``), each a short real training run (``benchmarks/lt_sides.py``), last, if time is left.
+full step. If lightly-train is importable with ``--lt-python``: its distillation step and ours on the same job
+(ViT-B/14 + YOLOv8n, bf16, ``--lt-batch``), each a short real training run (``benchmarks/lightly_train/lt_sides.py``),
+last, if time is left.
 
 The JSON is rewritten after every measurement, so a run cut short keeps what it measured; once ``--budget-s`` is spent
 the remaining work is skipped and marked so (a compile variant needs ``--compile-reserve-s`` left). A failing variant
@@ -33,7 +34,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_data import REPO, lightly_train_side
+from benchmarks.bench_data import REPO
+from benchmarks.lightly_train import vs_lightly_train as lt
 from benchmarks.throughput import _synthetic_folder, build_parts, data_speed, time_parts
 
 # (name, config file, overrides): what the GPU goals in issue 12 are stated for.
@@ -86,7 +88,6 @@ def _error(err: BaseException) -> str:
 
 def _lightly_train(args: argparse.Namespace, folder: str, work: Path, device: str) -> dict[str, Any]:
     """lightly-train's distillation step and ours on the same job, each a short real run; or why it was skipped."""
-    lt = lightly_train_side()
     version = lt._lt_importable(args.lt_python)
     if version is None:
         return {"skipped": f"lightly-train is not importable with {args.lt_python}"}

@@ -1,4 +1,4 @@
-"""The run of ``benchmarks/quality_compare.py``: pool check, lr sweep, keyed pretraining, probes, gaps, report."""
+"""The run of ``benchmarks.quality_compare``: pool check, lr sweep, keyed pretraining, probes, gaps, report."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import qc_rows
 import yaml
-from bench_data import shared_dir
-from qc_probes import cached, crop_scores, dense_key, dense_scores, det_rows, identity, per_seed
-from qc_report import _ms, gaps, markdown
-from qc_rows import FIXED, LT_METHODS
-from qc_runs import (
+
+from backbone_kd.io_utils import atomic_write_text
+from benchmarks import qc_rows
+from benchmarks.bench_data import shared_dir
+from benchmarks.lightly_train.lt_env import lightly_train_python
+from benchmarks.qc_probes import cached, crop_scores, dense_key, dense_scores, det_rows, identity, per_seed
+from benchmarks.qc_report import _ms, gaps, markdown
+from benchmarks.qc_rows import FIXED, LT_METHODS
+from benchmarks.qc_runs import (
     check_disjoint,
     code_version,
     keyed_run,
@@ -28,9 +31,7 @@ from qc_runs import (
     run_ours,
     sha256_file,
 )
-from qc_sweep import LT_BASE_LR, lr_sweep, selection_yaml
-
-from backbone_kd.io_utils import atomic_write_text
+from benchmarks.qc_sweep import LT_BASE_LR, lr_sweep, selection_yaml
 
 
 @dataclass
@@ -44,6 +45,13 @@ class Ctx:
     folder: Path
     extras: dict
     codes: dict = field(default_factory=dict)
+
+
+def lt_python(ctx: Ctx) -> str:
+    """lightly-train's python: ``--lt-python``, else the venv in ``--work`` (made on first use); kept in the args so
+    the JSON's settings name the interpreter that ran, and resolved only once a lightly-train row is to run."""
+    ctx.args.lt_python = lightly_train_python(ctx.work, ctx.args.lt_python)
+    return ctx.args.lt_python
 
 
 def pretrain_one(ctx: Ctx, name: str, seed: int, lr: float | None, steps: int) -> dict:
@@ -66,7 +74,7 @@ def pretrain_one(ctx: Ctx, name: str, seed: int, lr: float | None, steps: int) -
         }
         key, keyed = run_key(f"lightly-train {spec['method']}", spec, ctx.weights, ctx.pool, seed, ctx.codes["lt"])
         run = keyed_run(ctx.work / "runs", name, key, keyed)
-        return {"seed": seed, "key": key, "run": str(run), **run_lightly(spec, run, a.lt_python)}
+        return {"seed": seed, "key": key, "run": str(run), **run_lightly(spec, run, lt_python(ctx))}
     cfg = qc_rows.ours_config(name, a, seed, ctx.weights, ctx.folder, ctx.extras.get(name, {}))
     cfg["steps"] = steps
     if lr is not None:
@@ -254,7 +262,8 @@ def run(args: argparse.Namespace) -> int:
     weights = qc_rows.teacher_weights(args.teacher_weights) if any(n != "ours-cnn" for n in trained) else None
     ctx = Ctx(args, work, weights, pool, pool_folder(pool, work), extras, {"ours": code_version("ours", args.code_key)})
     if any(n in LT_METHODS for n in names):
-        ctx.codes["lt"] = {**code_version("lightly-train", args.code_key), "lightly_train": lt_version(args.lt_python)}
+        # lightly-train's version keys its rows: its python is needed (a venv made, minutes) before any of them runs
+        ctx.codes["lt"] = {**code_version("lightly-train", args.code_key), "lightly_train": lt_version(lt_python(ctx))}
     swept = sweep(ctx, trained, data_yaml) if args.lr_sweep and trained else None
     lrs = {row: rec["chosen"] for row, rec in (swept or {}).items() if isinstance(rec, dict) and "chosen" in rec}
     backbones, runs = pretrain_rows(ctx, names, lrs)

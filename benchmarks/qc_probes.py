@@ -1,4 +1,4 @@
-"""Probes of ``benchmarks/quality_compare.py``, one backbone at a time, each result cached under a content key.
+"""Probes of ``python -m benchmarks.quality_compare``, one backbone at a time, each result cached under a content key.
 
 A cache entry is keyed by the backbone's identity (sha256 of its file; a model yaml with its init seed), the probe's
 settings, the probe seed and the probe's source code, never by row name: a new backbone under an old name, or a
@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_data import REPO
-from qc_runs import digest, sha256_file
 
 from backbone_kd.io_utils import atomic_write_text
+from benchmarks.bench_data import REPO
+from benchmarks.qc_runs import digest, sha256_file
 
 
 def identity(spec: str, seed: int) -> str:

@@ -1,4 +1,4 @@
-"""Rows of ``benchmarks/quality_compare.py``: names, our pretraining config per row, lightly-train's teacher file."""
+"""Rows of ``benchmarks.quality_compare``: names, our pretraining config per row, lightly-train's teacher file."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_data import shared_dir
+from benchmarks.bench_data import shared_dir
 
 DEFAULT_WEIGHTS = Path.home() / ".cache" / "bkd-teachers" / "dinov2_vits14_imgfocus.safetensors"
 ROWS = ("scratch", "ours-dinov2s", "ours-dinov2s-cache", "ours-cnn", "lt-v2", "lt-v3", "coco-supervised")

@@ -1,4 +1,4 @@
-"""Pretraining runs of ``benchmarks/quality_compare.py``: the unlabeled pool, config-keyed run folders, both tools.
+"""Pretraining runs of ``benchmarks.quality_compare``: the unlabeled pool, config-keyed run folders, both tools.
 
 - **Pool.** One flat folder of symlinks (lightly-train reads folders) to the pool's images, named after the pool's
   content digest. :func:`check_disjoint` refuses a pool that shares an image with any probe (same resolved path or
@@ -21,10 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_data import REPO
-from fold_input_norm import IMAGENET_MEAN, IMAGENET_STD, fold
+from benchmarks.bench_data import REPO
+from benchmarks.fold_input_norm import IMAGENET_MEAN, IMAGENET_STD, fold
+from benchmarks.lightly_train import lt_quality_side
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# lightly-train's side: run as a file (``python LT_SIDE_SCRIPT``) by lightly-train's own python, which cannot import
+# benchmarks; imported here only for its path (it imports lightly-train inside main()).
+LT_SIDE_SCRIPT = Path(lt_quality_side.__file__).resolve()
 # Path-like options: where a run lives, not what it learns (the pool and teacher enter the key by content).
 UNKEYED = ("output", "name", "exist_ok", "resume", "unlabeled", "teacher_weights", "data", "out", "teacher_pth")
 
@@ -122,7 +126,7 @@ def code_version(kind: str, mode: str = "source") -> dict:
         pkg = REPO / "backbone_kd"
         files = sorted(p for p in pkg.rglob("*.py") if "probe" not in p.relative_to(pkg).parts)
         if kind == "lightly-train":
-            files = [Path(__file__).with_name("lt_quality_side.py")]
+            files = [LT_SIDE_SCRIPT]
         out["source"] = digest({str(p.relative_to(REPO)): sha256_file(p) for p in files})
     return out
 
@@ -181,7 +185,7 @@ def run_ours(cfg: dict, run: Path) -> dict:
 
 
 def run_lightly(spec: dict, run: Path, lt_python: str) -> dict:
-    """lightly-train in its own environment (``lt_quality_side.py``) unless finished; then the folded copy.
+    """lightly-train in its own environment (:data:`LT_SIDE_SCRIPT`) unless finished; then the folded copy.
 
     Returns ``{"backbone", "backbone_folded", "wall_s"}``: the exported backbone as lightly-train trained it
     (expects ImageNet-normalised inputs) and the same with that normalisation folded into conv 0 + BN, for [0, 1]
@@ -196,7 +200,7 @@ def run_lightly(spec: dict, run: Path, lt_python: str) -> dict:
             "YOLO_OFFLINE": "True",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         }
-        side = [lt_python, str(Path(__file__).with_name("lt_quality_side.py")), "--spec", str(run / "spec.json")]
+        side = [lt_python, str(LT_SIDE_SCRIPT), "--spec", str(run / "spec.json")]
         with open(run / "side.log", "w") as log:
             subprocess.run(side, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
     folded = run / "backbone_folded.safetensors"
@@ -232,4 +236,4 @@ def lt_version(lt_python: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit("a module of benchmarks/quality_compare.py; run that")
+    sys.exit("a module of benchmarks.quality_compare; run python -m benchmarks.quality_compare")

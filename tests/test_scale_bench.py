@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 from types import ModuleType
 
 from benchmarks import scale
-from tests.conftest import REPO, make_images
+from tests.conftest import make_images
 
 
 def bench(name: str) -> ModuleType:
-    """A lightly-train / quality_compare script of benchmarks/ as a top-level module: those still import their siblings
-    (``bench_data``, ``qc_rows``) by bare name. The product benchmarks import as ``benchmarks.<name>``; this goes once
-    tests/test_quality_compare.py does too."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    """``benchmarks.<name>`` (a quality_compare module), imported as the package it is (no import-path edits)."""
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_scale_benchmark_lists_every_generated_file_and_measures_pss(tmp_path, capsys) -> None:

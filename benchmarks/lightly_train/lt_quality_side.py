@@ -1,11 +1,12 @@
-"""lightly-train side of ``benchmarks/quality_compare.py``: one distillation run, exported as our backbone file.
+"""lightly-train side of ``python -m benchmarks.quality_compare``: one distillation run, exported as our backbone file.
 
-Runs inside lightly-train's own environment (AGPL; never a dependency of backbone_kd)::
+Runs as a file inside lightly-train's own environment (AGPL; never a dependency of backbone_kd; ``--lt-python``, else
+the venv of ``benchmarks/lightly_train/lt_env.py``), with the repository on ``PYTHONPATH`` for ``backbone_kd``::
 
-    /work/lt_venv/bin/python benchmarks/lt_quality_side.py --spec spec.json
+    LT_PYTHON benchmarks/lightly_train/lt_quality_side.py --spec spec.json
 
 ``spec.json``: ``data`` (folder), ``out``, ``method`` (``distillationv2`` or ``distillation`` = v3), ``teacher_pth``
-(lightly-train's DINOv2 layout, see :func:`quality_compare.lightly_teacher_file`), ``batch_size``, ``steps``,
+(lightly-train's DINOv2 layout, see :func:`benchmarks.qc_rows.lightly_teacher_file`), ``batch_size``, ``steps``,
 ``image_size``, ``workers``, ``seed``, ``precision``, optionally ``optim_args`` (e.g. ``{"lr": 9.0}``: lightly-train's
 optimizer arguments, for the lr sweep). Writes ``out/backbone.safetensors`` (the YOLO backbone
 lightly-train trained, in the ``backbone_kd.backbone/1`` format) and ``out/lt_summary.json`` (wall time, images/s).

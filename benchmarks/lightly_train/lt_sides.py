@@ -1,9 +1,10 @@
-"""One side of the lightly-train comparison, run in its own subprocess by ``benchmarks/vs_lightly_train.py``.
+"""One side of the lightly-train comparison, run in its own subprocess by ``vs_lightly_train.py`` (next to it).
 
-``python benchmarks/lt_sides.py --_side ours|lightly-train --_spec spec.json``: trains with the settings in the spec
-(data, batch size, image size, steps, workers, device, our config overrides, lightly-train's precision) and writes
-the step-end timestamps and memory figures to ``spec["result"]``. Both sides use the same teacher architecture
-(DINOv2 ViT-B/14, random init, no registers, MLP FFN) and the same student (``yolov8n.yaml``).
+``python benchmarks/lightly_train/lt_sides.py --_side ours|lightly-train --_spec spec.json``: trains with the settings
+in the spec (data, batch size, image size, steps, workers, device, our config overrides, lightly-train's precision) and
+writes the step-end timestamps and memory figures to ``spec["result"]``. Both sides use the same teacher architecture
+(DINOv2 ViT-B/14, random init, no registers, MLP FFN) and the same student (``yolov8n.yaml``). Run as a file by either
+side's python, so it imports neither ``benchmarks`` nor, on the lightly-train side, ``backbone_kd``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
+from typing import Any
 
 # Same teacher on both sides: DINOv2 ViT-B/14 (no registers), random init. lightly-train's "-notpretrained" config
 # uses a SwiGLU FFN (train recipe); teacher_args switches it to the MLP FFN of the released DINOv2 / timm model.

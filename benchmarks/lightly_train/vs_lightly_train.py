@@ -1,20 +1,20 @@
 """Side by side with lightly-train: the same pretraining job run by both tools, images/s and memory, and the ratio.
 
-    python benchmarks/throughput.py --vs lightly-train --lt-python /work/lt_venv/bin/python \
+    python -m benchmarks.throughput --vs lightly-train [--lt-python PY] \
         --unlabeled ../shared/data/unlabeled/bsds500 --batch-size 16 --image-size 224 --steps 14 --repeats 3 \
         [--ours-variant "mixed_precision=bf16"] [--lt-precision bf16-mixed] [--json out.json]
 
 Runs ``bkd pretrain`` and ``lightly_train.pretrain(method="distillation")`` with the same teacher (DINOv2 ViT-B/14,
 random init, no registers, MLP FFN), the same student (YOLOv8n from ``yolov8n.yaml``), batch size, image size, data
-loader workers, images and step count, each in its own subprocess (``benchmarks/lt_sides.py``), alternating
-ours/theirs ``--repeats`` times (a shared machine drifts; interleaving keeps the ratio fair). Each side timestamps the
-end of every optimizer step (ours: the progress-bar update after ``optimizer.step``; lightly-train: a Lightning
-``on_train_batch_end`` callback); images/s = images of the steps after ``--warmup-steps`` / their wall time, data
-waits included; end-to-end images/s = all images / the side's lifetime up to its last step. Memory: the side's own
+loader workers, images and step count, each in its own subprocess (``benchmarks/lightly_train/lt_sides.py``),
+alternating ours/theirs ``--repeats`` times (a shared machine drifts; interleaving keeps the ratio fair). Each side
+timestamps the end of every optimizer step (ours: the progress-bar update after ``optimizer.step``; lightly-train: a
+Lightning ``on_train_batch_end`` callback); images/s = images of the steps after ``--warmup-steps`` / their wall time,
+data waits included; end-to-end images/s = all images / the side's lifetime up to its last step. Memory: the side's own
 peak RSS (``getrusage``, main process) and the sampled peak PSS of its process tree (main + loader workers).
-lightly-train (AGPL) is never a dependency: install it into a separate environment::
-
-    python -m venv --system-site-packages /work/lt_venv && /work/lt_venv/bin/pip install lightly-train
+lightly-train (AGPL) is never a dependency: it runs from ``--lt-python``, else from a venv made on first use under
+``--lt-work`` (``python -m venv --system-site-packages`` + the pinned lightly-train, see
+``benchmarks/lightly_train/lt_env.py``) and reused after.
 
 Timed numbers are printed and written to JSON, never asserted.
 """
@@ -31,22 +31,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    pass
+from benchmarks.lightly_train.lt_env import LightlyTrainEnvError, lightly_train_python
+from benchmarks.lightly_train.lt_sides import LT_TEACHER, LT_TEACHER_ARGS, OUR_TEACHER, STUDENT
 
-from lt_sides import LT_TEACHER, LT_TEACHER_ARGS, OUR_TEACHER, STUDENT
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+# The venv made on first use lives here unless --lt-work says otherwise: reused across runs (a temp --work-dir is not)
+DEFAULT_LT_WORK = Path.home() / ".cache" / "bkd-lightly-train"
 DEFAULT_UNLABELED = REPO.parent / "shared" / "data" / "unlabeled" / "bsds500"
+# Run as a file by the side's own python (lightly-train's venv for that side): it must not import benchmarks.
 SIDES_SCRIPT = Path(__file__).resolve().with_name("lt_sides.py")
 LT_SETUP = (
-    "lightly-train is not importable with {python}. Set up the benchmark-only environment (AGPL; never a dependency "
-    "of backbone_kd):\n"
-    "    python -m venv --system-site-packages /work/lt_venv\n"
-    "    /work/lt_venv/bin/pip install lightly-train   # keeps the system torch; else pin torch==<the system's>\n"
-    "then pass --lt-python /work/lt_venv/bin/python"
+    "lightly-train is not importable with {python}: pass --lt-python to a python with lightly-train 0.18.0 (AGPL; "
+    "never a dependency of backbone_kd), or leave it out to get a venv made under --lt-work"
 )
 
 
@@ -181,7 +179,10 @@ def compare(argv: list[str]) -> int:
     """``--vs lightly-train``: interleaved runs of both tools, a table and a JSON; returns an exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vs", choices=["lightly-train"], required=True)
-    parser.add_argument("--lt-python", default="/work/lt_venv/bin/python", help="python of the lightly-train venv")
+    parser.add_argument(
+        "--lt-python", default=None, help="python with lightly-train (default: a venv made on first use in --lt-work)"
+    )
+    parser.add_argument("--lt-work", default=str(DEFAULT_LT_WORK), help="where the lightly-train venv is made")
     parser.add_argument("--python", default=sys.executable, help="python that runs our side")
     parser.add_argument("--unlabeled", default=str(DEFAULT_UNLABELED), help="image folder used by both sides")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -213,6 +214,11 @@ def compare(argv: list[str]) -> int:
     parser.add_argument("--json", default=None, help="write results here")
     args = parser.parse_args(argv)
 
+    try:  # the lightly-train side always runs here: resolve (maybe make) its python now, before any timing
+        args.lt_python = lightly_train_python(Path(args.lt_work), args.lt_python)
+    except LightlyTrainEnvError as err:
+        print(err, file=sys.stderr)
+        return 2
     lt_version = _lt_importable(args.lt_python)
     if lt_version is None:
         print(LT_SETUP.format(python=args.lt_python), file=sys.stderr)
