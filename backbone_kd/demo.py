@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     data_yaml = make_shapes_dataset(out / "shapes")
-    print(f"[1/3] demo dataset: {data_yaml}")
+    # [n/3] counts the three stages (pretrain -> inject -> fine-tune); the dataset and the probe are labelled apart
+    print(f"[data] demo dataset: {data_yaml}")
 
     online = not args.offline and hub_reachable()
     if not online:

@@ -48,6 +48,7 @@ import torch
 
 from backbone_kd.pretrain.data import WORKER_MMAP_THRESHOLD, fix_worker_heap, freeze_before_fork
 from benchmarks.bench_data import shared_dir
+from benchmarks.scale_memory import snapshot
 
 DEFAULT_IMAGES = shared_dir() / "data" / "unlabeled" / "bsds500"
 LINKS_PER_COPY = 50_000  # below ext4's 65,000 hard links per inode
@@ -134,37 +135,6 @@ def generate(work: Path, n_files: int, images: str, n_real: int) -> tuple[Path, 
     list_file.write_text("\n".join(names) + "\n")  # relative entries: resolved against the list's folder
     marker.write_text(json.dumps({"files": n_files}))
     return list_file, time.perf_counter() - t0
-
-
-def memory_kib(pid: int) -> dict[str, int]:
-    """A process's memory in KiB from ``/proc/<pid>/smaps_rollup``: ``pss``, ``rss`` and ``pss_nofile``.
-
-    ``pss_nofile`` = Pss - Pss_File: anonymous and shared-memory pages only. File pages (mostly shared libraries such
-    as libtorch) are shared with every process on the host that maps the same files, so their PSS share jumps when
-    an unrelated process starts or exits; anonymous pages are shared only through our own fork.
-    """
-    fields = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("Pss", "Rss", "Pss_File"):
-            fields[key] = int(rest.split()[0])
-    return {"pss": fields["Pss"], "rss": fields["Rss"], "pss_nofile": fields["Pss"] - fields.get("Pss_File", 0)}
-
-
-def worker_pids(iterator) -> list[int]:
-    """PIDs of the DataLoader's worker processes (none with ``workers=0``)."""
-    workers = getattr(iterator, "_workers", None)  # torch's multi-process iterator keeps them here
-    if workers is not None:
-        return [w.pid for w in workers]
-    children: list[int] = []
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        children += [int(p) for p in (task / "children").read_text().split()]
-    return children
-
-
-def snapshot(iterator) -> dict:
-    """:func:`memory_kib` of the main process and each worker."""
-    return {"main": memory_kib(os.getpid()), "workers": [memory_kib(pid) for pid in worker_pids(iterator)]}
 
 
 def run(argv: list[str] | None = None) -> dict:

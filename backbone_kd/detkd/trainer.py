@@ -5,89 +5,45 @@ only (1) checks the teacher's classes against the data before any model is built
 (broadcast from rank 0 under DDP) and KD criterion before the optimizer, (2) adds the adapters to the optimizer,
 (3) clips gradients over student + adapters and skips non-finite steps, (4) ramps KD weights in, and (5) writes
 checkpoints as plain ``DetectionModel`` s with a ``weights/kd_state.pt`` side file (recipe, teacher path, adapters)
-that resume reads back.
+that resume reads back. The KD arguments (``kd_args``), the adapters' wiring (``adapter_wiring``) and the run's
+side files (``run_files``) live in their own modules of this package.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import distributed as dist
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
-from backbone_kd.detkd.adapters import FeatureAdapters, broadcast_from_rank0, neck_widths
+from backbone_kd.detkd.adapter_wiring import add_adapter_param_groups, build_adapters, sync_adapter_grads
 from backbone_kd.detkd.criterion import COLUMNS
+from backbone_kd.detkd.kd_args import (
+    KD_KEYS,
+    SHORTCUTS,
+    KDConfigCallback,
+    adapt_default_terms,
+    build_recipe,
+    resolve_kd_args,
+    split_kd_overrides,
+)
 from backbone_kd.detkd.model import KDDetectionModel, as_kd_model, as_plain_detection_model
-from backbone_kd.detkd.recipe import KD_OPTIONS, load_recipe, needs_adapters, set_dotted
+from backbone_kd.detkd.run_files import KD_STATE_FILE, read_kd_state, remove_unused_run_dir, write_kd_state
 from backbone_kd.detkd.teacher import (
     KDLink,
     check_pair,
     check_teacher_file,
     class_names,
-    detect_head,
     load_teacher,
     resolve_class_map,
 )
-from backbone_kd.io_utils import atomic_torch_save
-from backbone_kd.kv_args import parse_value
-from backbone_kd.safe_load import as_trust_flag, load_state_file
+from backbone_kd.safe_load import as_trust_flag
 
-# keys consumed here, never passed to ultralytics' argument checker
-KD_KEYS = (
-    "teacher",
-    "recipe",
-    "kd",
-    "kd_weight",
-    "det_weight",
-    "kd_warmup",
-    "kd_anchors",
-    "kd_max_norm",
-    "class_map",
-    "trust_pickle",
-)
-SHORTCUTS = {
-    "kd_weight": "kd_weight",
-    "det_weight": "det_weight",
-    "kd_warmup": "warmup_epochs",
-    "kd_anchors": "anchors",
-    "kd_max_norm": "max_grad_norm",
-    "class_map": "class_map",
-}
-
-
-class _KDConfig:
-    """Picklable no-op callback carrying the KD config into DDP workers (which rebuild trainers from args only)."""
-
-    def __init__(self, config: dict) -> None:
-        self.config = config
-
-    def __call__(self, trainer: Any) -> None:
-        pass
-
-
-def split_kd_overrides(overrides: dict) -> tuple[dict, dict]:
-    """Split ``overrides`` into (ultralytics args, KD args); KD args are KD_KEYS and ``recipe.<dotted>`` keys."""
-    train, kd = {}, {}
-    for k, v in overrides.items():
-        (kd if k in KD_KEYS or k.startswith("recipe.") else train)[k] = v
-    return train, kd
-
-
-def build_recipe(kd: dict, base: dict | None = None) -> dict:
-    """Recipe from KD args: ``recipe`` file/dict (or ``base``), ``kd=`` selection, shortcuts, dotted overrides."""
-    recipe = load_recipe(kd.get("recipe", base), enabled=kd.get("kd"))
-    for key, target in SHORTCUTS.items():
-        if kd.get(key) is not None:  # read as the command line reads it, whether it came from there or from Python
-            recipe[target] = KD_OPTIONS[key].read(key, kd[key])
-    for k, v in kd.items():
-        if k.startswith("recipe."):
-            set_dotted(recipe, k[len("recipe.") :], parse_value(v) if isinstance(v, str) else v)
-    return load_recipe(recipe)  # re-validate after overrides
+# KD_KEYS, SHORTCUTS, build_recipe and split_kd_overrides were defined here first: importable from here still
+__all__ = ["KD_KEYS", "SHORTCUTS", "DistillationDetectionTrainer", "build_recipe", "split_kd_overrides"]
 
 
 class DistillationDetectionTrainer(DetectionTrainer):
@@ -132,7 +88,7 @@ class DistillationDetectionTrainer(DetectionTrainer):
             train_args["resume"] = str(train_args["model"])
         if isinstance(kd.get("teacher"), (str, Path)):
             check_teacher_file(kd["teacher"])  # before ultralytics creates the run folder
-        carried = [c for cbs in (_callbacks or {}).values() for c in cbs if isinstance(c, _KDConfig)]
+        carried = [c for cbs in (_callbacks or {}).values() for c in cbs if isinstance(c, KDConfigCallback)]
         try:
             super().__init__(cfg, train_args, _callbacks)
             self._init_kd(kd, carried)
@@ -141,29 +97,14 @@ class DistillationDetectionTrainer(DetectionTrainer):
             self._remove_unused_run_dir()
             raise
 
-    def _init_kd(self, kd: dict, carried: list[_KDConfig]) -> None:
+    def _init_kd(self, kd: dict, carried: list[KDConfigCallback]) -> None:
         """KD half of ``__init__``: recipe, teacher source (resume / DDP worker aware) and the class check."""
         if self.args.distill_model is not None:  # e.g. carried over from a resumed ultralytics checkpoint
             raise ValueError("distill_model= is ultralytics' built-in KD; with this trainer pass teacher= instead")
         # trust_pickle=true: open the teacher .pt / kd_state.pt with full unpickling (DDP workers: from the launcher)
         self.trust_pickle = as_trust_flag(kd.get("trust_pickle", any(c.config.get("trust_pickle") for c in carried)))
         state = self._read_kd_state() if self.resume else {}
-        # terms that come with a recipe (default or file), not listed by kd= / recipe.enabled=: the trainer may
-        # adapt them to the heads (no DFL for reg_max=1); terms listed explicitly are checked, never changed
-        default_terms = not any(k == "kd" or k.startswith("recipe.enabled") for k in kd)
-        if carried and "teacher" not in kd:  # DDP worker: the launcher's config rides in the callbacks
-            kd = dict(carried[0].config)
-            default_terms = bool(kd.pop("default_terms", False))
-        elif state.get("recipe") is not None:
-            default_terms = False
-            # resume continues the saved recipe: other terms would change the loss columns, the adapters and the
-            # optimizer's parameter groups that the checkpoint's optimizer state must match
-            given = {k: v for k, v in kd.items() if k not in {"teacher", "trust_pickle"}}
-            if given and build_recipe(given) != load_recipe(state["recipe"]):  # same recipe again: nothing to say
-                LOGGER.warning(
-                    f"KD resume ignores {sorted(given)}; the run's saved recipe is used. Start a new run to change."
-                )
-            kd = {"teacher": kd["teacher"]} if "teacher" in kd else {}
+        kd, default_terms = resolve_kd_args(kd, carried, state)
         self.teacher_source = kd.get("teacher", state.get("teacher"))
         if self.teacher_source is None:
             raise ValueError(
@@ -178,7 +119,7 @@ class DistillationDetectionTrainer(DetectionTrainer):
         self._default_terms = default_terms
         if not isinstance(self.teacher_source, torch.nn.Module):
             config = {**kd, "recipe": self.recipe, "default_terms": default_terms, "trust_pickle": self.trust_pickle}
-            self.add_callback("on_pretrain_routine_start", _KDConfig(config))
+            self.add_callback("on_pretrain_routine_start", KDConfigCallback(config))
         self.kd_link: KDLink | None = None
         self.kd_skipped = 0
         self._kd_state = state
@@ -191,31 +132,14 @@ class DistillationDetectionTrainer(DetectionTrainer):
             resolve_class_map(list(map(str, names)), class_names(self._teacher), self.recipe.get("class_map"))
 
     def _remove_unused_run_dir(self) -> None:
-        """Delete the run folder ultralytics made in ``__init__`` if nothing but ``args.yaml`` and an empty
-        ``weights/`` is in it (a failed start); resumed runs and folders with anything else are never touched."""
-        save_dir = getattr(self, "save_dir", None)
-        if save_dir is None or getattr(self, "resume", False) or RANK not in {-1, 0} or not Path(save_dir).is_dir():
-            return
-        d = Path(save_dir)
-        weights = d / "weights"
-        if {p.name for p in d.iterdir()} <= {"args.yaml", "weights"} and not (
-            weights.is_dir() and any(weights.iterdir())
-        ):
-            shutil.rmtree(d, ignore_errors=True)
+        """Delete the run folder of a failed start (see :func:`remove_unused_run_dir`); never a resumed run's."""
+        if not getattr(self, "resume", False) and RANK in {-1, 0}:
+            remove_unused_run_dir(getattr(self, "save_dir", None))
 
     # -- setup ------------------------------------------------------------------------------------------------------
     def _read_kd_state(self) -> dict:
-        """Load ``kd_state.pt`` beside the resumed checkpoint (recipe, teacher path, adapter weights).
-
-        It holds only tensors and plain values, so it is read with ``weights_only=True`` (``load_state_file``).
-        """
-        f = Path(str(self.args.model)).with_name("kd_state.pt")
-        if not f.is_file():
-            LOGGER.warning(f"KD resume: {f} not found; adapters restart from scratch and teacher= must be given")
-            return {}
-        if self.trust_pickle:
-            return torch.load(f, map_location="cpu", weights_only=False)
-        return load_state_file(f)
+        """Load ``kd_state.pt`` beside the resumed checkpoint (recipe, teacher path, adapter weights)."""
+        return read_kd_state(Path(str(self.args.model)).with_name(KD_STATE_FILE), self.trust_pickle)
 
     def get_model(self, cfg: str | dict | None = None, weights: Any = None, verbose: bool = True) -> KDDetectionModel:
         """Build the student as a KDDetectionModel (same weights/layers as ultralytics' DetectionModel)."""
@@ -234,23 +158,13 @@ class DistillationDetectionTrainer(DetectionTrainer):
                 else:
                     teacher = load_teacher(self.teacher_source, self.device, trust_pickle=self.trust_pickle)
                 self._teacher = None  # the link owns it from here
-                self._adapt_default_terms(model, teacher)
+                if self._default_terms:  # terms listed with kd= are left alone (check_pair refuses a bad one)
+                    self.recipe = adapt_default_terms(self.recipe, model, teacher)
                 class_index = check_pair(model, teacher, self.recipe)
             except ValueError:
                 self._remove_unused_run_dir()
                 raise
-            adapters = None
-            if needs_adapters(self.recipe):
-                enabled = self.recipe["enabled"]
-                kind = self.recipe["features"].get("adapter", "conv")
-                adapters = FeatureAdapters(neck_widths(model), neck_widths(teacher), "mgd" in enabled, kind)
-                adapters = adapters.to(self.device)
-                if self._kd_state.get("adapters"):
-                    adapters.load_state_dict(self._kd_state["adapters"])
-                # built outside DDP from this rank's RNG (ultralytics seeds rank r with seed+1+r): start every rank
-                # from rank 0's weights, after which the averaged gradients keep them equal
-                if broadcast_from_rank0(adapters):
-                    LOGGER.info("KD: adapter weights broadcast from rank 0")
+            adapters = build_adapters(self.recipe, model, teacher, self.device, self._kd_state.get("adapters"))
             self.kd_link = KDLink(teacher, adapters, self.recipe, class_index=class_index)
             use_half = self.recipe.get("teacher_half") and self.device.type == "cuda" and self.args.amp
             if use_half:
@@ -258,21 +172,6 @@ class DistillationDetectionTrainer(DetectionTrainer):
                 self.kd_link.teacher_half = True
             self.kd_skipped = int(self._kd_state.get("skipped", 0))
         as_kd_model(model, self.kd_link)
-
-    def _adapt_default_terms(self, model: torch.nn.Module, teacher: torch.nn.Module) -> None:
-        """A recipe's ``dfl`` on a reg_max=1 head (YOLO26) would be identically zero: distil the decoded boxes instead,
-        and say so. Terms listed with ``kd=`` are left alone (check_pair refuses an explicit ``dfl``)."""
-        enabled = self.recipe["enabled"]
-        if not self._default_terms or "dfl" not in enabled:
-            return
-        if 1 not in (detect_head(model).reg_max, detect_head(teacher).reg_max):
-            return
-        terms = list(dict.fromkeys("box" if n == "dfl" else n for n in enabled))
-        LOGGER.warning(
-            f"KD: the student or teacher head has reg_max=1 (direct box regression, e.g. YOLO26), so the recipe's "
-            f"'dfl' term would be zero; using kd={','.join(terms)} instead (pass kd= to choose the terms)"
-        )
-        self.recipe = load_recipe({**self.recipe, "enabled": terms})
 
     def build_optimizer(
         self,
@@ -287,14 +186,7 @@ class DistillationDetectionTrainer(DetectionTrainer):
         optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
         adapters = self.kd_link.adapters if self.kd_link else None
         if adapters is not None:
-            groups = {g.get("param_group"): g for g in optimizer.param_groups}
-            weights = [p for n, p in adapters.named_parameters() if not n.endswith("bias")]
-            biases = [p for n, p in adapters.named_parameters() if n.endswith("bias")]
-            for params, kind in ((weights, "weight"), (biases, "bias")):
-                template = groups.get(kind) or optimizer.param_groups[0]
-                opts = {k: v for k, v in template.items() if k not in {"params", "initial_lr"}}
-                optimizer.add_param_group({**opts, "params": params, "param_group": kind})
-            LOGGER.info(f"KD: {sum(p.numel() for p in adapters.parameters())} adapter parameters added to optimizer")
+            add_adapter_param_groups(optimizer, adapters)
         return optimizer
 
     # -- training loop hooks -----------------------------------------------------------------------------------
@@ -321,7 +213,7 @@ class DistillationDetectionTrainer(DetectionTrainer):
         scale): that is not counted. Counted are non-finite steps without a scaler, and under a scaler those with a
         non-finite loss or a scale already at or below 1 (no scale can fix those).
         """
-        self._sync_adapter_grads()
+        sync_adapter_grads(self.kd_link.adapters if self.kd_link is not None else None, self.world_size)
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm=self.recipe["max_grad_norm"] or float("inf"))
@@ -340,21 +232,6 @@ class DistillationDetectionTrainer(DetectionTrainer):
         self.optimizer.zero_grad()
         if self.ema:
             self.ema.update(self.model)
-
-    def _sync_adapter_grads(self) -> None:
-        """Average adapter gradients over DDP ranks.
-
-        DDP all-reduces only the wrapped student's gradients; the adapters live outside it, so without this every rank
-        would step its own copy and they would drift apart (and the skip decision below could differ per rank).
-        """
-        adapters = self.kd_link.adapters if self.kd_link is not None else None
-        if adapters is None or self.world_size <= 1 or not dist.is_available() or not dist.is_initialized():
-            return
-        for p in adapters.parameters():
-            if p.grad is None:  # same on every rank: the KD scale and enabled terms are identical everywhere
-                continue
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)  # SUM then divide: gloo has no AVG
-            p.grad.div_(self.world_size)
 
     def label_loss_items(self, loss_items: dict | None = None, prefix: str = "train") -> dict | list[str]:
         """ultralytics' loss labels, minus the KD terms for ``val/``: validation runs the student alone (no teacher
@@ -383,16 +260,14 @@ class DistillationDetectionTrainer(DetectionTrainer):
         finally:
             self.ema.ema = kd_ema
         if RANK in {-1, 0} and self.kd_link is not None:
-            adapters = self.kd_link.adapters
-            state = {
-                "teacher": None if isinstance(self.teacher_source, torch.nn.Module) else str(self.teacher_source),
-                "recipe": self.recipe,
-                # a plain dict of tensors: kd_state.pt must load with torch.load(weights_only=True)
-                "adapters": dict(adapters.state_dict()) if adapters is not None else None,
-                "skipped": self.kd_skipped,
-                "epoch": self.epoch,
-            }
-            atomic_torch_save(state, self.wdir / "kd_state.pt")
+            write_kd_state(
+                self.wdir / KD_STATE_FILE,
+                self.teacher_source,
+                self.recipe,
+                self.kd_link.adapters,
+                self.kd_skipped,
+                self.epoch,
+            )
         return saved
 
     def final_eval(self) -> None:
