@@ -135,7 +135,7 @@ def test_validator_scores_with_the_frozen_centre(norm: str, same: bool) -> None:
     val.targets = [(torch.randn(5, 8, 3, 3) + 2).half()]
     scores = []
     for batch_size in (1, 5):  # the last validation batch can be a single image
-        val.cfg = type("Cfg", (), {"batch_size": batch_size, "student_input": "unit", "probe_data": None})()
+        val.cfg = type("Cfg", (), {"batch_size": batch_size, "probe_data": None})()
         crit = _criterion(norm)
         before = None if crit.center is None else crit.center.centers()[0].clone()
         torch.manual_seed(1)  # the same student for both batch sizes

@@ -75,27 +75,6 @@ def test_pair_levels_checks_strides_not_only_counts() -> None:
         pair_levels([8, 16, 32], [4, 8, 16])  # a stride-4/8/16 CNN teacher must not pair with P3-P5
 
 
-def test_patch_affinity_kl_zero_for_same_relations_positive_otherwise() -> None:
-    from backbone_kd.pretrain.loss import patch_affinity_kl
-
-    centres = torch.randn(2, 16)  # two groups of tokens: strong relations to transfer
-    t = (centres[torch.arange(16) % 2].T.reshape(16, 4, 4) + 0.1 * torch.randn(2, 16, 4, 4)).contiguous()
-    assert patch_affinity_kl(t * 3.0, t).abs() < 1e-5  # scale-free: only the token relations matter
-    rot = torch.linalg.qr(torch.randn(16, 16))[0]  # any rotation of the feature space keeps the affinities
-    assert patch_affinity_kl(torch.einsum("ed,bdhw->behw", rot, t), t).abs() < 1e-4
-    assert patch_affinity_kl(torch.randn(2, 16, 4, 4), t) > 0.5  # random student tokens: relations lost
-
-
-def test_affinity_term_is_logged_and_weighted() -> None:
-    t = [torch.randn(2, 12, 4, 4)]
-    s = [torch.randn(2, 12, 4, 4, requires_grad=True)]
-    plain, _ = DistillationLoss([1.0], [0])(s, t)
-    total, logs = DistillationLoss([1.0], [0], affinity_weight=0.5, level_names=["p3"])(s, t)
-    assert torch.allclose(total, plain + 0.5 * logs["aff_p3"])
-    total.backward()
-    assert s[0].grad is not None
-
-
 def test_target_norm_removes_the_common_component() -> None:
     torch.manual_seed(0)
     common = torch.randn(1, 32, 1, 1) * 5

@@ -256,38 +256,6 @@ def test_too_many_consecutive_nonfinite_steps_abort_at_log_time(image_dir, tmp_p
     assert json.loads((run / "run_summary.json").read_text())["nonfinite_steps"] == 2
 
 
-def test_mixup_and_affinity_run_and_mixup_refuses_the_cache(image_dir, tmp_path) -> None:
-    run = pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "o", mixup="true", affinity_weight=1)))
-    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert {"aff_p3", "aff_p4", "aff_p5"} <= set(row)
-    with pytest.raises(ValueError, match="mixup"):
-        build_config(tiny_pretrain_args(image_dir, tmp_path / "c", mixup="true", teacher_cache="auto"))
-
-
-def test_student_input_imagenet_feeds_normalised_images(image_dir, tmp_path, monkeypatch) -> None:
-    """``student_input=imagenet`` (lightly-train's convention, an A/B): the student sees (x - mean) / std, the
-    teacher the same view (it normalises on its own), and the backbone file says which inputs its BN expects."""
-    from backbone_kd.pretrain.projector import DistillStudent
-    from backbone_kd.pretrain.views import student_view
-
-    x = torch.rand(2, 3, 8, 8)
-    assert student_view(x, "unit") is x
-    assert torch.allclose(student_view(x, "imagenet")[:, 0], (x[:, 0] - 0.485) / 0.229)
-    seen = []
-    forward = DistillStudent.forward
-
-    def spy(self, inputs, *rest):
-        seen.append(float(inputs.min()))
-        return forward(self, inputs, *rest)
-
-    monkeypatch.setattr(DistillStudent, "forward", spy)
-    run = pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path, steps=2, student_input="imagenet")))
-    assert seen and min(seen) < -0.5  # [0, 1] images normalised: min (0 - 0.485) / 0.229 = -2.1
-    assert read_backbone_file(run / "backbone.safetensors")[1]["student_input"] == "imagenet"
-    with pytest.raises(ValueError, match="student_input must be unit or imagenet"):
-        build_config(["student_input=bgr"])
-
-
 def test_distill_neck_trains_and_exports_the_neck(image_dir, tmp_path, monkeypatch) -> None:
     """``distill_neck=true``: the head's inputs are distilled, so neck weights move; the backbone file and student.pt
     carry them (layers 0-21 of yolov8n), and the file holds no head tensor."""

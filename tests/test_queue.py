@@ -75,15 +75,15 @@ def test_bad_queue_options(override: dict, match: str) -> None:
         build_config([f"{k}={v}" for k, v in override.items()])
 
 
-def test_cosine_weight_zero_keeps_only_relational_terms() -> None:
+def test_cosine_weight_zero_keeps_only_the_other_terms() -> None:
     torch.manual_seed(0)
     s, t = [torch.randn(2, 8, 4, 4, requires_grad=True)], [torch.randn(2, 8, 4, 4)]
-    loss, logs = DistillationLoss([1.0], [0], cosine_weight=0.0, affinity_weight=1.0)(s, t)
-    assert loss.item() == pytest.approx(logs["aff_l0"].item()) and "cos_l0" in logs
+    loss, logs = DistillationLoss([1.0], [0], cosine_weight=0.0, smooth_l1_weight=1.0)(s, t)
+    assert loss.item() == pytest.approx(logs["l1_l0"].item()) and "cos_l0" in logs
 
 
 def test_queue_run_validates_and_resumes_exactly(image_dir, tmp_path, monkeypatch) -> None:
-    """A relational-only run (queue KL + affinity, no cosine) trains, validates and resumes bit-for-bit.
+    """A relational-only run (queue KL, no cosine) trains, validates and resumes bit-for-bit.
 
     Validation also guards a fixed defect: it called the criterion without globals, so any run with
     ``global_weight > 0`` and validation stopped with "global_weight > 0 needs a teacher with a CLS token".
@@ -104,7 +104,6 @@ def test_queue_run_validates_and_resumes_exactly(image_dir, tmp_path, monkeypatc
         "global_loss": "queue",
         "global_queue_size": 4,
         "cosine_weight": 0,
-        "affinity_weight": 1,
         "val_fraction": 0.25,
         "val_every": 3,
         "min_lr_ratio": 1,  # a constant lr: the steps after the resume move the weights as much as the first ones

@@ -70,3 +70,14 @@ def test_resume_of_a_run_started_with_a_retired_lever_is_refused(tmp_path: Path,
         return
     with pytest.raises(ValueError, match=rf"--resume .*was retired in commit {commit}.*another --name"):
         check_resume_not_retired(checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("option", "inert", "used"),
+    [("mixup", "false", "true"), ("student_input", "unit", "imagenet"), ("affinity_weight", "0", "1")],
+)
+def test_the_retired_levers_are_refused_by_name_and_dropped_at_their_old_default(option, inert, used) -> None:
+    commit = retired.RETIRED_OPTIONS[option].commit
+    assert not hasattr(build_config([f"{option}={inert}"]), option)
+    with pytest.raises(ValueError, match=f"{option}=.* was retired in commit {commit}"):
+        build_config([f"{option}={used}"])

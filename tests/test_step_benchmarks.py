@@ -1,7 +1,7 @@
 """The speed benchmarks time the step ``bkd pretrain`` trains with: same parts, same batch, same update.
 
 ``benchmarks/throughput.py`` (and ``gpu_check.py``, which uses its parts) used to wire the step by hand and drifted
-(no ``head_grids``, so ``resize_first`` timed the wrong head sizes; ``level_weights``, ``student_input`` and
+(no ``head_grids``, so ``resize_first`` timed the wrong head sizes; ``level_weights`` and
 ``distill_neck`` ignored). The parts now come from ``build_run`` and the step module; here one benchmark step is
 checked against one real training step on the same seed, with those options on. ``benchmarks/teacher_cache.py``
 times real runs and takes its quality measures from the same parts.
@@ -22,7 +22,7 @@ from benchmarks import teacher_cache, throughput
 from tests.conftest import TINY_VIT, TINY_VIT_KWARGS, make_images, tiny_pretrain_args
 
 # The options the hand-wired benchmark ignored, and a cached-teacher variant (its targets come from the batch).
-DRIFTED = {"align": "resize_first", "level_weights": "[1, 1, 2]", "student_input": "imagenet", "ema_decay": 0.9}
+DRIFTED = {"align": "resize_first", "level_weights": "[1, 1, 2]", "ema_decay": 0.9}
 
 
 @pytest.mark.parametrize("extra", [DRIFTED, {"distill_neck": "true"}, {"teacher_cache": "auto"}])

@@ -113,14 +113,6 @@ class PretrainConfig:
     )
     global_queue_size: Any = _f("auto", "teacher CLS embeddings in the queue: auto (data-set size based) or a number")
     global_temperature: float = _f(0.07, "softmax temperature of the queue KL")
-    affinity_weight: float = _f(0.0, "weight of the token-affinity KL per level (lightly-train v3's local loss)")
-    affinity_temperature: float = _f(0.07, "softmax temperature of the token-affinity KL")
-    mixup: bool = _f(False, "mix each batch with a shuffled copy of itself (lambda ~ U(0, 1)); online teacher only")
-    student_input: str = _f(
-        "unit",
-        "unit: the student sees [0, 1] images, as ultralytics feeds them; imagenet: ImageNet-normalised images, as "
-        "lightly-train trains its student (an A/B: the exported BN statistics then do not match YOLO's inputs)",
-    )
     # data
     image_size: int = _f(224, "square training size; a multiple of the teacher patch size and 32")
     image_size_schedule: Any = _f(
@@ -196,12 +188,11 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "student": ("student", "nc", "trust_pickle", "taps", "distill_neck", "projector", "projector_hidden", "align"),
     "loss": (
         *("level_weights", "cosine_weight", "smooth_l1_weight", "target_norm", "target_center_momentum"),
-        *("global_weight", "global_loss", "global_queue_size", "global_temperature", "affinity_weight"),
-        "affinity_temperature",
+        *("global_weight", "global_loss", "global_queue_size", "global_temperature"),
     ),
     "data": (
-        *("unlabeled", "student_input", "image_size", "image_size_schedule", "batch_size", "workers", "crop_scale"),
-        *("hflip", "color_jitter", "mixup", "max_image_pixels"),
+        *("unlabeled", "image_size", "image_size_schedule", "batch_size", "workers", "crop_scale", "hflip"),
+        *("color_jitter", "max_image_pixels"),
     ),
     "optim": (
         *("steps", "epochs", "optimizer", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip"),

@@ -74,12 +74,8 @@ def _check_optimisation(cfg: PretrainConfig) -> None:
 
 def _check_objective(cfg: PretrainConfig) -> None:
     """Loss terms and their weights, target normalisation, heads and alignment, the student's inputs."""
-    _non_negative(cfg, ("smooth_l1_weight", "global_weight", "affinity_weight", "cosine_weight"))
-    _need(cfg.affinity_temperature > 0, f"affinity_temperature={cfg.affinity_temperature} must be > 0 (e.g. 0.07)")
+    _non_negative(cfg, ("smooth_l1_weight", "global_weight", "cosine_weight"))
     _need(cfg.global_temperature > 0, f"global_temperature={cfg.global_temperature} must be > 0 (e.g. 0.07)")
-    _need(
-        cfg.student_input in ("unit", "imagenet"), f"student_input must be unit or imagenet, got {cfg.student_input!r}"
-    )
     _need(
         cfg.target_norm in ("none", "center", "standardize", "ema_center"),
         f"target_norm must be none, center, standardize or ema_center, got {cfg.target_norm!r}",
@@ -95,12 +91,8 @@ def _check_objective(cfg: PretrainConfig) -> None:
         f"global_queue_size={queue!r} must be auto or a whole number >= 1, e.g. 1024",
     )
     _need(
-        cfg.cosine_weight + cfg.smooth_l1_weight + cfg.affinity_weight + cfg.global_weight > 0,
-        "every loss weight is 0: keep cosine_weight > 0 or turn on affinity_weight / global_weight / smooth_l1_weight",
-    )
-    _need(
-        not (cfg.mixup and cfg.teacher_cache not in OFF),
-        "mixup needs the online teacher (cached targets belong to unmixed images); drop teacher_cache or mixup",
+        cfg.cosine_weight + cfg.smooth_l1_weight + cfg.global_weight > 0,
+        "every loss weight is 0: keep cosine_weight > 0 or turn on global_weight / smooth_l1_weight",
     )
     hidden = cfg.projector_hidden
     _need(hidden is None or hidden >= 1, f"projector_hidden={hidden} must be >= 1 (or null for the default)")

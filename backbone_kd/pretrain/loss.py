@@ -115,26 +115,6 @@ def standardized_smooth_l1(student: torch.Tensor, teacher: torch.Tensor, beta: f
     return F.smooth_l1_loss(student.float(), (t - mean) / std, beta=beta)
 
 
-def patch_affinity_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
-    """KL from the teacher's to the student's token-affinity rows (lightly-train v3's local loss, per level).
-
-    Each token's cosine similarities to every other token of its image, softmaxed at ``temperature``, form a
-    distribution; the student matches the teacher's. It transfers the teacher's relations between image regions
-    (which regions belong together) rather than its absolute feature directions.
-
-    Args:
-        student: (B, D, h, w) projected student map, on the teacher grid. teacher: (B, D, h, w).
-
-    Returns:
-        Scalar: ``sum KL / (B * h * w)`` (mean over affinity rows).
-    """
-    s = F.normalize(student.float().flatten(2), dim=1)  # (B, D, N)
-    t = F.normalize(teacher.float().flatten(2), dim=1)
-    s_log = F.log_softmax(torch.einsum("bdm,bdn->bmn", s, s) / temperature, dim=-1)  # (B, N, N)
-    t_prob = F.softmax(torch.einsum("bdm,bdn->bmn", t, t) / temperature, dim=-1)
-    return F.kl_div(s_log, t_prob, reduction="sum") / (s.shape[0] * s.shape[2])
-
-
 class DistillationLoss(nn.Module):
     """Weighted sum over student levels of the token-cosine loss (+ optional smooth-L1 and global terms).
 
@@ -145,8 +125,7 @@ class DistillationLoss(nn.Module):
         smooth_l1_weight: Weight of :func:`standardized_smooth_l1` (0 disables).
         global_weight: Weight of the global term (0 disables): ``1 - cos(pooled student, teacher CLS)``, or with a
             ``queue`` the queue KL (:func:`backbone_kd.pretrain.queue.queue_kl`) at ``global_temperature``.
-        affinity_weight: Weight of :func:`patch_affinity_kl` per level (0 disables); ``affinity_temperature`` its T.
-        cosine_weight: Weight of the per-token cosine term (0: relational terms only; ``cos_<level>`` is still logged).
+        cosine_weight: Weight of the per-token cosine term (0: other terms only; ``cos_<level>`` is still logged).
         queue: The teacher-CLS queue of the queue KL (None: the cosine global term).
         target_norm: :func:`normalize_targets` mode applied to every teacher map before the per-level terms
             (default ``center``, as the config's), or ``ema_center``: the running centre ``center``.
@@ -163,8 +142,6 @@ class DistillationLoss(nn.Module):
         smooth_l1_weight: float = 0.0,
         global_weight: float = 0.0,
         level_names: list[str] | None = None,
-        affinity_weight: float = 0.0,
-        affinity_temperature: float = 0.07,
         cosine_weight: float = 1.0,
         queue: TeacherQueue | None = None,
         global_temperature: float = 0.07,
@@ -182,7 +159,6 @@ class DistillationLoss(nn.Module):
                 raise ValueError("target_norm=ema_center needs teacher_channels (or a TargetCenter) to size its centre")
             center = TargetCenter(teacher_channels, center_momentum)
         self.center = center if target_norm == "ema_center" else None
-        self.affinity_weight, self.affinity_temperature = affinity_weight, affinity_temperature
         self.cosine_weight, self.queue, self.global_temperature = cosine_weight, queue, global_temperature
         if align_mode not in ALIGN_MODES:
             raise ValueError(f"align must be one of {ALIGN_MODES}, got {align_mode!r}")
@@ -247,10 +223,6 @@ class DistillationLoss(nn.Module):
                 l1 = standardized_smooth_l1(s_al, t_al)
                 logs[f"l1_{name}"] = l1.detach()
                 total = total + self.smooth_l1_weight * w * l1
-            if self.affinity_weight > 0:
-                aff = patch_affinity_kl(s_al, t_al, self.affinity_temperature)
-                logs[f"aff_{name}"] = aff.detach()
-                total = total + self.affinity_weight * w * aff
         if self.global_weight > 0:
             if student_global is None or teacher_global is None:
                 raise ValueError("global_weight > 0 needs a teacher with a CLS token (ViT) and a global head")

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from backbone_kd.io_utils import atomic_write
 from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, collate
-from backbone_kd.pretrain.views import student_view, teacher_input
+from backbone_kd.pretrain.views import teacher_input
 
 TILE = 128  # pixels per panel cell
 PAD = 4
@@ -61,7 +61,6 @@ class PCAPanel:
 
     images: torch.Tensor
     teacher: list[torch.Tensor]
-    student_input: str = "unit"
 
     @classmethod
     @torch.no_grad()
@@ -70,7 +69,7 @@ class PCAPanel:
         (centre-cropped views) through the teacher, once."""
         k = cfg.pca_images
         if validator is not None and validator.images is not None:
-            return cls(validator.images[:k], [t[:k] for t in validator.targets], cfg.student_input)
+            return cls(validator.images[:k], [t[:k] for t in validator.targets])
         paths = [str(train_paths[i]) for i in range(min(k, len(train_paths)))]
         data = UnlabeledImages(
             paths, cfg.image_size, AugmentConfig(None, 0.0, 0.0), seed=0, max_pixels=cfg.max_image_pixels
@@ -78,7 +77,7 @@ class PCAPanel:
         x = collate([data[i] for i in range(len(data))])["image"].to(device)
         feats, _ = teacher.encode(teacher_input(x, teacher, t_dtype))
         images = (x * 255).round().to(torch.uint8).cpu()
-        return cls(images, [f.to(torch.float16).cpu() for f in feats], cfg.student_input)
+        return cls(images, [f.to(torch.float16).cpu() for f in feats])
 
     @torch.no_grad()
     def student_maps(self, module, criterion) -> list[torch.Tensor]:
@@ -89,7 +88,7 @@ class PCAPanel:
             device = next(module.parameters()).device
             x = self.images.to(device).float() / 255
             grids = criterion.head_grids([t.to(device) for t in self.teacher])
-            feats, _ = module(student_view(x, self.student_input), grids)
+            feats, _ = module(x, grids)
         finally:
             module.train(was_training)
         return [f.float().cpu() for f in feats]

@@ -36,8 +36,13 @@ class Retired:
     why: str
 
 
-# option -> Retired (filled in by the commit that removes each option; see docs/results.md)
-RETIRED_OPTIONS: dict[str, Retired] = {}
+# option -> Retired (the commit that removed it, its inert value, the measurement; docs/results.md)
+RETIRED_OPTIONS: dict[str, Retired] = {
+    "mixup": Retired("MIXUP", False, "WHY_MIXUP"),
+    "student_input": Retired("STUDENT_INPUT", "unit", "WHY_STUDENT_INPUT"),
+    "affinity_weight": Retired("AFFINITY", 0.0, "WHY_AFFINITY"),
+    "affinity_temperature": Retired("AFFINITY", 0.07, "WHY_AFFINITY"),
+}
 # (option, value) -> Retired
 RETIRED_VALUES: dict[tuple[str, Any], Retired] = {}
 

@@ -1,6 +1,6 @@
 """One stage-1 training step, the same for ``bkd pretrain`` and the benchmarks that time it.
 
-:func:`train_step` = :func:`inputs` (images on the device, optional mixup) -> :func:`teacher_targets` (online teacher
+:func:`train_step` = :func:`inputs` (images on the device) -> :func:`teacher_targets` (online teacher
 or cache) -> :func:`student_step` (forward, loss, backward; on a sync step the clipped optimizer step that skips
 non-finite gradients on the device, target-centre and EMA updates, schedule). Benchmarks time the three parts
 separately; training calls :func:`train_step`.
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from backbone_kd.pretrain.optim import optimizer_step
-from backbone_kd.pretrain.views import student_view, teacher_input
+from backbone_kd.pretrain.views import teacher_input
 
 if TYPE_CHECKING:
     from backbone_kd.pretrain.build import Run
@@ -26,9 +26,7 @@ Targets = tuple[list[torch.Tensor], "torch.Tensor | None"]  # teacher maps [(B, 
 class StepOptions:
     """The options a step reads (the config's fields of the same names)."""
 
-    mixup: bool = False
     channels_last: bool = False
-    student_input: str = "unit"
     grad_clip: float = 3.0
 
 
@@ -50,11 +48,8 @@ def train_step(run: Run, batch: dict) -> dict[str, torch.Tensor]:
 
 
 def inputs(run: Run, batch: dict) -> torch.Tensor:
-    """The batch's images (B, 3, S, S) on the device, mixed (``mixup``) and in the student's memory format."""
+    """The batch's images (B, 3, S, S) on the device, in the student's memory format."""
     x = batch["image"].to(run.accelerator.device, non_blocking=True)
-    if run.options.mixup:  # lightly-train's mixup: one lambda per batch; teacher and student see the same mixed images
-        lam = torch.rand((), device=x.device)
-        x = lam * x + (1 - lam) * x[torch.randperm(x.shape[0], device=x.device)]
     if run.options.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -84,7 +79,7 @@ def student_step(
     with accelerator.accumulate(run.module):
         with accelerator.autocast():
             grids = run.criterion.head_grids(t_feats)
-            s_feats, s_global = run.module(student_view(x, run.options.student_input), grids)
+            s_feats, s_global = run.module(x, grids)
         loss, logs = run.criterion(s_feats, t_feats, s_global, t_global)
         accelerator.backward(loss)
         if accelerator.sync_gradients:

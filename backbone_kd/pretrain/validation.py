@@ -21,7 +21,7 @@ from backbone_kd.pretrain.config import OFF, PretrainConfig
 from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, collate
 from backbone_kd.pretrain.loss import align, cosine_token_loss
 from backbone_kd.pretrain.sources import PathList, resolve_image_sources
-from backbone_kd.pretrain.views import student_view, teacher_input
+from backbone_kd.pretrain.views import teacher_input
 from backbone_kd.probe.folder import in_val_split
 
 
@@ -122,8 +122,8 @@ class Validator:
                     # The criterion's target normalisation, as in training, so val_cos and the training cos_<level>
                     # measure the same thing (ema_center: the frozen centre, whatever the batch holds).
                     t = criterion.targets([level[start : start + len(x)].to(self.device) for level in self.targets])
-                    s_feats, _ = module(student_view(x, self.cfg.student_input), criterion.head_grids(t))  # as trained
-                    # Per-level cosine only, not the criterion: its global / queue / affinity terms need inputs
+                    s_feats, _ = module(x, criterion.head_grids(t))  # as trained
+                    # Per-level cosine only, not the criterion: its global / queue terms need inputs
                     # validation does not have (and the queue must not see held-out images).
                     for i, s in enumerate(s_feats):
                         s_al, t_al = align(s.float(), t[criterion.pairing[i]], criterion.align_mode)
