@@ -32,8 +32,6 @@ def test_align_modes() -> None:
     s, t = torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4)
     a, b = align(s, t, "student_to_teacher")
     assert a.shape == b.shape == (1, 8, 4, 4)
-    a, b = align(s, t, "teacher_to_student")
-    assert a.shape == b.shape == (1, 8, 8, 8)
     with pytest.raises(ValueError):
         align(s, t, "nearest")
 
@@ -85,8 +83,6 @@ def test_target_norm_removes_the_common_component() -> None:
     centred = normalize_targets(teacher, "center")
     assert centred.mean(dim=(0, 2, 3)).abs().max() < 1e-5
     assert cosine_token_loss(constant + 1e-3 * torch.randn_like(constant), centred)[1].abs() < 0.1
-    std = normalize_targets(teacher * torch.linspace(0.1, 10, 32).view(1, -1, 1, 1), "standardize")
-    assert torch.allclose(std.std(dim=(0, 2, 3), unbiased=False), torch.ones(32), atol=1e-4)
     with pytest.raises(ValueError, match="target_norm"):
         normalize_targets(teacher, "whiten")
 

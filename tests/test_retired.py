@@ -81,3 +81,11 @@ def test_the_retired_levers_are_refused_by_name_and_dropped_at_their_old_default
     assert not hasattr(build_config([f"{option}={inert}"]), option)
     with pytest.raises(ValueError, match=f"{option}=.* was retired in commit {commit}"):
         build_config([f"{option}={used}"])
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("target_norm", "standardize"), ("align", "teacher_to_student"), ("optimizer", "lars")]
+)
+def test_the_retired_values_are_refused_naming_the_commit(option: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"{option}='{value}' .*was retired in commit"):
+        build_config([f"{option}={value}"])

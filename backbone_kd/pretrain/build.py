@@ -138,7 +138,7 @@ def build_run(cfg: PretrainConfig, compile_options: dict[str, Any] | None = None
         criterion.center.start(cache.channel_means())
     images_per_step = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     steps = cfg.steps or max(1, round(cfg.epochs * len(images.paths) / images_per_step))
-    optimizer = build_optimizer(module, cfg.optimizer, cfg.lr, cfg.weight_decay, device)
+    optimizer = build_optimizer(module, cfg.lr, cfg.weight_decay, device)
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_steps, cfg.min_lr_ratio)
     module, optimizer = accelerator.prepare(module, optimizer)
     state = TrainState()

@@ -146,7 +146,6 @@ STATE_SHAPING_OPTIONS = (
     "global_loss",
     "global_queue_size",
     "ema_decay",
-    "optimizer",
 )
 
 

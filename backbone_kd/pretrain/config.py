@@ -90,14 +90,14 @@ class PretrainConfig:
     align: str = _f(
         "student_to_teacher",
         "student_to_teacher (resize projected student maps), resize_first (shrink larger student maps to the teacher "
-        "grid before their head: same loss grid, fewer tokens through the P3 head) or teacher_to_student",
+        "grid before their head: same loss grid, fewer tokens through the P3 head)",
     )
     level_weights: Any = _f(None, "loss weight per tapped level (default equal)")
     smooth_l1_weight: float = _f(0.0, "weight of smooth-L1 to per-channel standardised teacher features")
     target_norm: str = _f(
         "center",
         "teacher targets per channel over batch and tokens before the loss: center (minus the batch's mean token; "
-        "the default, see docs/results.md), standardize (also / std), none, or ema_center (minus a running centre "
+        "the default, see docs/results.md), none, or ema_center (minus a running centre "
         "updated once per optimizer step from the all-reduced mean: independent of batch size, accumulation and "
         "ranks; starts at the data set's mean with teacher_cache; frozen in validation)",
     )
@@ -129,11 +129,6 @@ class PretrainConfig:
     # optimisation
     steps: int | None = _f(None, "optimizer steps (overrides epochs)")
     epochs: float = _f(10.0, "passes over the unlabeled set (used when steps is not given)")
-    optimizer: str = _f(
-        "adamw",
-        "adamw, or lars (SGD-momentum 0.9 with a layer-wise trust ratio, lightly-train v2's optimizer; it needs a "
-        "~1000x larger lr, e.g. 9.0 * sqrt(batch / 1536): 0.92 at batch 16)",
-    )
     lr: float = _f(1e-3, "peak learning rate (for the global batch; not auto-scaled)")
     weight_decay: float = _f(0.05, "weight decay (not applied to norms and biases)")
     warmup_steps: int | None = _f(None, "linear warmup steps (default 5% of steps)")
@@ -195,7 +190,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         *("color_jitter", "max_image_pixels"),
     ),
     "optim": (
-        *("steps", "epochs", "optimizer", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip"),
+        *("steps", "epochs", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip"),
         *("ema_decay", "gradient_accumulation_steps"),
     ),
     "validation": ("val_unlabeled", "val_fraction", "val_every", "val_max_images", "probe_data", "probe_imgsz"),

@@ -12,8 +12,8 @@ from torch import nn
 from backbone_kd.pretrain.centering import TargetCenter
 from backbone_kd.pretrain.queue import TeacherQueue, queue_kl
 
-ALIGN_MODES = ("student_to_teacher", "teacher_to_student", "resize_first")
-BATCH_NORMS = ("none", "center", "standardize")  # stateless: each batch's own statistics
+ALIGN_MODES = ("student_to_teacher", "resize_first")
+BATCH_NORMS = ("none", "center")  # stateless: each batch's own statistics
 TARGET_NORMS = (*BATCH_NORMS, "ema_center")  # ema_center: a running centre (pretrain/centering.py)
 
 
@@ -54,7 +54,7 @@ def align(
         student: (B, D, hs, ws) projected student map.
         teacher: (B, D, ht, wt) teacher tokens.
         mode: ``student_to_teacher`` resizes the student map to the teacher grid (default: the loss is counted over
-            teacher tokens); ``teacher_to_student`` resizes the teacher grid to the student map; ``resize_first``
+            teacher tokens); ``resize_first``
             is ``student_to_teacher`` for maps that :meth:`DistillationLoss.head_grids` already shrank to the grid
             before their projection head (what is left here is upsampling the smaller levels).
     """
@@ -62,8 +62,6 @@ def align(
         return student, teacher
     if mode in ("student_to_teacher", "resize_first"):
         return F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False), teacher
-    if mode == "teacher_to_student":
-        return student, F.interpolate(teacher, size=student.shape[-2:], mode="bilinear", align_corners=False)
     raise ValueError(f"align must be one of {ALIGN_MODES}, got {mode!r}")
 
 
@@ -73,11 +71,11 @@ def normalize_targets(teacher: torch.Tensor, mode: str = "none") -> torch.Tensor
     Why: DINOv2 patch tokens share a large common component (on COCO images the mean cosine between a token and the
     batch's mean token is ~0.6), so under a plain per-token cosine a student that outputs that constant already
     scores ~0.6 and the loss says little about what differs between tokens. ``center`` removes the common component;
-    ``standardize`` also equalises channel variances. Stateless, so resume and DDP need nothing extra.
+    Stateless, so resume and DDP need nothing extra.
 
     Args:
         teacher: (B, D, h, w) teacher tokens.
-        mode: ``none`` (as is), ``center`` (minus the per-channel mean) or ``standardize`` (then / the per-channel std).
+        mode: ``none`` (as is) or ``center`` (minus the per-channel mean).
 
     Returns:
         (B, D, h, w) fp32 map.
@@ -87,10 +85,7 @@ def normalize_targets(teacher: torch.Tensor, mode: str = "none") -> torch.Tensor
     t = teacher.float()
     if mode == "none":
         return t
-    t = t - t.mean(dim=(0, 2, 3), keepdim=True)
-    if mode == "standardize":
-        t = t / t.std(dim=(0, 2, 3), keepdim=True, unbiased=False).clamp_min(1e-6)
-    return t
+    return t - t.mean(dim=(0, 2, 3), keepdim=True)
 
 
 def cosine_token_loss(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Optimisation of stage 1: AdamW / LARS, warmup + cosine schedule, and the optimizer step that skips non-finite
+"""Optimisation of stage 1: AdamW, warmup + cosine schedule, and the optimizer step that skips non-finite
 gradients without waiting for the device."""
 
 from __future__ import annotations
@@ -9,28 +9,18 @@ import torch
 from torch import nn
 
 from backbone_kd.pretrain.checkpoints import TrainState
-from backbone_kd.pretrain.lars import LARS
 
 
-def build_optimizer(
-    module: nn.Module, kind: str, lr: float, weight_decay: float, device: torch.device
-) -> torch.optim.Optimizer:
-    """AdamW (or LARS) without weight decay on norms and biases (1-D tensors); fused AdamW wherever torch has it.
+def build_optimizer(module: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW without weight decay on norms and biases (1-D tensors); fused AdamW wherever torch has it.
 
     Fused kernels (CUDA; CPU since torch 2.4) are one launch per step, and they take a ``found_inf`` tensor that skips
-    a non-finite step on the device, which :func:`optimizer_step` uses to avoid a host sync per step. LARS has no such
-    hook, so with ``optimizer=lars`` the skip is decided on the host. Its norms and biases take plain SGD-momentum
-    steps, without the trust ratio (SimCLR / BYOL / lightly-train convention).
-
-    Args:
-        kind: ``adamw`` or ``lars`` (the ``optimizer`` option).
+    a non-finite step on the device, which :func:`optimizer_step` uses to avoid a host sync per step (an optimizer
+    without that hook, e.g. torch's foreach AdamW, falls back to a host check).
     """
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if kind == "lars":
-        groups[1]["adapt"] = False
-        return LARS(groups, lr=lr)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=_fused_optimizer_supported(device))
 
 

@@ -42,9 +42,13 @@ RETIRED_OPTIONS: dict[str, Retired] = {
     "student_input": Retired("STUDENT_INPUT", "unit", "WHY_STUDENT_INPUT"),
     "affinity_weight": Retired("AFFINITY", 0.0, "WHY_AFFINITY"),
     "affinity_temperature": Retired("AFFINITY", 0.07, "WHY_AFFINITY"),
+    "optimizer": Retired("LARS", "adamw", "WHY_LARS"),  # lars was its only other value
 }
 # (option, value) -> Retired
-RETIRED_VALUES: dict[tuple[str, Any], Retired] = {}
+RETIRED_VALUES: dict[tuple[str, Any], Retired] = {
+    ("target_norm", "standardize"): Retired("VALUES", None, "WHY_STANDARDIZE"),
+    ("align", "teacher_to_student"): Retired("VALUES", None, "WHY_T2S"),
+}
 
 
 def _message(what: str, r: Retired) -> str:
