@@ -89,7 +89,8 @@ def run_overrides(args: argparse.Namespace, variant: dict[str, Any], seed: int) 
         "image_size": args.image_size,
         "batch_size": args.batch_size,
         "steps": args.images // args.batch_size,
-        "save_every": 0,
+        # a checkpoint every ~10 % of the run (at least 50 steps apart): a killed run resumes there (not keyed)
+        "save_every": max(50, args.images // args.batch_size // 10),
         "workers": args.workers,
         "student": args.student,
         "tensorboard": False,  # nothing here reads the trackers or pictures; they only cost time
@@ -121,6 +122,7 @@ def run_key(overrides: dict[str, Any], args: argparse.Namespace, pool_digest: st
     cfg = build_config([*as_argv(overrides), f"unlabeled={args.pool}"]).to_dict()
     # a retired option is keyed at its inert value (what today's code does), so retiring one keeps finished runs' keys
     cfg.update({k: r.inert for k, r in RETIRED_OPTIONS.items() if k not in cfg})
+    cfg["save_every"] = 0  # checkpoint cadence never changes the weights (resume is exact); runs before it had 0
     keyed = {k: v for k, v in cfg.items() if k not in UNKEYED}
     teacher = file_sha256(Path(args.teacher_weights).expanduser()) if args.teacher_weights else None
     return digest({"config": keyed, "teacher_sha256": teacher, "pool": pool_digest})[:16]
@@ -140,17 +142,24 @@ def pool_digest(pool: str) -> str:
 
 
 def pretrain(overrides: dict[str, Any], args: argparse.Namespace, key: str) -> Path:
-    """Run (or reuse) one pretraining; returns its run folder. Wall time lands in ``done.json``."""
+    """Run, resume or reuse one pretraining; returns its run folder. Wall time lands in ``done.json``.
+
+    A finished run (``done.json`` + backbone) is reused; an unfinished one with a checkpoint resumes at it (exact
+    resume: the same weights as an uninterrupted run), so a budget of hours survives a killed session; one without a
+    checkpoint starts again. ``seconds`` is the wall time of the last attempt (``resumed`` says whether it continued).
+    """
     run_dir = Path(args.out) / "runs" / key
     if (run_dir / "done.json").is_file() and (run_dir / "backbone.safetensors").is_file():
         return run_dir
-    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again: nothing stale is reused
+    resume = (run_dir / "config.yaml").is_file() and any((run_dir / "checkpoints").glob("step_*"))
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing stale is reused
     cmd = [sys.executable, "-m", "backbone_kd", "pretrain", "--output", str(Path(args.out) / "runs"), "--name", key]
-    cmd += as_argv(overrides)
+    cmd += as_argv(overrides) + (["resume=true"] if resume else [])
     cmd += ["--unlabeled", args.pool]
     t0 = time.time()
     subprocess.run(cmd, check=True)
-    done = {"overrides": overrides, "seconds": round(time.time() - t0, 1)}
+    done = {"overrides": overrides, "seconds": round(time.time() - t0, 1), "resumed": resume}
     (run_dir / "done.json").write_text(json.dumps(done, indent=1), encoding="utf-8")
     return run_dir
 

@@ -112,3 +112,30 @@ def test_retiring_an_option_keeps_finished_runs_keys(tmp_path, monkeypatch) -> N
     )
     monkeypatch.setitem(retired.RETIRED_OPTIONS, "hflip", retired.Retired("abc1234", 0.5, "test"))
     assert recipe_ab.run_key(overrides, args, "pool") == before
+
+
+def test_an_unfinished_run_resumes_at_its_checkpoint_and_one_without_starts_again(tmp_path, monkeypatch) -> None:
+    args = recipe_ab.parse_args(["--pool", str(tmp_path / "pool"), "--dense-data", "x.yaml", "--out", str(tmp_path)])
+    calls = []
+
+    def fake_run(cmd, check):  # `bkd pretrain` stand-in: records its arguments and leaves its run folder
+        calls.append(cmd)
+        (tmp_path / "runs" / cmd[cmd.index("--name") + 1]).mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(recipe_ab.subprocess, "run", fake_run)
+    killed = tmp_path / "runs" / "killed"
+    (killed / "checkpoints" / "step_50").mkdir(parents=True)
+    (killed / "config.yaml").write_text("seed: 0\n")
+    recipe_ab.pretrain({"seed": 0}, args, "killed")
+    assert "resume=true" in calls[-1] and (killed / "checkpoints" / "step_50").is_dir()
+    assert json.loads((killed / "done.json").read_text())["resumed"] is True
+    fresh = tmp_path / "runs" / "nockpt"
+    fresh.mkdir(parents=True)
+    (fresh / "stale.txt").write_text("from a run killed before its first checkpoint")
+    recipe_ab.pretrain({"seed": 0}, args, "nockpt")
+    assert "resume=true" not in calls[-1] and not (fresh / "stale.txt").exists()
+    # the checkpoint cadence is not keyed: runs from before it (save_every=0) keep their keys
+    base = recipe_ab.run_overrides(args, {}, 0)
+    assert base["save_every"] >= 50
+    make_images(tmp_path / "pool", 2)
+    assert recipe_ab.run_key({**base, "save_every": 0}, args, "p") == recipe_ab.run_key(base, args, "p")

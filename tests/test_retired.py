@@ -74,7 +74,16 @@ def test_resume_of_a_run_started_with_a_retired_lever_is_refused(tmp_path: Path,
 
 @pytest.mark.parametrize(
     ("option", "inert", "used"),
-    [("mixup", "false", "true"), ("student_input", "unit", "imagenet"), ("affinity_weight", "0", "1")],
+    [
+        ("mixup", "false", "true"),
+        ("student_input", "unit", "imagenet"),
+        ("affinity_weight", "0", "1"),
+        ("global_weight", "0", "1"),
+        ("global_loss", "cosine", "queue"),
+        ("smooth_l1_weight", "0.0", "0.1"),
+        ("cosine_weight", "1", "0.9"),
+        ("optimizer", "adamw", "lars"),
+    ],
 )
 def test_the_retired_levers_are_refused_by_name_and_dropped_at_their_old_default(option, inert, used) -> None:
     commit = retired.RETIRED_OPTIONS[option].commit

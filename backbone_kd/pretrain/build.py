@@ -31,7 +31,6 @@ from backbone_kd.pretrain.optim import NonfiniteSteps, build_optimizer, build_sc
 from backbone_kd.pretrain.pca_panel import PCAPanel
 from backbone_kd.pretrain.precision import make_accelerator, resolve_precision
 from backbone_kd.pretrain.projector import DistillStudent, Projectors
-from backbone_kd.pretrain.queue import global_queue
 from backbone_kd.pretrain.retired import check_resume_not_retired
 from backbone_kd.pretrain.run_folder import resolve_run_dir
 from backbone_kd.pretrain.sources import resolve_image_sources
@@ -48,7 +47,7 @@ class Run:
 
     Attributes:
         teacher: The frozen teacher, or the :class:`TeacherCache` standing in for it (only its contract is used
-            then: ``name``, ``channels``, ``strides``, ``global_dim``).
+            then: ``name``, ``channels``, ``strides``).
         encode: The online teacher's ``encode`` (compiled with ``compile``); None with the cache.
         module: The prepared student (DDP-wrapped / compiled as configured); ``plain`` is the module itself.
         params: The trainable parameters (what the optimizer step clips).
@@ -128,12 +127,12 @@ def build_run(cfg: PretrainConfig, compile_options: dict[str, Any] | None = None
     cache = None
     if cfg.teacher_cache not in OFF:
         cache = prepare_teacher_cache(cfg, teacher, images.paths, accelerator, run_dir, t_dtype)
-        teacher = cache  # from here on only the contract (name, channels, strides, global_dim) is needed
+        teacher = cache  # from here on only the contract (name, channels, strides) is needed
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    module, criterion = _student_and_loss(cfg, teacher, len(images.paths))
-    criterion.to(device)  # the queue's and the target centre's buffers
+    module, criterion = _student_and_loss(cfg, teacher)
+    criterion.to(device)  # the target centre's buffers
     if criterion.center is not None and cache is not None:  # start at the data set's mean (resume overwrites it)
         criterion.center.start(cache.channel_means())
     images_per_step = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
@@ -146,7 +145,7 @@ def build_run(cfg: PretrainConfig, compile_options: dict[str, Any] | None = None
     plain = accelerator.unwrap_model(module)  # the trainable module itself (no DDP / compile wrapper)
     ema = StudentEMA(plain, cfg.ema_decay).to(device) if cfg.ema_decay > 0 else None
     # training state too, saved with every checkpoint: exact resume
-    for extra in (criterion.queue, ema, criterion.center):
+    for extra in (ema, criterion.center):
         if extra is not None:
             accelerator.register_for_checkpointing(extra)
     if resume_from is not None:
@@ -222,36 +221,24 @@ def _teacher(cfg: PretrainConfig) -> nn.Module:
     )
 
 
-def _student_and_loss(cfg: PretrainConfig, teacher: Any, n_images: int) -> tuple[DistillStudent, DistillationLoss]:
+def _student_and_loss(cfg: PretrainConfig, teacher: Any) -> tuple[DistillStudent, DistillationLoss]:
     """The live YOLO backbone slice with its projection heads, and the loss that pairs its levels with the teacher's.
 
     Args:
-        teacher: Anything with the teacher contract (``channels``, ``strides``, ``global_dim``).
-        n_images: Training images (sizes the global-term queue).
+        teacher: Anything with the teacher contract (``channels``, ``strides``).
     """
     yolo = load_yolo_model(cfg.student, nc=cfg.nc, trust_pickle=cfg.trust_pickle)
     backbone = YoloBackbone(yolo, cfg.taps, neck=cfg.distill_neck)
     pairing = pair_levels(backbone.strides, teacher.strides)
-    global_dim = teacher.global_dim if cfg.global_weight > 0 else None
-    heads = Projectors(
-        backbone.channels, [teacher.channels[j] for j in pairing], cfg.projector, cfg.projector_hidden, global_dim
-    )
+    heads = Projectors(backbone.channels, [teacher.channels[j] for j in pairing], cfg.projector, cfg.projector_hidden)
     module = DistillStudent(backbone, heads)
     if cfg.channels_last:
         module = module.to(memory_format=torch.channels_last)
-    queue = None
-    if cfg.global_weight > 0:  # raises for global_loss=queue with a teacher that has no CLS embedding
-        queue = global_queue(cfg.global_loss, cfg.global_queue_size, n_images, teacher.global_dim)
     criterion = DistillationLoss(
         cfg.level_weights or [1.0] * len(backbone.taps),
         pairing,
         cfg.align,
-        cfg.smooth_l1_weight,
-        cfg.global_weight,
         level_names=[f"p{int(math.log2(s))}" for s in backbone.strides],
-        cosine_weight=cfg.cosine_weight,
-        queue=queue,
-        global_temperature=cfg.global_temperature,
         target_norm=cfg.target_norm,
         teacher_channels=list(teacher.channels),
         center_momentum=cfg.target_center_momentum,

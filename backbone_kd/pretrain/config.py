@@ -93,7 +93,6 @@ class PretrainConfig:
         "grid before their head: same loss grid, fewer tokens through the P3 head)",
     )
     level_weights: Any = _f(None, "loss weight per tapped level (default equal)")
-    smooth_l1_weight: float = _f(0.0, "weight of smooth-L1 to per-channel standardised teacher features")
     target_norm: str = _f(
         "center",
         "teacher targets per channel over batch and tokens before the loss: center (minus the batch's mean token; "
@@ -104,15 +103,6 @@ class PretrainConfig:
     target_center_momentum: float = _f(
         0.99, "ema_center: centre = m * centre + (1 - m) * step mean, per optimizer step (1: keep the start value)"
     )
-    cosine_weight: float = _f(1.0, "weight of the per-token 1-cos(student, teacher) term (0: relational terms only)")
-    global_weight: float = _f(0.0, "weight of the global term on the pooled last student level vs the teacher CLS")
-    global_loss: str = _f(
-        "cosine",
-        "cosine: 1-cos(student, teacher CLS); queue: KL of their softmax similarities to a queue of recent teacher "
-        "CLS embeddings (lightly-train v3's global loss)",
-    )
-    global_queue_size: Any = _f("auto", "teacher CLS embeddings in the queue: auto (data-set size based) or a number")
-    global_temperature: float = _f(0.07, "softmax temperature of the queue KL")
     # data
     image_size: int = _f(224, "square training size; a multiple of the teacher patch size and 32")
     image_size_schedule: Any = _f(
@@ -181,10 +171,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "teacher_cache_grid",
     ),
     "student": ("student", "nc", "trust_pickle", "taps", "distill_neck", "projector", "projector_hidden", "align"),
-    "loss": (
-        *("level_weights", "cosine_weight", "smooth_l1_weight", "target_norm", "target_center_momentum"),
-        *("global_weight", "global_loss", "global_queue_size", "global_temperature"),
-    ),
+    "loss": (*("level_weights", "target_norm", "target_center_momentum"),),
     "data": (
         *("unlabeled", "image_size", "image_size_schedule", "batch_size", "workers", "crop_scale", "hflip"),
         *("color_jitter", "max_image_pixels"),

@@ -73,8 +73,6 @@ def _check_optimisation(cfg: PretrainConfig) -> None:
 
 def _check_objective(cfg: PretrainConfig) -> None:
     """Loss terms and their weights, target normalisation, heads and alignment, the student's inputs."""
-    _non_negative(cfg, ("smooth_l1_weight", "global_weight", "cosine_weight"))
-    _need(cfg.global_temperature > 0, f"global_temperature={cfg.global_temperature} must be > 0 (e.g. 0.07)")
     _need(
         cfg.target_norm in ("none", "center", "ema_center"),
         f"target_norm must be none, center or ema_center, got {cfg.target_norm!r}",
@@ -82,16 +80,6 @@ def _check_objective(cfg: PretrainConfig) -> None:
     _need(
         _is_number(cfg.target_center_momentum) and 0 <= cfg.target_center_momentum <= 1,
         f"target_center_momentum={cfg.target_center_momentum!r} must be in [0, 1], e.g. 0.99",
-    )
-    _need(cfg.global_loss in ("cosine", "queue"), f"global_loss must be cosine or queue, got {cfg.global_loss!r}")
-    queue = cfg.global_queue_size
-    _need(
-        queue == "auto" or (_is_number(queue, whole=True) and queue >= 1),
-        f"global_queue_size={queue!r} must be auto or a whole number >= 1, e.g. 1024",
-    )
-    _need(
-        cfg.cosine_weight + cfg.smooth_l1_weight + cfg.global_weight > 0,
-        "every loss weight is 0: keep cosine_weight > 0 or turn on global_weight / smooth_l1_weight",
     )
     hidden = cfg.projector_hidden
     _need(hidden is None or hidden >= 1, f"projector_hidden={hidden} must be >= 1 (or null for the default)")

@@ -1,4 +1,4 @@
-"""Spatial alignment and the distillation loss (per-token cosine, optional smooth-L1 and global terms).
+"""Spatial alignment and the distillation loss (per-token cosine to centred teacher tokens, per level).
 
 All terms are computed in fp32 (inputs are upcast): cosine and standardisation statistics are not fp16-safe.
 """
@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbone_kd.pretrain.centering import TargetCenter
-from backbone_kd.pretrain.queue import TeacherQueue, queue_kl
 
 ALIGN_MODES = ("student_to_teacher", "resize_first")
 BATCH_NORMS = ("none", "center")  # stateless: each batch's own statistics
@@ -102,26 +101,13 @@ def cosine_token_loss(student: torch.Tensor, teacher: torch.Tensor) -> tuple[tor
     return 1.0 - mean_cos, mean_cos.detach()
 
 
-def standardized_smooth_l1(student: torch.Tensor, teacher: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-    """Smooth-L1 between the student map and the teacher map standardised per channel (over batch and tokens)."""
-    t = teacher.float()
-    mean = t.mean(dim=(0, 2, 3), keepdim=True)
-    std = t.std(dim=(0, 2, 3), keepdim=True, unbiased=False).clamp_min(1e-6)
-    return F.smooth_l1_loss(student.float(), (t - mean) / std, beta=beta)
-
-
 class DistillationLoss(nn.Module):
-    """Weighted sum over student levels of the token-cosine loss (+ optional smooth-L1 and global terms).
+    """Weighted sum over student levels of the per-token cosine loss to the normalised teacher maps.
 
     Args:
         level_weights: One weight per student level (normalised to sum 1).
         pairing: Teacher level per student level (:func:`pair_levels`).
         align_mode: See :func:`align`.
-        smooth_l1_weight: Weight of :func:`standardized_smooth_l1` (0 disables).
-        global_weight: Weight of the global term (0 disables): ``1 - cos(pooled student, teacher CLS)``, or with a
-            ``queue`` the queue KL (:func:`backbone_kd.pretrain.queue.queue_kl`) at ``global_temperature``.
-        cosine_weight: Weight of the per-token cosine term (0: other terms only; ``cos_<level>`` is still logged).
-        queue: The teacher-CLS queue of the queue KL (None: the cosine global term).
         target_norm: :func:`normalize_targets` mode applied to every teacher map before the per-level terms
             (default ``center``, as the config's), or ``ema_center``: the running centre ``center``.
         center: The :class:`TargetCenter` of ``target_norm=ema_center`` (built from ``teacher_channels`` when None).
@@ -134,12 +120,7 @@ class DistillationLoss(nn.Module):
         level_weights: list[float],
         pairing: list[int],
         align_mode: str = "student_to_teacher",
-        smooth_l1_weight: float = 0.0,
-        global_weight: float = 0.0,
         level_names: list[str] | None = None,
-        cosine_weight: float = 1.0,
-        queue: TeacherQueue | None = None,
-        global_temperature: float = 0.07,
         target_norm: str = "center",
         center: TargetCenter | None = None,
         teacher_channels: list[int] | None = None,
@@ -154,7 +135,6 @@ class DistillationLoss(nn.Module):
                 raise ValueError("target_norm=ema_center needs teacher_channels (or a TargetCenter) to size its centre")
             center = TargetCenter(teacher_channels, center_momentum)
         self.center = center if target_norm == "ema_center" else None
-        self.cosine_weight, self.queue, self.global_temperature = cosine_weight, queue, global_temperature
         if align_mode not in ALIGN_MODES:
             raise ValueError(f"align must be one of {ALIGN_MODES}, got {align_mode!r}")
         if len(level_weights) != len(pairing) or any(w < 0 for w in level_weights) or sum(level_weights) <= 0:
@@ -162,7 +142,6 @@ class DistillationLoss(nn.Module):
         total = float(sum(level_weights))
         self.level_weights = [float(w) / total for w in level_weights]
         self.pairing, self.align_mode = pairing, align_mode
-        self.smooth_l1_weight, self.global_weight = smooth_l1_weight, global_weight
         self.level_names = level_names or [f"l{i}" for i in range(len(pairing))]
 
     def head_grids(self, teacher: list[torch.Tensor]) -> list[tuple[int, int]] | None:
@@ -188,18 +167,11 @@ class DistillationLoss(nn.Module):
             return self.center.apply(teacher)
         return [normalize_targets(t, self.target_norm) for t in teacher]
 
-    def forward(
-        self,
-        student: list[torch.Tensor],
-        teacher: list[torch.Tensor],
-        student_global: torch.Tensor | None = None,
-        teacher_global: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Args: projected student maps [(B, D, h_i, w_i)], teacher maps [(B, D, h, w)], globals (B, D_g).
+    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Args: projected student maps [(B, D, h_i, w_i)], teacher maps [(B, D, h, w)] per teacher level.
 
         Returns:
-            (scalar loss, detached per-term logs: ``loss_<level>``, ``cos_<level>``, ``l1_<level>``,
-            ``loss_global``, ``loss``).
+            (scalar loss, detached per-level logs ``loss_<level>``, ``cos_<level>`` and the total ``loss``).
         """
         total = student[0].new_zeros((), dtype=torch.float32)
         logs: dict[str, torch.Tensor] = {}
@@ -212,20 +184,6 @@ class DistillationLoss(nn.Module):
             loss, cos = cosine_token_loss(s_al, t_al)
             name = self.level_names[i]
             logs[f"loss_{name}"], logs[f"cos_{name}"] = loss.detach(), cos
-            if self.cosine_weight > 0:
-                total = total + self.cosine_weight * w * loss
-            if self.smooth_l1_weight > 0:
-                l1 = standardized_smooth_l1(s_al, t_al)
-                logs[f"l1_{name}"] = l1.detach()
-                total = total + self.smooth_l1_weight * w * l1
-        if self.global_weight > 0:
-            if student_global is None or teacher_global is None:
-                raise ValueError("global_weight > 0 needs a teacher with a CLS token (ViT) and a global head")
-            g_loss, g_cos = cosine_token_loss(student_global[..., None, None], teacher_global[..., None, None])
-            if self.queue is not None:
-                queue, valid = self.queue.push(teacher_global)
-                g_loss = queue_kl(student_global, teacher_global, queue, self.global_temperature, valid)
-            logs["loss_global"], logs["cos_global"] = g_loss.detach(), g_cos
-            total = total + self.global_weight * g_loss
+            total = total + w * loss
         logs["loss"] = total.detach()
         return total, logs

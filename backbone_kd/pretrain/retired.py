@@ -43,6 +43,12 @@ RETIRED_OPTIONS: dict[str, Retired] = {
     "affinity_weight": Retired("AFFINITY", 0.0, "WHY_AFFINITY"),
     "affinity_temperature": Retired("AFFINITY", 0.07, "WHY_AFFINITY"),
     "optimizer": Retired("LARS", "adamw", "WHY_LARS"),  # lars was its only other value
+    "global_weight": Retired("GLOBAL", 0.0, "WHY_GLOBAL"),
+    "global_loss": Retired("GLOBAL", "cosine", "WHY_GLOBAL"),
+    "global_queue_size": Retired("GLOBAL", "auto", "WHY_GLOBAL"),
+    "global_temperature": Retired("GLOBAL", 0.07, "WHY_GLOBAL"),
+    "smooth_l1_weight": Retired("GLOBAL", 0.0, "WHY_COS_L1"),
+    "cosine_weight": Retired("GLOBAL", 1.0, "WHY_COS_L1"),  # the per-token cosine is the only term left
 }
 # (option, value) -> Retired
 RETIRED_VALUES: dict[tuple[str, Any], Retired] = {
