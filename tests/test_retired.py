@@ -83,6 +83,7 @@ def test_resume_of_a_run_started_with_a_retired_lever_is_refused(tmp_path: Path,
         ("smooth_l1_weight", "0.0", "0.1"),
         ("cosine_weight", "1", "0.9"),
         ("optimizer", "adamw", "lars"),
+        ("teacher_per_level", "false", "true"),
     ],
 )
 def test_the_retired_levers_are_refused_by_name_and_dropped_at_their_old_default(option, inert, used) -> None:

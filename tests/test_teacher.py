@@ -193,15 +193,3 @@ def test_vit_keeps_native_grid_and_interpolates_once_per_size(tmp_path) -> None:
         assert torch.allclose(built.forward_features(x), once.forward_features(x), atol=1e-5)
         twice = create_timm_model("vit_small_patch14_dinov2", weights=weights, image_size=56, img_size=56, **kwargs)
         assert not torch.allclose(twice.forward_features(x), once.forward_features(x), atol=1e-5)
-
-
-def test_vit_per_level_targets() -> None:
-    teacher = build_teacher(
-        TINY_VIT, pretrained=False, image_size=56, indices=[0, 1], per_level=True, model_kwargs=TINY_VIT_KWARGS
-    )
-    feats, _ = teacher.encode(torch.rand(2, 3, 56, 56))
-    assert teacher.channels == [48, 48] and teacher.strides == [14, 14]
-    assert [tuple(f.shape) for f in feats] == [(2, 48, 4, 4), (2, 48, 4, 4)]
-    assert not torch.allclose(feats[0], feats[1])
-    with pytest.raises(ValueError, match="teacher_indices"):
-        build_teacher(TINY_VIT, pretrained=False, per_level=True, model_kwargs=TINY_VIT_KWARGS)

@@ -217,7 +217,6 @@ def _teacher(cfg: PretrainConfig) -> nn.Module:
         indices=cfg.teacher_indices,
         model_kwargs=cfg.teacher_kwargs,
         trust_pickle=cfg.trust_pickle,
-        per_level=cfg.teacher_per_level,
     )
 
 

@@ -356,7 +356,7 @@ def prepare_teacher_cache(cfg, teacher, paths, accelerator, run_dir: Path, dtype
             cfg.teacher_last_k,
             cfg.teacher_indices,
             cfg.teacher_kwargs,
-            cfg.teacher_per_level,
+            False,  # was teacher_per_level (retired): kept so caches built before keep their fingerprint
         ],
         "weights_digest": weights_digest(teacher),
         "cache_size": size,

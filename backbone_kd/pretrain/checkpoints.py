@@ -141,7 +141,6 @@ STATE_SHAPING_OPTIONS = (
     "distill_neck",
     "projector",
     "projector_hidden",
-    "teacher_per_level",
     "ema_decay",
 )
 

@@ -53,9 +53,6 @@ class PretrainConfig:
     teacher_last_k: int = _f(1, "ViT: concatenate patch tokens of the last k blocks")
     teacher_indices: Any = _f(None, "explicit ViT block indices / CNN out_indices / YOLO teacher taps")
     teacher_kwargs: dict = _f({}, "extra timm.create_model kwargs (e.g. {depth: 2} for tiny test teachers)")
-    teacher_per_level: bool = _f(
-        False, "ViT: one target per student level from teacher_indices (e.g. [3, 7, 11] -> P3/P4/P5), not one grid"
-    )
     trust_pickle: bool = _f(
         False, "open yolo: teacher / .pt student with full unpickling (runs code in them); trusted files only"
     )
@@ -167,7 +164,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
 GROUPS: dict[str, tuple[str, ...]] = {
     "teacher": (
         *("teacher", "teacher_weights", "teacher_pretrained", "teacher_last_k", "teacher_indices", "teacher_kwargs"),
-        *("teacher_per_level", "teacher_dtype", "teacher_cache", "teacher_cache_size", "teacher_cache_dtype"),
+        *("teacher_dtype", "teacher_cache", "teacher_cache_size", "teacher_cache_dtype"),
         "teacher_cache_grid",
     ),
     "student": ("student", "nc", "trust_pickle", "taps", "distill_neck", "projector", "projector_hidden", "align"),

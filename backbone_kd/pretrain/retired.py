@@ -49,6 +49,7 @@ RETIRED_OPTIONS: dict[str, Retired] = {
     "global_temperature": Retired("GLOBAL", 0.07, "WHY_GLOBAL"),
     "smooth_l1_weight": Retired("GLOBAL", 0.0, "WHY_COS_L1"),
     "cosine_weight": Retired("GLOBAL", 1.0, "WHY_COS_L1"),  # the per-token cosine is the only term left
+    "teacher_per_level": Retired("PER_LEVEL", False, "WHY_PER_LEVEL"),
 }
 # (option, value) -> Retired
 RETIRED_VALUES: dict[tuple[str, Any], Retired] = {

@@ -84,8 +84,6 @@ class ViTTeacher(FrozenTeacher):
         last_k: Concatenate the patch tokens of the last ``last_k`` blocks along channels (DINOv2 linear-probe style).
         indices: Explicit block indices instead of ``last_k``.
         norm: Apply the final norm to the intermediates (DINOv2 features are used after the norm).
-        per_level: Return one grid per chosen block instead of one concatenated grid, so each student level gets its
-            own target (e.g. blocks 4/8/12 for P3/P4/P5: earlier blocks hold more local detail).
     """
 
     def __init__(
@@ -94,7 +92,6 @@ class ViTTeacher(FrozenTeacher):
         last_k: int = 1,
         indices: list[int] | None = None,
         norm: bool = True,
-        per_level: bool = False,
     ) -> None:
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         super().__init__(cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
@@ -106,9 +103,8 @@ class ViTTeacher(FrozenTeacher):
         self.norm = norm
         patch = model.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, tuple | list) else patch)
-        self.per_level = per_level
-        self.channels = [model.embed_dim] * len(self.indices) if per_level else [model.embed_dim * len(self.indices)]
-        self.strides = [self.patch_size] * len(self.channels)
+        self.channels = [model.embed_dim * len(self.indices)]
+        self.strides = [self.patch_size]
         self.global_dim = model.embed_dim
         self.freeze()
 
@@ -119,7 +115,7 @@ class ViTTeacher(FrozenTeacher):
         final, inter = self.model.forward_intermediates(
             x, indices=self.indices, norm=self.norm, output_fmt="NCHW", return_prefix_tokens=False
         )
-        grids = list(inter) if self.per_level else [inter[0] if len(inter) == 1 else torch.cat(inter, dim=1)]
+        grids = [inter[0] if len(inter) == 1 else torch.cat(inter, dim=1)]
         # CLS token of the final sequence (already normed by timm) as the global embedding, when the model has one.
         cls = final[:, 0] if getattr(self.model, "cls_token", None) is not None else None
         return grids, cls
@@ -167,7 +163,6 @@ def build_teacher(
     indices: list[int] | None = None,
     model_kwargs: dict | None = None,
     trust_pickle: bool = False,
-    per_level: bool = False,
 ) -> FrozenTeacher:
     """Build a frozen teacher from a spec.
 
@@ -184,7 +179,6 @@ def build_teacher(
             size; see :func:`~backbone_kd.teachers.weights.create_timm_model`).
         last_k / indices: ViT blocks to take (see :class:`ViTTeacher`); for CNNs, ``indices`` are ``out_indices``.
         model_kwargs: Extra ``timm.create_model`` kwargs (e.g. ``depth``/``embed_dim`` for tiny test teachers).
-        per_level: ViT only: one target grid per block of ``indices`` (one per student level), see :class:`ViTTeacher`.
         trust_pickle: Open a ``yolo:`` teacher ``.pt`` with full unpickling (runs code stored in it); only for
             files you trust.
     """
@@ -192,14 +186,12 @@ def build_teacher(
         return _named(YoloTeacher(name.removeprefix("yolo:"), indices, trust_pickle=trust_pickle), name)
     name = name.removeprefix("timm:")
     kwargs = dict(model_kwargs or {})
-    if per_level and not indices and (name.startswith(HUB_PREFIX) or is_vit_name(name)):
-        raise ValueError("teacher_per_level needs teacher_indices, one ViT block per student level, e.g. [3, 7, 11]")
     if name.startswith(HUB_PREFIX) or find_hf_checkpoint(weights) is not None:  # transformers layout
         model, name = create_hf_model(name, weights, pretrained=pretrained, image_size=image_size, **kwargs)
-        return _named(ViTTeacher(model, last_k=last_k, indices=indices, per_level=per_level), name)
+        return _named(ViTTeacher(model, last_k=last_k, indices=indices), name)
     if is_vit_name(name):
         model = create_timm_model(name, weights=weights, pretrained=pretrained, image_size=image_size, **kwargs)
-        return _named(ViTTeacher(model, last_k=last_k, indices=indices, per_level=per_level), name)
+        return _named(ViTTeacher(model, last_k=last_k, indices=indices), name)
     out_indices = tuple(indices) if indices else (-3, -2, -1)
     model = create_timm_model(
         name,
