@@ -183,11 +183,17 @@ def test_side_scripts_run_as_files_and_never_import_benchmarks(tmp_path) -> None
         assert proc.returncode == 0 and b"usage" in proc.stdout, proc.stderr
 
 
-def test_quality_side_calls_lightly_train_with_the_spec(tmp_path, monkeypatch) -> None:
+def _fake_pool(tmp_path: Path, n: int) -> Path:
+    """A pool folder of ``n`` placeholder .jpg files (the stubbed lightly_train never decodes them)."""
     data = tmp_path / "pool"
     data.mkdir()
-    for i in range(10):
+    for i in range(n):
         (data / f"{i}.jpg").write_bytes(b"x")
+    return data
+
+
+def test_quality_side_calls_lightly_train_with_the_spec(tmp_path, monkeypatch) -> None:
+    data = _fake_pool(tmp_path, 10)
     out = tmp_path / "run"
     spec = {
         "data": str(data),
@@ -273,10 +279,7 @@ def test_speed_side_runs_as_a_file_and_calls_lightly_train_with_the_spec(tmp_pat
     (fakes / "pytorch_lightning.py").write_text("class Callback:\n    pass\n")
     monkeypatch.setenv("PYTHONPATH", str(fakes))
     monkeypatch.setenv("FAKE_LT_CALLS", str(tmp_path / "calls.json"))
-    data = tmp_path / "pool"
-    data.mkdir()
-    for i in range(8):
-        (data / f"{i}.jpg").write_bytes(b"x")
+    data = _fake_pool(tmp_path, 8)
     out = tmp_path / "side"
     spec = {
         "data": str(data),
