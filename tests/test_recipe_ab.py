@@ -75,7 +75,8 @@ def test_end_to_end_keys_reuse_and_json(tmp_path, monkeypatch) -> None:
     assert same == recipe_ab.run_key(recipe_ab.run_overrides(recipe_ab.parse_args(argv), {}, 0), args, "pool")
 
 
-def test_mixup_is_paired_with_the_online_baseline() -> None:
+def test_a_variant_is_paired_with_its_reference_row(monkeypatch) -> None:
+    monkeypatch.setitem(recipe_ab.REFERENCE, "mixup", "online")  # an online-only lever: paired with the online row
     noise = torch.zeros(10)
     rows = {
         "baseline": [_record(0.0, noise)] * 2,

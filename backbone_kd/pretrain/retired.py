@@ -38,23 +38,23 @@ class Retired:
 
 # option -> Retired (the commit that removed it, its inert value, the measurement; docs/results.md)
 RETIRED_OPTIONS: dict[str, Retired] = {
-    "mixup": Retired("MIXUP", False, "WHY_MIXUP"),
-    "student_input": Retired("STUDENT_INPUT", "unit", "WHY_STUDENT_INPUT"),
-    "affinity_weight": Retired("AFFINITY", 0.0, "WHY_AFFINITY"),
-    "affinity_temperature": Retired("AFFINITY", 0.07, "WHY_AFFINITY"),
-    "optimizer": Retired("LARS", "adamw", "WHY_LARS"),  # lars was its only other value
-    "global_weight": Retired("GLOBAL", 0.0, "WHY_GLOBAL"),
-    "global_loss": Retired("GLOBAL", "cosine", "WHY_GLOBAL"),
-    "global_queue_size": Retired("GLOBAL", "auto", "WHY_GLOBAL"),
-    "global_temperature": Retired("GLOBAL", 0.07, "WHY_GLOBAL"),
-    "smooth_l1_weight": Retired("GLOBAL", 0.0, "WHY_COS_L1"),
-    "cosine_weight": Retired("GLOBAL", 1.0, "WHY_COS_L1"),  # the per-token cosine is the only term left
-    "teacher_per_level": Retired("PER_LEVEL", False, "WHY_PER_LEVEL"),
+    "mixup": Retired("fafb68e", False, "WHY_MIXUP"),
+    "student_input": Retired("fafb68e", "unit", "WHY_STUDENT_INPUT"),
+    "affinity_weight": Retired("fafb68e", 0.0, "WHY_AFFINITY"),
+    "affinity_temperature": Retired("fafb68e", 0.07, "WHY_AFFINITY"),
+    "optimizer": Retired("9d72ddf", "adamw", "WHY_LARS"),  # lars was its only other value
+    "global_weight": Retired("75f1368", 0.0, "WHY_GLOBAL"),
+    "global_loss": Retired("75f1368", "cosine", "WHY_GLOBAL"),
+    "global_queue_size": Retired("75f1368", "auto", "WHY_GLOBAL"),
+    "global_temperature": Retired("75f1368", 0.07, "WHY_GLOBAL"),
+    "smooth_l1_weight": Retired("75f1368", 0.0, "WHY_COS_L1"),
+    "cosine_weight": Retired("75f1368", 1.0, "WHY_COS_L1"),  # the per-token cosine is the only term left
+    "teacher_per_level": Retired("33a7085", False, "WHY_PER_LEVEL"),
 }
 # (option, value) -> Retired
 RETIRED_VALUES: dict[tuple[str, Any], Retired] = {
-    ("target_norm", "standardize"): Retired("VALUES", None, "WHY_STANDARDIZE"),
-    ("align", "teacher_to_student"): Retired("VALUES", None, "WHY_T2S"),
+    ("target_norm", "standardize"): Retired("9d72ddf", None, "WHY_STANDARDIZE"),
+    ("align", "teacher_to_student"): Retired("9d72ddf", None, "WHY_T2S"),
 }
 
 
