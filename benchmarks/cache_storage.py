@@ -111,7 +111,8 @@ def fidelity(cached: list[torch.Tensor], online: list[torch.Tensor]) -> dict:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    from backbone_kd.pretrain.cache import cache_bytes, prepare_teacher_cache
+    from backbone_kd.pretrain.cache import cache_bytes
+    from backbone_kd.pretrain.cache_build import prepare_teacher_cache
     from backbone_kd.pretrain.config import build_config
     from backbone_kd.pretrain.sources import resolve_image_sources
     from backbone_kd.teachers.frozen import build_teacher

@@ -15,7 +15,7 @@ A gap whose interval contains 0 is marked ``inconclusive``. Prints a table and w
 
 Example (the run in docs/results.md)::
 
-    python benchmarks/recipe_ab.py --pool /work/shared/data/unlabeled/bsds500 \\
+    python -m benchmarks.recipe_ab --pool /work/shared/data/unlabeled/bsds500 \\
         --dense-data /work/shared/data/coco128/coco128.yaml --teacher vit_small_patch14_dinov2 \\
         --teacher-weights ~/.cache/bkd-teachers/dinov2_vits14_imgfocus.safetensors --out runs/recipe_ab
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# re-exported: tests and callers use recipe_ab.compare / .table / .REFERENCE (the same dict compare reads)
+from benchmarks.recipe_ab_stats import LEVELS as LEVELS
+from benchmarks.recipe_ab_stats import METRICS as METRICS
+from benchmarks.recipe_ab_stats import REFERENCE as REFERENCE
+from benchmarks.recipe_ab_stats import T95 as T95
+from benchmarks.recipe_ab_stats import compare, table
+from benchmarks.recipe_ab_stats import seed_interval as seed_interval
 
 VARIANTS: dict[str, dict[str, Any]] = {  # priority order: the tail is dropped with --variants
     "baseline": {},
@@ -44,18 +51,10 @@ VARIANTS: dict[str, dict[str, Any]] = {  # priority order: the tail is dropped w
     # continued pretraining (--student a COCO-supervised .pt): the default lr and one 10x lower
     "lr_1e-4": {"lr": 1e-4},
 }
-# A variant compared with another row than the baseline, e.g. an online-teacher-only lever paired with ``online``
-# (the retired mixup was: cached targets belong to unmixed images). The retired levers' variants (global, queue,
-# affinity, lars, standardize, teacher_to_student, per-level, imagenet input, mixup, cos_l1) ran at commit 7930a0c,
-# where both they and the options exist: docs/results.md "Retired levers".
-REFERENCE: dict[str, str] = {}
 # fields that never change a run's weights: paths (the teacher's and pool's bytes are keyed instead), worker count, and
 # reporting (trackers, pictures), so a reporting option added later does not orphan finished runs
 UNKEYED = ("output", "name", "exist_ok", "resume", "unlabeled", "teacher_weights", "workers")
 UNKEYED += ("tensorboard", "log_with", "tracker_project", "plots", "pca_images")
-METRICS = ("objectness_ap", "class_bacc")
-LEVELS = ("combined", "P3", "P4", "P5")
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def digest(obj: Any) -> str:
@@ -180,77 +179,6 @@ def score(run_dir: Path, probe: Any, key: str, args: argparse.Namespace, spec: s
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(rec, path)
     return rec
-
-
-def seed_interval(diffs: list[float]) -> dict:
-    """Mean and 95 % t interval of per-seed paired differences (None interval with a single seed)."""
-    n = len(diffs)
-    mean = sum(diffs) / n
-    if n < 2:
-        return {"diff": round(mean, 4), "ci": None, "inconclusive": True, "per_seed": [round(d, 4) for d in diffs]}
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    half = T95.get(n - 1, 1.96) * sd / math.sqrt(n)
-    lo, hi = mean - half, mean + half
-    return {
-        "diff": round(mean, 4),
-        "ci": [round(lo, 4), round(hi, 4)],
-        "inconclusive": bool(lo <= 0 <= hi),
-        "per_seed": [round(d, 4) for d in diffs],
-    }
-
-
-def compare(rows: dict[str, list[dict]], baseline: str = "baseline") -> dict:
-    """Per variant, level and metric: seed mean, per-seed paired and bootstrap paired differences vs ``baseline``.
-
-    Args:
-        rows: ``{variant: [score record per seed]}`` (seed order equal across variants; records from :func:`score`).
-    """
-    from backbone_kd.probe.stats import interval, paired_difference
-
-    out: dict[str, Any] = {}
-    for name, recs in rows.items():
-        ref_name = REFERENCE.get(name, baseline) if REFERENCE.get(name) in rows else baseline
-        base = rows[ref_name]
-        n = min(len(recs), len(base))
-        entry: dict[str, Any] = {"seeds": len(recs), "reference": ref_name}
-        for level in LEVELS:
-            for m in METRICS:
-                vals = [r["boot"][level][0][m] for r in recs]
-                samples = torch.stack([r["boot"][level][1][m] for r in recs]).mean(0)
-                cell = {"mean": round(sum(vals) / len(vals), 4), "ci": interval(samples), "per_seed": vals}
-                if name != ref_name and n:
-                    ref = [r["boot"][level][0][m] for r in base[:n]]
-                    ref_s = torch.stack([r["boot"][level][1][m] for r in base[:n]]).mean(0)
-                    own_s = torch.stack([r["boot"][level][1][m] for r in recs[:n]]).mean(0)
-                    cell["vs_baseline_seeds"] = seed_interval([a - b for a, b in zip(vals[:n], ref)])
-                    cell["vs_baseline_bootstrap"] = paired_difference(sum(vals[:n]) / n, sum(ref) / n, own_s, ref_s)
-                entry[f"{level}/{m}"] = cell
-        out[name] = entry
-    return out
-
-
-def table(result: dict) -> str:
-    """Markdown table: combined metrics with both paired differences vs the baseline."""
-
-    def gap(d: dict | None) -> str:
-        if not d or d.get("ci") is None:
-            return "—"
-        word = " inconclusive" if d["inconclusive"] else ""
-        return f"{d['diff']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]{word}"
-
-    head = "| variant | vs | seeds | level | metric | mean [bootstrap CI] | Δ: per-seed t | Δ: probe bootstrap |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
-    for level in LEVELS:
-        for name, e in result.items():
-            for m in METRICS:
-                c = e[f"{level}/{m}"]
-                vs = "—" if name == e.get("reference", "baseline") else e.get("reference", "baseline")
-                lines.append(
-                    f"| {name} | {vs} | {e['seeds']} | {level} | {m} | "
-                    f"{c['mean']:.4f} [{c['ci'][0]:.4f}, {c['ci'][1]:.4f}] | "
-                    f"{gap(c.get('vs_baseline_seeds'))} | {gap(c.get('vs_baseline_bootstrap'))} |"
-                )
-    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

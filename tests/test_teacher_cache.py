@@ -15,15 +15,8 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from backbone_kd.pretrain.cache import (
-    CachedTargets,
-    _build,
-    crop_grids,
-    decode_values,
-    encode_values,
-    prepare_teacher_cache,
-    stored_tensor,
-)
+from backbone_kd.pretrain.cache import CachedTargets, crop_grids, decode_values, encode_values, stored_tensor
+from backbone_kd.pretrain.cache_build import _build, prepare_teacher_cache
 from backbone_kd.pretrain.cli import main
 from backbone_kd.pretrain.config import build_config
 from backbone_kd.pretrain.data import AugmentConfig, UnlabeledImages, ViewTransform, collate, load_rgb

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from backbone_kd.pretrain.batches import TrainImages
-from backbone_kd.pretrain.cache import TeacherCache, prepare_teacher_cache
+from backbone_kd.pretrain.cache import TeacherCache
+from backbone_kd.pretrain.cache_build import prepare_teacher_cache
 from backbone_kd.pretrain.checkpoints import TrainState, check_resume_matches, resolve_resume
 from backbone_kd.pretrain.config import OFF, PretrainConfig, resolution_switches
 from backbone_kd.pretrain.data import AugmentConfig, first_readable
