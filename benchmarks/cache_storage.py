@@ -11,7 +11,7 @@ file). Reported per row:
 - bytes per image: the cache's ``.npy`` files on disk / N (headers included), and the build's own estimate;
 - target fidelity: the cached targets of each full-image view (box = the whole image, no flip: the same
   ``crop_grids`` lookup training uses, at ``image_size``) against the fp32 online teacher on the same squash-resized
-  image: per-token cosine (mean and min over images, tokens and levels) and the relative L2 error
+  image: per-token cosine (mean and min over images, tokens and levels), the CLS cosine, and the relative L2 error
   ||cached - online|| / ||online||;
 - build seconds and the time to read + decode all N rows (page cache warm: the decode cost, not the disk's).
 
@@ -78,19 +78,21 @@ def full_views(paths: list[str], size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def online_targets(teacher, views: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """The fp32 teacher's maps on ``views`` (N, 3, S, S): [(N, C_i, h_i, w_i)]."""
+def online_targets(teacher, views: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The fp32 teacher on ``views`` (N, 3, S, S): ([(N, C_i, h_i, w_i)], (N, D_g) or None)."""
     from backbone_kd.pretrain.views import teacher_input
 
-    feats = []
+    feats, globs = [], []
     for chunk in views.split(batch_size):
-        f, _ = teacher.encode(teacher_input(chunk, teacher, torch.float32))
+        f, g = teacher.encode(teacher_input(chunk, teacher, torch.float32))
         feats.append([x.float() for x in f])
-    return [torch.cat([f[i] for f in feats]) for i in range(len(feats[0]))]
+        globs.append(g.float() if g is not None else None)
+    levels = [torch.cat([f[i] for f in feats]) for i in range(len(feats[0]))]
+    return levels, (torch.cat(globs) if globs[0] is not None else None)
 
 
 @torch.no_grad()
-def cached_targets(cache, n: int) -> tuple[list[torch.Tensor], float]:
+def cached_targets(cache, n: int) -> tuple[list[torch.Tensor], torch.Tensor | None, float]:
     """Every row's full-image target through ``TeacherCache.rows`` + ``targets``; also the read + decode seconds."""
     from backbone_kd.pretrain.data import collate
 
@@ -98,16 +100,19 @@ def cached_targets(cache, n: int) -> tuple[list[torch.Tensor], float]:
     batch = collate([{"bad": [], **cache.rows(i)} for i in range(n)])
     batch["box"] = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(n, 4)
     batch["flip"] = torch.zeros(n, dtype=torch.bool)
-    feats = cache.targets(batch, torch.device("cpu"))
-    return feats, time.perf_counter() - t0
+    feats, glob = cache.targets(batch, torch.device("cpu"))
+    return feats, glob, time.perf_counter() - t0
 
 
-def fidelity(cached: list[torch.Tensor], online: list[torch.Tensor]) -> dict:
-    """Per-token cosine (mean, min over levels) and relative L2 error of cached vs online targets."""
+def fidelity(cached: list[torch.Tensor], online: list[torch.Tensor], c_glob, o_glob) -> dict:
+    """Per-token cosine (mean, min over levels), CLS cosine and relative L2 error of cached vs online targets."""
     cos = torch.cat([F.cosine_similarity(c, o, dim=1).flatten() for c, o in zip(cached, online)])
     err = sum(float((c - o).square().sum()) for c, o in zip(cached, online))
     ref = sum(float(o.square().sum()) for o in online)
-    return {"token_cos_mean": float(cos.mean()), "token_cos_min": float(cos.min()), "rel_l2": (err / ref) ** 0.5}
+    out = {"token_cos_mean": float(cos.mean()), "token_cos_min": float(cos.min()), "rel_l2": (err / ref) ** 0.5}
+    if o_glob is not None:
+        out["cls_cos_mean"] = float(F.cosine_similarity(c_glob, o_glob, dim=1).mean())
+    return out
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -149,7 +154,7 @@ def run(argv: list[str] | None = None) -> dict:
         wait_for_everyone=lambda: None,
     )  # fmt: skip
     t0 = time.perf_counter()
-    online = online_targets(teacher, full_views(paths, c.image_size), args.batch_size)
+    online, online_glob = online_targets(teacher, full_views(paths, c.image_size), args.batch_size)
     online_s = time.perf_counter() - t0
     rows = []
     try:
@@ -162,7 +167,7 @@ def run(argv: list[str] | None = None) -> dict:
                 cache = prepare_teacher_cache(cfg, teacher, paths, accel, work / "run", torch.float32)
                 build_s = time.perf_counter() - t0
                 on_disk = sum(p.stat().st_size for p in cache.folder.glob("*.npy"))
-                feats, read_s = cached_targets(cache, len(paths))
+                feats, glob, read_s = cached_targets(cache, len(paths))
                 rows.append(
                     {
                         "storage": storage,
@@ -172,7 +177,7 @@ def run(argv: list[str] | None = None) -> dict:
                         "bytes_per_image_estimate": cache_bytes(cache.meta) / len(paths),
                         "build_s": build_s,
                         "read_decode_ms_per_image": 1000 * read_s / len(paths),
-                        **fidelity(feats, online),
+                        **fidelity(feats, online, glob, online_glob),
                     }
                 )
     finally:
@@ -185,6 +190,7 @@ def run(argv: list[str] | None = None) -> dict:
             "image_size": c.image_size,
             "cache_size": c.teacher_cache_size or c.image_size,
             "channels": list(teacher.channels),
+            "global_dim": int(online_glob.shape[-1]) if online_glob is not None else None,
         },
         "n_images": len(paths),
         "online_teacher_s": online_s,
@@ -201,15 +207,15 @@ def print_table(out: dict) -> None:
     cfg = out["config"]
     print(
         f"\n{out['n_images']} images, {cfg['teacher']} at {cfg['image_size']} px (cache {cfg['cache_size']} px), "
-        f"channels {cfg['channels']}; online teacher {out['online_teacher_s']:.1f} s"
+        f"channels {cfg['channels']} + global {cfg['global_dim']}; online teacher {out['online_teacher_s']:.1f} s"
     )
     head = f"{'storage':<14}{'grid':>8}{'KiB/img':>9}{'est KiB':>9}{'build s':>9}{'read ms':>9}"
-    print(head + f"{'cos mean':>10}{'cos min':>9}{'rel L2':>9}")
+    print(head + f"{'cos mean':>10}{'cos min':>9}{'CLS cos':>9}{'rel L2':>9}")
     for r in out["rows"]:
         grid = "x".join(map(str, r["grid_sizes"][0]))
         label = r["storage"] + (f" (G={r['grid']})" if r["grid"] else "")
         row = f"{label:<14}"
         row += f"{grid:>8}{r['bytes_per_image'] / 1024:>9.1f}{r['bytes_per_image_estimate'] / 1024:>9.1f}"
         row += f"{r['build_s']:>9.1f}{r['read_decode_ms_per_image']:>9.2f}"
-        row += f"{r['token_cos_mean']:>10.6f}{r['token_cos_min']:>9.5f}"
+        row += f"{r['token_cos_mean']:>10.6f}{r['token_cos_min']:>9.5f}{r.get('cls_cos_mean', float('nan')):>9.6f}"
         print(row + f"{r['rel_l2']:>9.5f}")

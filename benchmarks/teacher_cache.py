@@ -97,8 +97,8 @@ def _fidelity(online, cached, jitter: float, batches: int = 4) -> float:
     for _ in range(batches):
         batch = next(loader)
         x = inputs(online, batch)
-        online_t = teacher_targets(online, x, batch)
-        cached_t = teacher_targets(cached, x, batch)
+        online_t, _ = teacher_targets(online, x, batch)
+        cached_t, _ = teacher_targets(cached, x, batch)
         levels = [float(F.cosine_similarity(c, o.float(), dim=1).mean()) for c, o in zip(cached_t, online_t)]
         cos += sum(levels) / len(levels)
     return cos / batches

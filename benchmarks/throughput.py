@@ -120,15 +120,15 @@ def step_parts(run: Any) -> dict[str, Callable[[], Any]]:
     pin = run.accelerator.device.type == "cuda"
     batch = next(iter(images.loader(images.size_at(0, run.steps), 0, cache=run.cache, pin_memory=pin)))
     x = inputs(run, batch)
-    fixed: list[list[torch.Tensor]] = []  # the teacher maps of the first call, reused: the student part alone
+    fixed: list[Any] = []
 
     def teacher_fwd() -> Any:
         return teacher_targets(run, x, batch)
 
     def student_fwd_bwd() -> dict:
         if not fixed:
-            fixed.append(teacher_targets(run, x, batch))
-        return student_step(run, x, fixed[0])
+            fixed.extend(teacher_targets(run, x, batch))
+        return student_step(run, x, *fixed)
 
     def full_step() -> dict:
         return train_step(run, batch)

@@ -123,8 +123,8 @@ class _Student(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, grids) -> list[torch.Tensor]:
-        return [F.adaptive_avg_pool2d(self.conv(x), (3, 3))]
+    def forward(self, x: torch.Tensor, grids) -> tuple[list[torch.Tensor], None]:
+        return [F.adaptive_avg_pool2d(self.conv(x), (3, 3))], None
 
 
 @pytest.mark.parametrize("norm, same", [("ema_center", True), ("center", False)])

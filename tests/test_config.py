@@ -116,6 +116,7 @@ def test_image_size_schedule_parses_and_refuses_the_teacher_cache() -> None:
         ("target_norm=whiten", "target_norm must be none, center or ema_center"),
         ("target_center_momentum=1.5", "target_center_momentum"),
         ("level_weights=[1, -1, 1]", "level_weights"),
+        ("global_weight=-1", "global_weight"),
         ("teacher_cache_size=0", "teacher_cache_size"),
         ("student=resnet50", "student"),
         ("name=", "name"),

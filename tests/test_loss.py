@@ -42,18 +42,20 @@ def test_pairing() -> None:
         pair_levels([8, 16, 32], [8, 16])
 
 
-def test_distillation_loss_levels_and_weights() -> None:
+def test_distillation_loss_levels_weights_and_terms() -> None:
     t = [torch.randn(2, 12, 4, 4)]
-    crit = DistillationLoss([1, 1, 2], [0, 0, 0], level_names=["p3", "p4", "p5"])
+    crit = DistillationLoss([1, 1, 2], [0, 0, 0], global_weight=1.0, level_names=["p3", "p4", "p5"])
     student = [torch.randn(2, 12, 16, 16, requires_grad=True), torch.randn(2, 12, 8, 8), torch.randn(2, 12, 4, 4)]
-    total, logs = crit(student, t)
-    assert set(logs) == {"loss_p3", "cos_p3", "loss_p4", "cos_p4", "loss_p5", "cos_p5", "loss"}
-    weighted = 0.25 * logs["loss_p3"] + 0.25 * logs["loss_p4"] + 0.5 * logs["loss_p5"]  # weights normalised to sum 1
-    assert total.item() == pytest.approx(weighted.item(), rel=1e-6)
+    g = torch.randn(2, 12)
+    total, logs = crit(student, t, g, g)
+    assert {"loss_p3", "cos_p3", "loss_global", "loss"} <= set(logs)
+    assert logs["loss_global"].item() == pytest.approx(0.0, abs=1e-6)
     total.backward()
     assert student[0].grad is not None and torch.isfinite(student[0].grad).all()
     with pytest.raises(ValueError, match="level_weights"):
         DistillationLoss([1, 1], [0, 0, 0])
+    with pytest.raises(ValueError, match="CLS"):
+        crit(student, t)
 
 
 def test_pair_levels_checks_strides_not_only_counts() -> None:
@@ -101,14 +103,14 @@ def test_resize_first_shrinks_only_maps_larger_than_the_grid_before_their_head()
     assert late.head_grids(teacher) is None
     grids = early.head_grids(teacher)
     assert grids == [(4, 4)] * 3
-    projected = projectors(feats, grids)
+    projected, _ = projectors(feats, grids)
     assert [p.shape[-1] for p in projected] == [4, 4, 2]  # P3 shrunk before its head, P5 left for the loss to upsample
     loss, logs = early(projected, teacher)
     assert torch.isfinite(loss) and {"cos_l0", "cos_l1", "cos_l2"} <= set(logs)
     # A linear head commutes with the (linear, weights-sum-to-one) area resize: shrinking first = projecting first.
     linear = Projectors([4], [12], kind="linear")
-    first = linear([feats[0]], [(4, 4)])
-    after = F.adaptive_avg_pool2d(linear([feats[0]])[0], (4, 4))
+    first, _ = linear([feats[0]], [(4, 4)])
+    after = F.adaptive_avg_pool2d(linear([feats[0]])[0][0], (4, 4))
     assert torch.allclose(first[0], after, atol=1e-5)
 
 
@@ -117,5 +119,20 @@ def test_resize_first_runs_under_cpu_bf16_autocast() -> None:
     ``mixed_precision=bf16`` run with ``align=resize_first`` stopped at its first step (NotImplementedError)."""
     projectors = Projectors([4, 8], [12, 12])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        projected = projectors([torch.randn(2, 4, 7, 7), torch.randn(2, 8, 4, 4)], [(4, 4), (4, 4)])
+        projected, _ = projectors([torch.randn(2, 4, 7, 7), torch.randn(2, 8, 4, 4)], [(4, 4), (4, 4)])
     assert [tuple(p.shape[-2:]) for p in projected] == [(4, 4), (4, 4)]
+
+
+def test_global_term_defaults_on_for_a_vit_teacher_and_off_for_a_cnn(tmp_path) -> None:
+    from backbone_kd.pretrain.build import build_run
+    from backbone_kd.pretrain.config import build_config
+    from tests.conftest import make_images, tiny_pretrain_args
+
+    make_images(tmp_path / "imgs", 4)
+    vit = build_run(build_config(tiny_pretrain_args(tmp_path / "imgs", tmp_path / "v", steps=1)))
+    assert vit.criterion.global_weight == 1.0 and vit.plain.projectors.global_head is not None
+    cnn = {"teacher": "timm:test_resnet", "teacher_kwargs": "{}"}
+    run = build_run(build_config(tiny_pretrain_args(tmp_path / "imgs", tmp_path / "c", steps=1, **cnn)))
+    assert run.criterion.global_weight == 0.0 and run.plain.projectors.global_head is None
+    with pytest.raises(ValueError, match="needs a teacher with a CLS embedding .*set global_weight=0"):
+        build_run(build_config(tiny_pretrain_args(tmp_path / "imgs", tmp_path / "e", global_weight=1, **cnn)))

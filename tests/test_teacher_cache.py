@@ -83,20 +83,20 @@ def test_cached_targets_and_loss_match_online_teacher(tmp_path) -> None:
     cfg, teacher, cache = _setup(tmp_path, paths, **NO_AUG)
     data = CachedTargets(UnlabeledImages(paths, 64, AugmentConfig(None, 0.0, 0.0)), cache)
     batch = collate([data[i] for i in range(4)])
-    online, _ = teacher.encode(teacher_input(batch["image"], teacher, torch.float32))
-    cached = cache.targets(batch, torch.device("cpu"))
+    online, online_cls = teacher.encode(teacher_input(batch["image"], teacher, torch.float32))
+    cached, cached_cls = cache.targets(batch, torch.device("cpu"))
     assert [c.shape for c in cached] == [o.shape for o in online] == [(4, 48, 5, 5)]
-    for c, o in zip(cached, online):
+    for c, o in zip([*cached, cached_cls], [*online, online_cls]):
         assert torch.allclose(c, o, rtol=2e-3, atol=2e-3 * float(o.abs().max()))  # fp16 storage only
     torch.manual_seed(0)
     backbone = YoloBackbone(load_yolo_model("yolov8n.yaml"), None)
     pairing = pair_levels(backbone.strides, teacher.strides)
-    student = DistillStudent(backbone, Projectors(backbone.channels, [48] * 3)).eval()
-    criterion = DistillationLoss([1.0] * 3, pairing)
+    student = DistillStudent(backbone, Projectors(backbone.channels, [48] * 3, global_dim=48)).eval()
+    criterion = DistillationLoss([1.0] * 3, pairing, global_weight=0.5)
     with torch.no_grad():
-        s_feats = student(batch["image"])
-        loss_online, _ = criterion(s_feats, online)
-        loss_cached, _ = criterion(s_feats, cached)
+        s_feats, s_global = student(batch["image"])
+        loss_online, _ = criterion(s_feats, online, s_global, online_cls)
+        loss_cached, _ = criterion(s_feats, cached, s_global, cached_cls)
     assert torch.allclose(loss_cached, loss_online, rtol=1e-2), (loss_cached, loss_online)
 
 
@@ -122,7 +122,7 @@ def test_crop_and_flip_lookup_is_roi_align_of_the_full_image_grid(tmp_path) -> N
     rois = torch.cat([torch.arange(5.0)[:, None], batch["box"] * 5.0], dim=1)
     expected = roi_align(grid, rois, (5, 5), sampling_ratio=-1, aligned=True)
     expected = torch.where(batch["flip"].view(-1, 1, 1, 1), expected.flip(-1), expected)
-    cached = cache.targets(batch, torch.device("cpu"))[0]
+    cached = cache.targets(batch, torch.device("cpu"))[0][0]
     assert torch.allclose(cached, expected, rtol=2e-3, atol=2e-3 * float(expected.abs().max()))
     # Flips commute: mirroring the grid and the box equals flipping the crop.
     mirrored = batch["box"][:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1.0, -1.0, 1.0]) + torch.tensor([1.0, 0, 1.0, 0])
@@ -134,7 +134,7 @@ def test_crop_and_flip_lookup_is_roi_align_of_the_full_image_grid(tmp_path) -> N
     cfg = build_config(tiny_pretrain_args(tmp_path, tmp_path / "w", teacher_cache=tmp_path / "c96"))
     cfg.teacher_cache_size = 96
     big = prepare_teacher_cache(cfg, teacher, paths, ACCEL, tmp_path / "run", torch.float32)
-    assert big.meta["grid_sizes"] == [[7, 7]] and big.targets(batch, torch.device("cpu"))[0].shape == (5, 48, 5, 5)
+    assert big.meta["grid_sizes"] == [[7, 7]] and big.targets(batch, torch.device("cpu"))[0][0].shape == (5, 48, 5, 5)
 
 
 def test_stale_cache_is_refused_or_rebuilt(tmp_path) -> None:
@@ -191,9 +191,9 @@ def test_storage_dtype_round_trip_matches_the_fp32_teacher(tmp_path, storage, ca
     file_dtype, min_cos = STORAGE[storage]
     folder = tmp_path / "cache"
     assert np.load(folder / "level0.npy", mmap_mode="r").dtype == file_dtype
-    assert not (folder / "global.npy").exists()  # no CLS stored: nothing reads it
+    assert np.load(folder / "global.npy", mmap_mode="r").dtype == file_dtype
     scales = sorted(p.name for p in folder.glob("*_scale.npy"))
-    assert scales == (["level0_scale.npy"] if storage == "int8" else [])
+    assert scales == (["global_scale.npy", "level0_scale.npy"] if storage == "int8" else [])
     # The printed size is the size on disk (headers aside) for this storage.
     number, unit = capsys.readouterr().out.split(f"{storage} = ")[1].split()[:2]
     printed = float(number) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
@@ -201,11 +201,12 @@ def test_storage_dtype_round_trip_matches_the_fp32_teacher(tmp_path, storage, ca
     assert printed == pytest.approx(on_disk, rel=0.01)
     data = CachedTargets(UnlabeledImages(paths, 64, AugmentConfig(None, 0.0, 0.0)), cache)
     batch = collate([data[i] for i in range(6)])
-    online, _ = teacher.encode(teacher_input(batch["image"], teacher, torch.float32))
-    cached = cache.targets(batch, torch.device("cpu"))
-    assert cached[0].dtype == torch.float32 and cached[0].shape == online[0].shape
+    online, online_cls = teacher.encode(teacher_input(batch["image"], teacher, torch.float32))
+    cached, cached_cls = cache.targets(batch, torch.device("cpu"))
+    assert cached[0].dtype == cached_cls.dtype == torch.float32 and cached[0].shape == online[0].shape
     token_cos = F.cosine_similarity(cached[0], online[0], dim=1)  # (B, h, w)
     assert float(token_cos.min()) > min_cos, (storage, float(token_cos.min()))
+    assert float(F.cosine_similarity(cached_cls, online_cls, dim=1).min()) > min_cos
     # Lossier storage, larger error: bf16 keeps 8 mantissa bits to fp16's 11, so it must not equal fp16.
     error = float((cached[0] - online[0]).abs().max() / online[0].abs().max())
     assert {"fp16": error < 2e-3, "bf16": 1e-4 < error < 1e-2, "int8": error < 2e-2}[storage], error
@@ -270,7 +271,7 @@ def test_cache_grid_stores_the_pooled_grid_and_targets_keep_the_online_size(tmp_
     batch = collate(
         [CachedTargets(UnlabeledImages(paths, 64, AugmentConfig(None, 0.0, 0.0)), cache)[i] for i in range(4)]
     )
-    assert cache.targets(batch, torch.device("cpu"))[0].shape == (4, 48, 5, 5)
+    assert cache.targets(batch, torch.device("cpu"))[0][0].shape == (4, 48, 5, 5)
 
 
 @pytest.mark.parametrize(
@@ -331,7 +332,7 @@ def test_cache_dtype_benchmark_reports_size_and_fidelity_per_storage(tmp_path, c
         assert r["bytes_per_image_estimate"] <= r["bytes_per_image"] < r["bytes_per_image_estimate"] + 1024  # headers
         assert r["grid_sizes"] == ([[2, 2]] if grid else [[5, 5]])
         if grid is None:
-            assert r["token_cos_min"] > STORAGE[storage][1] and "cls_cos_mean" not in r
+            assert r["token_cos_min"] > STORAGE[storage][1] and r["cls_cos_mean"] > STORAGE[storage][1]
     fp16, int8 = rows[("fp16", None)]["bytes_per_image"], rows[("int8", None)]["bytes_per_image"]
     assert 0.5 < int8 / fp16 < 0.6  # 1 byte per value + 4 per token of 48 channels, headers
     assert rows[("fp16", None)]["rel_l2"] < rows[("bf16", None)]["rel_l2"] < rows[("int8", None)]["rel_l2"]
@@ -351,7 +352,7 @@ def test_sharded_build_writes_each_rank_rows_in_place(tmp_path, storage) -> None
         )
         _build(sharded, teacher, paths, cache.meta, accel, torch.float32, cfg.batch_size, 0, cfg.max_image_pixels)
     names = sorted(p.name for p in cache.folder.glob("*.npy"))
-    assert names == sorted(p.name for p in sharded.glob("*.npy")) and len(names) == (2 if storage == "int8" else 1)
+    assert names == sorted(p.name for p in sharded.glob("*.npy")) and len(names) == (4 if storage == "int8" else 2)
     for name in names:
         single, split = np.load(cache.folder / name), np.load(sharded / name)
         assert single.dtype == split.dtype and single.shape == split.shape

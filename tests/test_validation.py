@@ -77,6 +77,16 @@ def test_pretrain_logs_validation_and_exports_best_backbone(tmp_path: Path) -> N
     assert summary["bad_images"] == []
 
 
+def test_validation_runs_with_the_global_term(tmp_path: Path) -> None:
+    """Fixed defect: validation called the criterion without global embeddings, so a run with ``global_weight > 0``
+    and a validation split stopped at its first validation ("needs a teacher with a CLS token")."""
+    make_images(tmp_path / "imgs", 12)
+    args = tiny_pretrain_args(tmp_path / "imgs", tmp_path / "out", steps=2, val_fraction=0.3, val_every=2)
+    assert main([*args, "global_weight=1"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_cos_p5" in r for r in rows) and any("loss_global" in r for r in rows)
+
+
 def test_validation_scores_the_normalised_targets_of_target_norm(tmp_path: Path) -> None:
     """val_cos with ``target_norm`` is measured against the same normalised targets as the training cos."""
     make_images(tmp_path / "imgs", 12)

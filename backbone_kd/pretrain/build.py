@@ -48,7 +48,7 @@ class Run:
 
     Attributes:
         teacher: The frozen teacher, or the :class:`TeacherCache` standing in for it (only its contract is used
-            then: ``name``, ``channels``, ``strides``).
+            then: ``name``, ``channels``, ``strides``, ``global_dim``).
         encode: The online teacher's ``encode`` (compiled with ``compile``); None with the cache.
         module: The prepared student (DDP-wrapped / compiled as configured); ``plain`` is the module itself.
         params: The trainable parameters (what the optimizer step clips).
@@ -128,7 +128,7 @@ def build_run(cfg: PretrainConfig, compile_options: dict[str, Any] | None = None
     cache = None
     if cfg.teacher_cache not in OFF:
         cache = prepare_teacher_cache(cfg, teacher, images.paths, accelerator, run_dir, t_dtype)
-        teacher = cache  # from here on only the contract (name, channels, strides) is needed
+        teacher = cache  # from here on only the contract (name, channels, strides, global_dim) is needed
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -225,12 +225,22 @@ def _student_and_loss(cfg: PretrainConfig, teacher: Any) -> tuple[DistillStudent
     """The live YOLO backbone slice with its projection heads, and the loss that pairs its levels with the teacher's.
 
     Args:
-        teacher: Anything with the teacher contract (``channels``, ``strides``).
+        teacher: Anything with the teacher contract (``channels``, ``strides``, ``global_dim``).
     """
+    # global_weight left out: on (1) where the teacher has a CLS embedding, off for CNN / YOLO teachers
+    weight = cfg.global_weight if cfg.global_weight is not None else (1.0 if teacher.global_dim else 0.0)
+    global_dim = teacher.global_dim if weight > 0 else None
+    if weight > 0 and not global_dim:
+        raise ValueError(
+            f"global_weight={weight} needs a teacher with a CLS embedding (a ViT); {cfg.teacher!r} has none: "
+            "set global_weight=0"
+        )
     yolo = load_yolo_model(cfg.student, nc=cfg.nc, trust_pickle=cfg.trust_pickle)
     backbone = YoloBackbone(yolo, cfg.taps, neck=cfg.distill_neck)
     pairing = pair_levels(backbone.strides, teacher.strides)
-    heads = Projectors(backbone.channels, [teacher.channels[j] for j in pairing], cfg.projector, cfg.projector_hidden)
+    heads = Projectors(
+        backbone.channels, [teacher.channels[j] for j in pairing], cfg.projector, cfg.projector_hidden, global_dim
+    )
     module = DistillStudent(backbone, heads)
     if cfg.channels_last:
         module = module.to(memory_format=torch.channels_last)
@@ -238,6 +248,7 @@ def _student_and_loss(cfg: PretrainConfig, teacher: Any) -> tuple[DistillStudent
         cfg.level_weights or [1.0] * len(backbone.taps),
         pairing,
         cfg.align,
+        weight,
         level_names=[f"p{int(math.log2(s))}" for s in backbone.strides],
         target_norm=cfg.target_norm,
         teacher_channels=list(teacher.channels),

@@ -1,16 +1,17 @@
 """Teacher-feature cache, format and lookups: one teacher pass over the data set, then every step reads its targets.
 
-Layout of a cache folder: ``level<i>.npy`` (N, C_i, h_i, w_i) memory-mapped grids and ``meta.json`` (fingerprint +
-unreadable files). It is assembled under a hidden temp name and renamed when complete, so a folder with ``meta.json``
-is always whole (the builder, fingerprint and multi-node writing: :mod:`backbone_kd.pretrain.cache_build`).
-``teacher_cache_dtype`` sets the storage:
+Layout of a cache folder: ``level<i>.npy`` (N, C_i, h_i, w_i) memory-mapped grids, ``global.npy`` (N, D_g) when the
+teacher has a CLS token (the ``global_weight`` term's target), and ``meta.json`` (fingerprint + unreadable files).
+It is assembled under a hidden temp name and renamed when complete, so a folder with ``meta.json`` is always whole
+(the builder, fingerprint and multi-node writing: :mod:`backbone_kd.pretrain.cache_build`). ``teacher_cache_dtype``
+sets the storage:
 
 - ``fp16`` (default): float16 arrays, 2 bytes per value.
 - ``bf16``: the bfloat16 bits as uint16 arrays (numpy has no bfloat16), 2 bytes per value; fp32's range (no overflow
   for teachers with very large activations) at 3 fewer mantissa bits than fp16.
 - ``int8``: symmetric per-token quantisation, 1 byte per value: each token (one image's (h, w) position, all
-  channels) stores ``round(x / s)`` with ``s = max|x| / 127`` over the channels, and its float32 ``s`` in a sibling
-  ``level<i>_scale.npy`` (N, h_i, w_i). Targets are
+  channels; for ``global.npy`` the whole vector) stores ``round(x / s)`` with ``s = max|x| / 127`` over the channels,
+  and its float32 ``s`` in a sibling ``level<i>_scale.npy`` (N, h_i, w_i) / ``global_scale.npy`` (N,). Targets are
   dequantised (``q * s``) on the training device, so the loader moves half the bytes of fp16. A zero token has
   ``s = 0`` and reads back as zeros.
 
@@ -27,9 +28,7 @@ Design decisions and trade-offs:
   crops); ``benchmarks/teacher_cache.py`` measures the cost in held-out cosine.
 - Colour jitter cannot be applied to cached features: the cache holds features of the un-jittered image, while the
   student still sees the jittered view (the student learns jitter invariance towards clean targets).
-- No CLS embedding is stored (the global term that read it was retired; see ``pretrain/retired.py``). ``global_dim``
-  stays in the fingerprint as a fact about the teacher, so caches built before keep their name and are reused; their
-  ``global.npy`` is never opened.
+- The cached CLS embedding (``global_weight > 0``) is the full image's, not the crop's.
 
 Building a cache (fingerprint, sharded encoding, atomic rename) is :mod:`backbone_kd.pretrain.cache_build`.
 """
@@ -91,8 +90,7 @@ def decode_values(values: torch.Tensor, scale: torch.Tensor | None) -> torch.Ten
 
 @torch.no_grad()
 def probe(teacher: torch.nn.Module, size: int, device: torch.device, dtype: torch.dtype) -> tuple[list, int | None]:
-    """Grid sizes [(h_i, w_i)] the teacher gives for a (size, size) image, and its global width (None: no CLS; only
-    a fingerprint field now)."""
+    """Grid sizes [(h_i, w_i)] the teacher gives for a (size, size) image, and its global width (None: no CLS)."""
     feats, glob = teacher.encode(teacher_input(torch.zeros(1, 3, size, size, device=device), teacher, dtype))
     return [list(f.shape[-2:]) for f in feats], (int(glob.shape[-1]) if glob is not None else None)
 
@@ -125,7 +123,7 @@ def crop_grids(
 
 
 class TeacherCache:
-    """An opened cache: the teacher's contract (``name``, ``channels``, ``strides``) plus lookups.
+    """An opened cache: the teacher's contract (``name``, ``channels``, ``strides``, ``global_dim``) plus lookups.
 
     Memmaps are opened lazily in each process and dropped when pickled, so DataLoader workers never copy the arrays.
     """
@@ -135,6 +133,7 @@ class TeacherCache:
         self.meta = json.loads((self.folder / "meta.json").read_text(encoding="utf-8"))
         self.name = self.meta["teacher"]
         self.channels, self.strides = self.meta["channels"], self.meta["strides"]
+        self.global_dim = self.meta["global_dim"]
         self.storage: str = self.meta.get("storage_dtype", "fp16")  # caches from before the option are fp16
         self.bad: list[int] = self.meta["bad"]
         self._arrays: list[np.ndarray] | None = None
@@ -144,9 +143,9 @@ class TeacherCache:
         return {**self.__dict__, "_arrays": None, "_scales": None}
 
     def arrays(self) -> list[np.ndarray]:
-        """The stored arrays, read-only memmaps: per level (N, C_i, h_i, w_i)."""
+        """The stored arrays, read-only memmaps: per level (N, C_i, h_i, w_i), then global (N, D_g) if any."""
         if self._arrays is None:
-            names = array_names(len(self.channels))
+            names = array_names(len(self.channels), self.global_dim)
             self._arrays = [np.load(self.folder / n, mmap_mode="r") for n in names]
             if self.storage == "int8":
                 self._scales = [np.load(self.folder / scale_name(n), mmap_mode="r") for n in names]
@@ -162,30 +161,41 @@ class TeacherCache:
             scale = None if self._scales is None else torch.from_numpy(np.array(self._scales[j][start:stop]))
             return decode_values(stored_tensor(np.array(arrays[j][start:stop]), self.storage), scale)
 
-        return cache_channel_means(arrays, decode, self.bad)
+        return cache_channel_means(arrays[: len(self.channels)], decode, self.bad)
 
     def rows(self, index: int) -> dict[str, Any]:
         """Stored rows of one image, in the stored type (decoded later, on the device, by :meth:`targets`).
 
-        Returns ``teacher`` [(C_i, h_i, w_i)] (float16, bfloat16 or int8); int8 caches add ``teacher_scale``
-        [(h_i, w_i) float32].
+        Returns ``teacher`` [(C_i, h_i, w_i)] (float16, bfloat16 or int8) and, with a CLS, ``teacher_global`` (D_g,);
+        int8 caches add ``teacher_scale`` [(h_i, w_i) float32] and ``teacher_global_scale`` (0-dim float32).
         """
         arrays = self.arrays()
-        out: dict[str, Any] = {"teacher": [stored_tensor(np.array(a[index]), self.storage) for a in arrays]}
-        if self._scales is not None:  # np.array: a private, writable copy of the memmapped row
-            out["teacher_scale"] = [torch.from_numpy(np.array(a[index])) for a in self._scales]
+        rows = [stored_tensor(np.array(a[index]), self.storage) for a in arrays]  # np.array: a private, writable copy
+        levels = len(self.channels)
+        out: dict[str, Any] = {"teacher": rows[:levels]}
+        if self.global_dim:
+            out["teacher_global"] = rows[-1]
+        if self._scales is not None:
+            scales = [torch.from_numpy(np.array(a[index])) for a in self._scales]
+            out["teacher_scale"] = scales[:levels]
+            if self.global_dim:
+                out["teacher_global_scale"] = scales[-1]
         return out
 
-    def targets(self, batch: dict, device: torch.device) -> list[torch.Tensor]:
-        """The online teacher's maps for the batch's views, approximated: [(B, C_i, h_i, w_i) fp32]."""
+    def targets(self, batch: dict, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The online teacher's outputs, approximated: ([(B, C_i, h_i, w_i) fp32], (B, D_g) fp32 or None)."""
         scales = batch.get("teacher_scale") or [None] * len(batch["teacher"])
         grids = [decode_values(g.to(device, non_blocking=True), s) for g, s in zip(batch["teacher"], scales)]
-        return crop_grids(grids, batch["box"], batch["flip"], self.out_sizes)
+        feats = crop_grids(grids, batch["box"], batch["flip"], self.out_sizes)
+        glob = batch.get("teacher_global")
+        if glob is not None:
+            glob = decode_values(glob.to(device, non_blocking=True), batch.get("teacher_global_scale"))
+        return feats, glob
 
 
-def array_names(levels: int) -> list[str]:
-    """File names of the value arrays: ``level<i>.npy`` per level."""
-    return [f"level{i}.npy" for i in range(levels)]
+def array_names(levels: int, global_dim: int | None) -> list[str]:
+    """File names of the value arrays: ``level<i>.npy`` per level, then ``global.npy`` when there is a CLS."""
+    return [f"level{i}.npy" for i in range(levels)] + (["global.npy"] if global_dim else [])
 
 
 def scale_name(name: str) -> str:
@@ -210,12 +220,12 @@ class CachedTargets(Dataset):
 def cache_bytes(meta: dict) -> int:
     """Size of the cache's arrays: N * (values * bytes per value + tokens * 4 bytes of int8 scales).
 
-    Values per image: sum_i C_i * h_i * w_i; tokens per image (int8 only): sum_i h_i * w_i.
+    Values per image: sum_i C_i * h_i * w_i + D_g; tokens per image (int8 only): sum_i h_i * w_i + 1 (the global's).
     """
     storage = meta.get("storage_dtype", "fp16")
     tokens = [h * w for h, w in meta["grid_sizes"]]
-    values = sum(c * t for c, t in zip(meta["channels"], tokens))
+    values = sum(c * t for c, t in zip(meta["channels"], tokens)) + (meta["global_dim"] or 0)
     per_image = values * _BYTES[storage]
     if storage == "int8":
-        per_image += sum(tokens) * _SCALE_BYTES
+        per_image += (sum(tokens) + (1 if meta["global_dim"] else 0)) * _SCALE_BYTES
     return meta["n_images"] * per_image

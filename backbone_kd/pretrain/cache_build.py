@@ -114,8 +114,10 @@ def _build(
     """
     n, rank, world = len(paths), accelerator.process_index, accelerator.num_processes
     storage = meta.get("storage_dtype", "fp16")
-    names = array_names(len(meta["channels"]))
+    names = array_names(len(meta["channels"]), meta["global_dim"])
     shapes = [(n, c, *hw) for c, hw in zip(meta["channels"], meta["grid_sizes"])]
+    if meta["global_dim"]:
+        shapes.append((n, meta["global_dim"]))
     files = [(name, _NP_DTYPES[storage], shape) for name, shape in zip(names, shapes)]
     if storage == "int8":  # one scale per token: the value shape without the channel axis
         files += [(scale_name(name), np.float32, (shape[0], *shape[2:])) for name, shape in zip(names, shapes)]
@@ -136,13 +138,13 @@ def _build(
     bad, start = [], shard.start
     try:
         for x, ok in tqdm(loader, desc="teacher cache", disable=not accelerator.is_main_process, dynamic_ncols=True):
-            feats, _ = teacher.encode(teacher_input(x.to(accelerator.device), teacher, dtype))
+            feats, glob = teacher.encode(teacher_input(x.to(accelerator.device), teacher, dtype))
             # teacher_cache_grid: grids larger than the stored size are average-pooled down before storing
             feats = [
                 f if list(f.shape[-2:]) == hw else F.adaptive_avg_pool2d(f.float(), hw)
                 for f, hw in zip(feats, meta["grid_sizes"])
             ]
-            encoded = [encode_values(t, storage) for t in feats]
+            encoded = [encode_values(t, storage) for t in [*feats, *([glob] if meta["global_dim"] else [])]]
             parts = [v for v, _ in encoded] + ([s for _, s in encoded] if storage == "int8" else [])
             for writer, part in zip(writers, parts):
                 writer.write(start, part)
@@ -253,7 +255,7 @@ def prepare_teacher_cache(
     need = cache_bytes(meta)
     accelerator.print(
         f"teacher cache: building {folder}: {len(paths)} images x grids {grid_sizes} of {teacher.channels} channels "
-        f", {storage} = {_size(need)} ({free / 2**30:.1f} GiB free)"
+        f"(+ global {global_dim}), {storage} = {_size(need)} ({free / 2**30:.1f} GiB free)"
     )
     if need > 0.95 * free:
         raise ValueError(

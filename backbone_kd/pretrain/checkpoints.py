@@ -129,7 +129,7 @@ def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
     return path
 
 
-# Options that decide which tensors a checkpoint holds (student layers, projector shapes, EMA buffers): a run
+# Options that decide which tensors a checkpoint holds (student layers, projector shapes, queue / EMA buffers): a run
 # resumed with another value cannot load it, and torch's key-by-key error does not say which option changed.
 # Options whose default changed, with the value runs started before the change used: resuming such a run with an
 # unchanged command line must not switch its objective silently (exact resume).
@@ -141,6 +141,7 @@ STATE_SHAPING_OPTIONS = (
     "distill_neck",
     "projector",
     "projector_hidden",
+    "global_weight",
     "ema_decay",
 )
 

@@ -100,6 +100,11 @@ class PretrainConfig:
     target_center_momentum: float = _f(
         0.99, "ema_center: centre = m * centre + (1 - m) * step mean, per optimizer step (1: keep the start value)"
     )
+    global_weight: float | None = _f(
+        None,
+        "weight of 1 - cos(pooled last student level -> linear head, teacher CLS); default: 1 where the teacher has "
+        "a CLS embedding (ViTs), else 0 (it lifted dense-probe objectness at 3,200 images, docs/results.md)",
+    )
     # data
     image_size: int = _f(224, "square training size; a multiple of the teacher patch size and 32")
     image_size_schedule: Any = _f(
@@ -168,7 +173,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "teacher_cache_grid",
     ),
     "student": ("student", "nc", "trust_pickle", "taps", "distill_neck", "projector", "projector_hidden", "align"),
-    "loss": (*("level_weights", "target_norm", "target_center_momentum"),),
+    "loss": (*("level_weights", "target_norm", "target_center_momentum", "global_weight"),),
     "data": (
         *("unlabeled", "image_size", "image_size_schedule", "batch_size", "workers", "crop_scale", "hflip"),
         *("color_jitter", "max_image_pixels"),

@@ -73,6 +73,11 @@ def _check_optimisation(cfg: PretrainConfig) -> None:
 
 def _check_objective(cfg: PretrainConfig) -> None:
     """Loss terms and their weights, target normalisation, heads and alignment, the student's inputs."""
+    weight = cfg.global_weight
+    _need(
+        weight is None or (_is_number(weight) and math.isfinite(weight) and weight >= 0),
+        f"global_weight={weight!r} must be >= 0 (0 turns the global term off; leave it out for the default)",
+    )
     _need(
         cfg.target_norm in ("none", "center", "ema_center"),
         f"target_norm must be none, center or ema_center, got {cfg.target_norm!r}",

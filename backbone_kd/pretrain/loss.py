@@ -1,6 +1,6 @@
-"""Spatial alignment and the distillation loss (per-token cosine to centred teacher tokens, per level).
+"""Spatial alignment and the distillation loss (per-token cosine per level, and the global CLS term).
 
-All terms are computed in fp32 (inputs are upcast): cosine and standardisation statistics are not fp16-safe.
+All terms are computed in fp32 (inputs are upcast): cosines and centring statistics are not fp16-safe.
 """
 
 from __future__ import annotations
@@ -102,12 +102,13 @@ def cosine_token_loss(student: torch.Tensor, teacher: torch.Tensor) -> tuple[tor
 
 
 class DistillationLoss(nn.Module):
-    """Weighted sum over student levels of the per-token cosine loss to the normalised teacher maps.
+    """Weighted sum over student levels of the per-token cosine loss, plus the global term.
 
     Args:
         level_weights: One weight per student level (normalised to sum 1).
         pairing: Teacher level per student level (:func:`pair_levels`).
         align_mode: See :func:`align`.
+        global_weight: Weight of ``1 - cos(pooled student prediction, teacher CLS)`` (0 disables).
         target_norm: :func:`normalize_targets` mode applied to every teacher map before the per-level terms
             (default ``center``, as the config's), or ``ema_center``: the running centre ``center``.
         center: The :class:`TargetCenter` of ``target_norm=ema_center`` (built from ``teacher_channels`` when None).
@@ -120,6 +121,7 @@ class DistillationLoss(nn.Module):
         level_weights: list[float],
         pairing: list[int],
         align_mode: str = "student_to_teacher",
+        global_weight: float = 0.0,
         level_names: list[str] | None = None,
         target_norm: str = "center",
         center: TargetCenter | None = None,
@@ -142,6 +144,7 @@ class DistillationLoss(nn.Module):
         total = float(sum(level_weights))
         self.level_weights = [float(w) / total for w in level_weights]
         self.pairing, self.align_mode = pairing, align_mode
+        self.global_weight = global_weight
         self.level_names = level_names or [f"l{i}" for i in range(len(pairing))]
 
     def head_grids(self, teacher: list[torch.Tensor]) -> list[tuple[int, int]] | None:
@@ -167,11 +170,18 @@ class DistillationLoss(nn.Module):
             return self.center.apply(teacher)
         return [normalize_targets(t, self.target_norm) for t in teacher]
 
-    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """Args: projected student maps [(B, D, h_i, w_i)], teacher maps [(B, D, h, w)] per teacher level.
+    def forward(
+        self,
+        student: list[torch.Tensor],
+        teacher: list[torch.Tensor],
+        student_global: torch.Tensor | None = None,
+        teacher_global: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Args: projected student maps [(B, D, h_i, w_i)], teacher maps [(B, D, h, w)], globals (B, D_g).
 
         Returns:
-            (scalar loss, detached per-level logs ``loss_<level>``, ``cos_<level>`` and the total ``loss``).
+            (scalar loss, detached per-term logs: ``loss_<level>``, ``cos_<level>``,
+            ``loss_global``, ``loss``).
         """
         total = student[0].new_zeros((), dtype=torch.float32)
         logs: dict[str, torch.Tensor] = {}
@@ -185,5 +195,11 @@ class DistillationLoss(nn.Module):
             name = self.level_names[i]
             logs[f"loss_{name}"], logs[f"cos_{name}"] = loss.detach(), cos
             total = total + w * loss
+        if self.global_weight > 0:
+            if student_global is None or teacher_global is None:
+                raise ValueError("global_weight > 0 needs a teacher with a CLS token (ViT) and a global head")
+            g_loss, g_cos = cosine_token_loss(student_global[..., None, None], teacher_global[..., None, None])
+            logs["loss_global"], logs["cos_global"] = g_loss.detach(), g_cos
+            total = total + self.global_weight * g_loss
         logs["loss"] = total.detach()
         return total, logs

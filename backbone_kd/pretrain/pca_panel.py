@@ -88,7 +88,7 @@ class PCAPanel:
             device = next(module.parameters()).device
             x = self.images.to(device).float() / 255
             grids = criterion.head_grids([t.to(device) for t in self.teacher])
-            feats = module(x, grids)
+            feats, _ = module(x, grids)
         finally:
             module.train(was_training)
         return [f.float().cpu() for f in feats]

@@ -39,12 +39,13 @@ class ProjectionHead(nn.Module):
 
 
 class Projectors(nn.Module):
-    """One head per student level.
+    """One head per student level plus an optional global head (pooled last level -> teacher global embedding).
 
     Args:
         student_channels: Channels per student level.
         teacher_channels: Target width per student level (after level pairing).
         kind / hidden: See :class:`ProjectionHead`.
+        global_dim: Width of the teacher's global embedding (CLS); None disables the global head.
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class Projectors(nn.Module):
         teacher_channels: list[int],
         kind: str = "mlp",
         hidden: int | None = None,
+        global_dim: int | None = None,
     ) -> None:
         super().__init__()
         if len(student_channels) != len(teacher_channels):
@@ -60,9 +62,12 @@ class Projectors(nn.Module):
         self.heads = nn.ModuleList(
             ProjectionHead(c_in, c_out, kind, hidden) for c_in, c_out in zip(student_channels, teacher_channels)
         )
+        self.global_head = nn.Linear(student_channels[-1], global_dim) if global_dim else None
 
-    def forward(self, feats: list[torch.Tensor], grids: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
-        """feats: [(B, C_i, h_i, w_i)] -> [(B, D_i, h_i, w_i)].
+    def forward(
+        self, feats: list[torch.Tensor], grids: list[tuple[int, int]] | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """feats: [(B, C_i, h_i, w_i)] -> ([(B, D_i, h_i, w_i)], global (B, D_g) or None).
 
         ``grids``: per level, a grid to shrink the map to before its head when the map is larger (area average,
         i.e. ``adaptive_avg_pool2d``: every student position contributes, and it runs in bf16 on CPUs, where
@@ -75,13 +80,15 @@ class Projectors(nn.Module):
             ]
         else:
             feats_in = feats
-        return [head(f) for head, f in zip(self.heads, feats_in)]
+        projected = [head(f) for head, f in zip(self.heads, feats_in)]
+        pooled = self.global_head(feats[-1].mean(dim=(2, 3))) if self.global_head is not None else None
+        return projected, pooled
 
 
 class DistillStudent(nn.Module):
     """The trainable module handed to ``accelerator.prepare``: student backbone + projectors (never the teacher).
 
-    ``forward(x)`` returns the projected maps, so DDP sees one module.
+    ``forward(x)`` returns the projected maps and the pooled global prediction, so DDP sees one module.
     """
 
     def __init__(self, backbone: nn.Module, projectors: Projectors) -> None:
@@ -89,6 +96,8 @@ class DistillStudent(nn.Module):
         self.backbone = backbone
         self.projectors = projectors
 
-    def forward(self, x: torch.Tensor, grids: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
-        """x: (B, 3, H, W) in [0, 1] -> [(B, D_i, H/s_i, W/s_i)]; ``grids``: see Projectors."""
+    def forward(
+        self, x: torch.Tensor, grids: list[tuple[int, int]] | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """x: (B, 3, H, W) in [0, 1] -> ([(B, D_i, H/s_i, W/s_i)], (B, D_g) or None); ``grids``: see Projectors."""
         return self.projectors(self.backbone.features(x), grids)

@@ -43,7 +43,6 @@ RETIRED_OPTIONS: dict[str, Retired] = {
     "affinity_weight": Retired("fafb68e", 0.0, "WHY_AFFINITY"),
     "affinity_temperature": Retired("fafb68e", 0.07, "WHY_AFFINITY"),
     "optimizer": Retired("9d72ddf", "adamw", "WHY_LARS"),  # lars was its only other value
-    "global_weight": Retired("75f1368", 0.0, "WHY_GLOBAL"),
     "global_loss": Retired("75f1368", "cosine", "WHY_GLOBAL"),
     "global_queue_size": Retired("75f1368", "auto", "WHY_GLOBAL"),
     "global_temperature": Retired("75f1368", 0.07, "WHY_GLOBAL"),

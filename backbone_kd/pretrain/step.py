@@ -19,6 +19,8 @@ from backbone_kd.pretrain.views import teacher_input
 if TYPE_CHECKING:
     from backbone_kd.pretrain.build import Run
 
+Targets = tuple[list[torch.Tensor], "torch.Tensor | None"]  # teacher maps [(B, D, h, w)] per level, CLS (B, D) or None
+
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
@@ -41,7 +43,8 @@ def train_step(run: Run, batch: dict) -> dict[str, torch.Tensor]:
         optimizer stepped.
     """
     x = inputs(run, batch)
-    return student_step(run, x, teacher_targets(run, x, batch))
+    t_feats, t_global = teacher_targets(run, x, batch)
+    return student_step(run, x, t_feats, t_global)
 
 
 def inputs(run: Run, batch: dict) -> torch.Tensor:
@@ -52,21 +55,22 @@ def inputs(run: Run, batch: dict) -> torch.Tensor:
     return x
 
 
-def teacher_targets(run: Run, x: torch.Tensor, batch: dict) -> list[torch.Tensor]:
-    """Teacher maps [(B, D, h, w)] for the student's view ``x``: cropped out of the cache, or the frozen teacher's
-    forward (its CLS output is not used)."""
+def teacher_targets(run: Run, x: torch.Tensor, batch: dict) -> Targets:
+    """Teacher maps for the student's view ``x``: cropped out of the cache, or the (frozen) teacher's forward."""
     if run.cache is not None:
         return run.cache.targets(batch, x.device)
     with torch.no_grad():
-        return run.encode(teacher_input(x, run.teacher, run.teacher_dtype))[0]
+        return run.encode(teacher_input(x, run.teacher, run.teacher_dtype))
 
 
-def student_step(run: Run, x: torch.Tensor, t_feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def student_step(
+    run: Run, x: torch.Tensor, t_feats: list[torch.Tensor], t_global: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
     """Student forward + loss + backward under accelerate's accumulation; on a sync step, the optimizer update.
 
     Args:
         x: The student's images (B, 3, S, S) in [0, 1], on the device (:func:`inputs`).
-        t_feats: Teacher maps [(B, D_i, h_i, w_i)] (:func:`teacher_targets`).
+        t_feats, t_global: Teacher maps [(B, D_i, h_i, w_i)] and CLS (B, D) or None (:func:`teacher_targets`).
 
     Returns:
         The loss terms as 0-dim device tensors.
@@ -75,8 +79,8 @@ def student_step(run: Run, x: torch.Tensor, t_feats: list[torch.Tensor]) -> dict
     with accelerator.accumulate(run.module):
         with accelerator.autocast():
             grids = run.criterion.head_grids(t_feats)
-            s_feats = run.module(x, grids)
-        loss, logs = run.criterion(s_feats, t_feats)
+            s_feats, s_global = run.module(x, grids)
+        loss, logs = run.criterion(s_feats, t_feats, s_global, t_global)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             run.nonfinite.add(optimizer_step(accelerator, optimizer, run.params, run.options.grad_clip))

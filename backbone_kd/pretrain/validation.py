@@ -122,8 +122,9 @@ class Validator:
                     # The criterion's target normalisation, as in training, so val_cos and the training cos_<level>
                     # measure the same thing (ema_center: the frozen centre, whatever the batch holds).
                     t = criterion.targets([level[start : start + len(x)].to(self.device) for level in self.targets])
-                    s_feats = module(x, criterion.head_grids(t))  # as trained
-                    # Per-level cosine, not the criterion: it would move ema_center's statistics.
+                    s_feats, _ = module(x, criterion.head_grids(t))  # as trained
+                    # Per-level cosine only, not the criterion: its global / queue terms need inputs
+                    # validation does not have (and the queue must not see held-out images).
                     for i, s in enumerate(s_feats):
                         s_al, t_al = align(s.float(), t[criterion.pairing[i]], criterion.align_mode)
                         key = f"cos_{criterion.level_names[i]}"
