@@ -36,24 +36,41 @@ class Retired:
     why: str
 
 
-# option -> Retired (the commit that removed it, its inert value, the measurement; docs/results.md)
+# The measurements (docs/results.md "Retired levers", JSON docs/data/recipe/levers_3200.json): combined-level gaps to
+# the baseline of that commit, dense probe, 3,200 images, 3 seeds unless stated.
+_AB = "dense-probe A/B at 3,200 images"
+_WHY_MIXUP = f"{_AB}: objectness +0.009, class bAcc -0.006 vs the online teacher, both inconclusive"
+_WHY_INPUT = (
+    f"{_AB}: objectness +0.020, class bAcc +0.022, inconclusive per seed; its BN expects inputs YOLO never feeds"
+)
+_WHY_AFFINITY = f"{_AB}: objectness +0.011, class bAcc -0.018, both inconclusive"
+_WHY_LARS = f"{_AB}: lars objectness -0.011, class bAcc +0.000, both inconclusive"
+_WHY_QUEUE = f"{_AB}: the queue KL objectness +0.007, class bAcc -0.006, both inconclusive (global_weight stays)"
+_WHY_L1 = f"{_AB}, 2 seeds: cosine 0.9 + smooth-L1 0.1 objectness -0.003, class bAcc +0.015, both inconclusive"
+_WHY_PER_LEVEL = f"{_AB}: objectness -0.008, class bAcc -0.009, both inconclusive"
+
+# option -> Retired (the commit that removed it, its inert value, the measurement)
 RETIRED_OPTIONS: dict[str, Retired] = {
-    "mixup": Retired("fafb68e", False, "WHY_MIXUP"),
-    "student_input": Retired("fafb68e", "unit", "WHY_STUDENT_INPUT"),
-    "affinity_weight": Retired("fafb68e", 0.0, "WHY_AFFINITY"),
-    "affinity_temperature": Retired("fafb68e", 0.07, "WHY_AFFINITY"),
-    "optimizer": Retired("9d72ddf", "adamw", "WHY_LARS"),  # lars was its only other value
-    "global_loss": Retired("75f1368", "cosine", "WHY_GLOBAL"),
-    "global_queue_size": Retired("75f1368", "auto", "WHY_GLOBAL"),
-    "global_temperature": Retired("75f1368", 0.07, "WHY_GLOBAL"),
-    "smooth_l1_weight": Retired("75f1368", 0.0, "WHY_COS_L1"),
-    "cosine_weight": Retired("75f1368", 1.0, "WHY_COS_L1"),  # the per-token cosine is the only term left
-    "teacher_per_level": Retired("33a7085", False, "WHY_PER_LEVEL"),
+    "mixup": Retired("fafb68e", False, _WHY_MIXUP),
+    "student_input": Retired("fafb68e", "unit", _WHY_INPUT),
+    "affinity_weight": Retired("fafb68e", 0.0, _WHY_AFFINITY),
+    "affinity_temperature": Retired("fafb68e", 0.07, _WHY_AFFINITY),
+    "optimizer": Retired("9d72ddf", "adamw", _WHY_LARS),  # lars was its only other value
+    "global_loss": Retired("75f1368", "cosine", _WHY_QUEUE),
+    "global_queue_size": Retired("75f1368", "auto", _WHY_QUEUE),
+    "global_temperature": Retired("75f1368", 0.07, _WHY_QUEUE),
+    "smooth_l1_weight": Retired("75f1368", 0.0, _WHY_L1),
+    "cosine_weight": Retired("75f1368", 1.0, _WHY_L1),  # the per-token cosine is the only per-level term left
+    "teacher_per_level": Retired("33a7085", False, _WHY_PER_LEVEL),
 }
 # (option, value) -> Retired
 RETIRED_VALUES: dict[tuple[str, Any], Retired] = {
-    ("target_norm", "standardize"): Retired("9d72ddf", None, "WHY_STANDARDIZE"),
-    ("align", "teacher_to_student"): Retired("9d72ddf", None, "WHY_T2S"),
+    ("target_norm", "standardize"): Retired(
+        "9d72ddf", None, f"{_AB}: objectness +0.009, class bAcc +0.006, inconclusive"
+    ),
+    ("align", "teacher_to_student"): Retired(
+        "9d72ddf", None, f"{_AB}: objectness -0.005, class bAcc +0.011, inconclusive"
+    ),
 }
 
 
