@@ -47,6 +47,7 @@ VARIANTS: dict[str, dict[str, Any]] = {  # priority order: the tail is dropped w
     "ema_center": {"target_norm": "ema_center"},
     "resize_first": {"align": "resize_first"},
     "no_norm": {"target_norm": "none"},
+    "no_global": {"global_weight": 0.0},  # the default before the global CLS term won (same key as those runs)
     "online": {"teacher_cache": "off"},  # the online teacher: the reference of anything the cache cannot serve
     # continued pretraining (--student a COCO-supervised .pt): the default lr and one 10x lower
     "lr_1e-4": {"lr": 1e-4},
