@@ -7,7 +7,7 @@ and the measurement (``docs/results.md``, "Retired levers"). The registry is wha
 - a retired option on the command line, in a ``--config`` YAML or as a keyword is a one-line error naming the commit;
   the same option at the value that behaved like today's code (its old default) is accepted and dropped, so the full
   ``config.yaml`` an older run folder wrote still loads with ``--config``;
-- a retired *value* of a kept option (``optimizer=lars``) is the same one-line error;
+- a retired *value* of a kept option (``target_norm=standardize``) is the same one-line error;
 - resuming a checkpoint whose run was started with a retired option or value is refused the same way
   (:func:`check_resume_not_retired`), since today's code cannot continue the objective it was optimising.
 """
@@ -23,7 +23,7 @@ RESULTS = "docs/results.md#retired-levers"
 
 @dataclass(frozen=True)
 class Retired:
-    """One removed option (``value`` is None) or one removed value of a kept option.
+    """One removed option, or one removed value of a kept option (``inert`` None).
 
     Attributes:
         commit: The commit that removed it (``git checkout <commit>^`` has it).
