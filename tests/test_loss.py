@@ -123,16 +123,20 @@ def test_resize_first_runs_under_cpu_bf16_autocast() -> None:
     assert [tuple(p.shape[-2:]) for p in projected] == [(4, 4), (4, 4)]
 
 
-def test_global_term_defaults_on_for_a_vit_teacher_and_off_for_a_cnn(tmp_path) -> None:
+def test_global_term_null_is_on_for_a_vit_teacher_and_off_for_a_cnn(tmp_path) -> None:
     from backbone_kd.pretrain.build import build_run
     from backbone_kd.pretrain.config import build_config
     from tests.conftest import make_images, tiny_pretrain_args
 
     make_images(tmp_path / "imgs", 4)
-    vit = build_run(build_config(tiny_pretrain_args(tmp_path / "imgs", tmp_path / "v", steps=1)))
+    assert (
+        build_run(build_config(tiny_pretrain_args(tmp_path / "imgs", tmp_path / "d", steps=1))).criterion.global_weight
+        == 0
+    )
+    vit = build_run(build_config(tiny_pretrain_args(tmp_path / "imgs", tmp_path / "v", steps=1, global_weight="null")))
     assert vit.criterion.global_weight == 1.0 and vit.plain.projectors.global_head is not None
-    cnn = {"teacher": "timm:test_resnet", "teacher_kwargs": "{}"}
+    cnn = {"teacher": "timm:test_resnet", "teacher_kwargs": "{}", "global_weight": "null"}
     run = build_run(build_config(tiny_pretrain_args(tmp_path / "imgs", tmp_path / "c", steps=1, **cnn)))
     assert run.criterion.global_weight == 0.0 and run.plain.projectors.global_head is None
     with pytest.raises(ValueError, match="needs a teacher with a CLS embedding .*set global_weight=0"):
-        build_run(build_config(tiny_pretrain_args(tmp_path / "imgs", tmp_path / "e", global_weight=1, **cnn)))
+        build_run(build_config(tiny_pretrain_args(tmp_path / "imgs", tmp_path / "e", **{**cnn, "global_weight": 1})))

@@ -227,7 +227,7 @@ def _student_and_loss(cfg: PretrainConfig, teacher: Any) -> tuple[DistillStudent
     Args:
         teacher: Anything with the teacher contract (``channels``, ``strides``, ``global_dim``).
     """
-    # global_weight left out: on (1) where the teacher has a CLS embedding, off for CNN / YOLO teachers
+    # global_weight=null: on (1) where the teacher has a CLS embedding, off for CNN / YOLO teachers
     weight = cfg.global_weight if cfg.global_weight is not None else (1.0 if teacher.global_dim else 0.0)
     global_dim = teacher.global_dim if weight > 0 else None
     if weight > 0 and not global_dim:

@@ -101,9 +101,9 @@ class PretrainConfig:
         0.99, "ema_center: centre = m * centre + (1 - m) * step mean, per optimizer step (1: keep the start value)"
     )
     global_weight: float | None = _f(
-        None,
-        "weight of 1 - cos(pooled last student level -> linear head, teacher CLS); default: 1 where the teacher has "
-        "a CLS embedding (ViTs), else 0 (it lifted dense-probe objectness at 3,200 images, docs/results.md)",
+        0.0,
+        "weight of 1 - cos(pooled last student level -> linear head, teacher CLS); null: 1 where the teacher has a "
+        "CLS embedding (ViTs), else 0. Won at 3,200 images, not at 16,000 (docs/results.md): an option, off",
     )
     # data
     image_size: int = _f(224, "square training size; a multiple of the teacher patch size and 32")
