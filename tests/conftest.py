@@ -79,3 +79,16 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state()
     yield
     AcceleratorState._reset_state()
+
+
+def stop_after_steps(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    """Make the training loop's stop check ("Ctrl-C", checked once per optimizer step) fire after ``steps`` steps."""
+    from backbone_kd.pretrain import loop
+
+    calls = {"n": 0}
+
+    def requested(self, accelerator) -> bool:
+        calls["n"] += 1
+        return calls["n"] == steps
+
+    monkeypatch.setattr(loop.StopFlag, "requested", requested)

@@ -12,7 +12,7 @@ from backbone_kd.pretrain.centering import TargetCenter, cache_channel_means
 from backbone_kd.pretrain.config import build_config
 from backbone_kd.pretrain.loss import DistillationLoss
 from backbone_kd.pretrain.validation import Validator
-from tests.conftest import make_images, tiny_pretrain_args
+from tests.conftest import make_images, stop_after_steps, tiny_pretrain_args
 
 NO_AUGMENT = {"crop_scale": "null", "hflip": 0, "color_jitter": 0}  # each image's targets fixed: only batching varies
 
@@ -69,13 +69,7 @@ def test_ema_center_resumes_exactly(image_dir, tmp_path, monkeypatch) -> None:
     common = {"steps": 6, "batch_size": 2, "target_norm": "ema_center", "target_center_momentum": 0.5}
     common["teacher_cache"] = "auto"  # also: the cache's data-set mean starts the centre
     straight = loop.pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "a", save_every=3, **common)))
-    calls = {"n": 0}
-
-    def stop_at_three(self, accelerator) -> bool:
-        calls["n"] += 1
-        return calls["n"] == 3
-
-    monkeypatch.setattr(loop.StopFlag, "requested", stop_at_three)
+    stop_after_steps(monkeypatch, 3)  # "Ctrl-C" after optimizer step 3
     with pytest.raises(KeyboardInterrupt):
         loop.pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "b", save_every=3, **common)))
     monkeypatch.undo()

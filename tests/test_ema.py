@@ -7,11 +7,10 @@ import torch
 from torch import nn
 
 from backbone_kd.backbone_file import read_backbone_file
-from backbone_kd.pretrain import loop
 from backbone_kd.pretrain.config import build_config
 from backbone_kd.pretrain.ema import StudentEMA
 from backbone_kd.pretrain.loop import pretrain
-from tests.conftest import tiny_pretrain_args
+from tests.conftest import stop_after_steps, tiny_pretrain_args
 
 
 def test_ema_blend_and_ramp() -> None:
@@ -34,13 +33,7 @@ def test_ema_is_exported_and_resume_is_exact(image_dir, tmp_path, monkeypatch) -
     common = {"steps": 6, "batch_size": 2, "ema_decay": 0.9}
     raw = pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "raw", **{**common, "ema_decay": 0})))
     straight = pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "a", **common)))
-    calls = {"n": 0}
-
-    def stop_at_three(self, accelerator) -> bool:
-        calls["n"] += 1
-        return calls["n"] == 3
-
-    monkeypatch.setattr(loop.StopFlag, "requested", stop_at_three)
+    stop_after_steps(monkeypatch, 3)  # "Ctrl-C" after optimizer step 3
     with pytest.raises(KeyboardInterrupt):
         pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "b", **common)))
     monkeypatch.undo()

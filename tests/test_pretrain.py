@@ -14,12 +14,11 @@ from safetensors.torch import load_file
 
 from backbone_kd.backbone_file import read_backbone_file
 from backbone_kd.pretrain import export as export_module
-from backbone_kd.pretrain import loop
 from backbone_kd.pretrain.cli import main
 from backbone_kd.pretrain.config import build_config
 from backbone_kd.pretrain.loop import pretrain
 from backbone_kd.yolo_backbone import load_yolo_model
-from tests.conftest import REPO, tiny_pretrain_args
+from tests.conftest import REPO, stop_after_steps, tiny_pretrain_args
 
 
 def test_cli_three_steps_and_outputs(image_dir, tmp_path) -> None:
@@ -64,13 +63,7 @@ def test_resume_matches_uninterrupted_run(image_dir, tmp_path, monkeypatch, caps
         common["image_size_schedule"] = schedule
     straight = pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "a", **common)))
 
-    calls = {"n": 0}
-
-    def stop_at_three(self, accelerator) -> bool:
-        calls["n"] += 1
-        return calls["n"] == 3  # checked once per optimizer step: "Ctrl-C" after step 3
-
-    monkeypatch.setattr(loop.StopFlag, "requested", stop_at_three)
+    stop_after_steps(monkeypatch, 3)  # "Ctrl-C" after optimizer step 3
     with pytest.raises(KeyboardInterrupt):
         pretrain(build_config(tiny_pretrain_args(image_dir, tmp_path / "b", **common)))
     monkeypatch.undo()
