@@ -23,7 +23,6 @@ Example (the run in docs/results.md)::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from benchmarks.recipe_ab_rows import digest, file_sha256, fixed_key, fixed_rows, score
 
 # re-exported: tests and callers use recipe_ab.compare / .table / .REFERENCE (the same dict compare reads)
 from benchmarks.recipe_ab_stats import LEVELS as LEVELS
@@ -56,19 +55,6 @@ VARIANTS: dict[str, dict[str, Any]] = {  # priority order: the tail is dropped w
 # reporting (trackers, pictures), so a reporting option added later does not orphan finished runs
 UNKEYED = ("output", "name", "exist_ok", "resume", "unlabeled", "teacher_weights", "workers")
 UNKEYED += ("tensorboard", "log_with", "tracker_project", "plots", "pca_images")
-
-
-def digest(obj: Any) -> str:
-    """sha256 of canonical JSON (sorted keys)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def run_overrides(args: argparse.Namespace, variant: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -119,13 +105,6 @@ def run_key(overrides: dict[str, Any], args: argparse.Namespace, pool_digest: st
     return digest({"config": keyed, "teacher_sha256": teacher, "pool": pool_digest})[:16]
 
 
-def fixed_key(spec: str) -> str:
-    """Cache key of a ``--fixed`` row: its SPEC with every file it names (``teacher:name@file``, a .pt) replaced by
-    the file's sha256, so a moved file is the same row and changed bytes are another (``yolov8n.yaml``: text only)."""
-    parts = [file_sha256(Path(p).expanduser()) if Path(p).expanduser().is_file() else p for p in spec.split("@")]
-    return "fixed-" + digest(parts)[:16]
-
-
 def pool_digest(pool: str) -> str:
     """Digest of the pool's sorted file names and sizes (what the run reads)."""
     files = sorted(p for p in Path(pool).rglob("*") if p.is_file())
@@ -153,33 +132,6 @@ def pretrain(overrides: dict[str, Any], args: argparse.Namespace, key: str) -> P
     done = {"overrides": overrides, "seconds": round(time.time() - t0, 1), "resumed": resume}
     (run_dir / "done.json").write_text(json.dumps(done, indent=1), encoding="utf-8")
     return run_dir
-
-
-def score(run_dir: Path, probe: Any, key: str, args: argparse.Namespace, spec: str | None = None) -> dict:
-    """Dense-probe points and bootstrap samples of one backbone (cached per run key and probe settings).
-
-    ``spec`` scores a fixed backbone file instead of the run's (a ``--fixed`` row; ``key`` is then its file hash).
-    """
-    from dataclasses import asdict
-
-    from backbone_kd.probe.dense import level_features
-    from backbone_kd.probe.special_specs import input_size, load_any_backbone
-
-    path = Path(args.out) / "probe" / f"{key}-{digest(asdict(probe.settings))[:12]}.pt"
-    if path.is_file():
-        return torch.load(path)
-    t0 = time.time()
-    spec = spec or str(run_dir / "backbone.safetensors")
-    # ``p5`` (P5 before / after SPPF) is a newer probe option: passed only where this checkout has it (default post)
-    p5 = {"p5": probe.settings.p5} if hasattr(probe.settings, "p5") else {}
-    module = load_any_backbone(spec, 0, None, image_size=probe.settings.imgsz, **p5)
-    size = input_size(module, probe.settings.imgsz)
-    feats = level_features(module, probe.loader(size), probe.settings.imgsz, False, *p5.values())
-    per_level, boot = probe.score(feats)
-    rec = {"per_level": per_level, "boot": boot, "seconds": round(time.time() - t0, 1)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(rec, path)
-    return rec
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -210,14 +162,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="*",
         default=[],
         metavar="NAME=SPEC",
-        help="rows that are a fixed backbone, not a run (e.g. coco=yolov8n_coco.pt): scored once, the same every seed",
+        help="rows that are backbones trained elsewhere, not a run here: NAME=SPEC is one file scored once and the "
+        "same every seed (coco=yolov8n_coco.pt); NAME=SPEC0,SPEC1,.. is one file per --seeds entry, paired by seed "
+        "(another tool's runs, e.g. lightly-train's from benchmarks.quality_compare)",
+    )
+    ap.add_argument(
+        "--dense-p5",
+        choices=["post", "pre"],
+        default="post",
+        help="the dense probe's stride-32 tap: after SPPF, or before it (pre: a method that never trains SPPF, as "
+        "lightly-train's YOLO student, is not judged on its random SPPF; level P5 is then the pre-SPPF map)",
     )
     ap.add_argument("--baseline", default="baseline", help="the row the others are paired with (a variant or --fixed)")
     ap.add_argument("--report", default=None, help="JSON to write (default: <out>/recipe_ab.json)")
     args = ap.parse_args(argv)
     if not args.table and not (args.pool and args.dense_data):
         ap.error("--pool and --dense-data are required (or --table JSON to re-print a finished A/B)")
+    try:
+        args.fixed_specs = fixed_rows(args.fixed, args.seeds)
+    except ValueError as e:
+        ap.error(str(e))
     return args
+
+
+def write_report(
+    args: argparse.Namespace, probe: Any, pool: str, rows: dict, runs: dict, fixed: dict[str, list[str]]
+) -> dict:
+    """The A/B's JSON so far (rewritten after every run, so a killed A/B leaves a report of what finished)."""
+    from backbone_kd.io_utils import atomic_write_text
+
+    result = {
+        "variants": {k: VARIANTS.get(k, {"fixed": ",".join(dict.fromkeys(fixed.get(k, [""])))}) for k in rows},
+        "baseline": args.baseline,
+        "runs": runs,
+        "common": {k: v for k, v in run_overrides(args, {}, 0).items() if k != "seed"},
+        "pool": {"path": args.pool, "digest": pool},
+        "dense": probe.summary(),
+        "results": compare(rows, args.baseline),
+    }
+    report = Path(args.report or Path(args.out) / "recipe_ab.json")
+    report.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(result, indent=1), report)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,16 +220,16 @@ def main(argv: list[str] | None = None) -> int:
         resamples=args.dense_resamples,
         min_locations=args.dense_min_locs,
         train_per_image=args.dense_train_locs,
+        p5=args.dense_p5,
     )
     probe = DenseProbe(args.dense_data, settings)
     rows: dict[str, list[dict]] = {}
     runs: dict[str, list[dict]] = {}
-    fixed = {}
-    for item in args.fixed:  # a fixed backbone's score does not depend on the seed: one record, repeated per seed
-        name, _, spec = item.partition("=")
-        fixed[name] = (score(Path(spec), probe, fixed_key(spec), args, spec=spec), spec)
-    for seed in args.seeds:  # seed-major: an interrupted A/B still has paired rows for the seeds it finished
-        for name, (rec, spec) in fixed.items():
+    fixed = args.fixed_specs
+    for i, seed in enumerate(args.seeds):  # seed-major: an interrupted A/B has paired rows for the seeds it finished
+        for name, specs in fixed.items():
+            spec = specs[i]
+            rec = score(Path(spec), probe, fixed_key(spec), args, spec=spec)
             rows.setdefault(name, []).append(rec)
             runs.setdefault(name, []).append({"seed": seed, "fixed": spec, "probe_seconds": rec["seconds"]})
         for name in args.variants:
@@ -259,18 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                 {"seed": seed, "key": key, "pretrain_seconds": done["seconds"], "probe_seconds": rec["seconds"]}
             )
             print(f"[recipe_ab] {name} seed {seed} ({key}): pretrain {done['seconds']} s, probe {rec['seconds']} s")
-            result = {
-                "variants": {k: VARIANTS.get(k, {"fixed": fixed.get(k, ("", ""))[1]}) for k in rows},
-                "baseline": args.baseline,
-                "runs": runs,
-                "common": {k: v for k, v in run_overrides(args, {}, 0).items() if k != "seed"},
-                "pool": {"path": args.pool, "digest": pool},
-                "dense": probe.summary(),
-                "results": compare(rows, args.baseline),
-            }
-            report = Path(args.report or Path(args.out) / "recipe_ab.json")
-            report.parent.mkdir(parents=True, exist_ok=True)
-            report.write_text(json.dumps(result, indent=1), encoding="utf-8")
+            result = write_report(args, probe, pool, rows, runs, fixed)
+    result = write_report(args, probe, pool, rows, runs, fixed)  # also when only --fixed rows ran
     print(table(result["results"]))
     return 0
 

@@ -68,6 +68,15 @@ def test_end_to_end_keys_reuse_and_json(tmp_path, monkeypatch) -> None:
     swapped = ["no_norm" if a == "ema_center" else a for a in argv]
     assert recipe_ab.main([*swapped, "--only-finished"]) == 0 and started == []
     assert list(json.loads((out / "recipe_ab.json").read_text())["runs"]) == ["baseline"]  # no_norm never ran
+    # another tool's runs: one file per seed, paired with the A/B's seed of the same position; P5 before SPPF
+    a, b = (out / "runs" / k / "backbone.safetensors" for k in keys)
+    paired = [*argv[: argv.index("--seeds")], "--seeds", "0", "1", *argv[argv.index("--seeds") + 2 :]]
+    paired += ["--only-finished", "--dense-p5", "pre", "--baseline", "ab", "--fixed", f"ab={a},{b}", f"ba={b},{a}"]
+    assert recipe_ab.main(paired) == 0 and started == []
+    result = json.loads((out / "recipe_ab.json").read_text())
+    assert [r["fixed"] for r in result["runs"]["ba"]] == [str(b), str(a)] and result["dense"]["p5"] == "pre"
+    gap = result["results"]["ba"]["combined/objectness_ap"]["vs_baseline_seeds"]["per_seed"]
+    assert gap[0] == -gap[1] != 0  # seed 0 compares b with a, seed 1 a with b: paired by seed, not repeated
     args = recipe_ab.parse_args(argv)
     same = recipe_ab.run_key(recipe_ab.run_overrides(args, {}, 0), args, "pool")
     args.extra = [*args.extra, "lr=0.002"]  # any option, also one left at its default before, is a new run
@@ -140,3 +149,15 @@ def test_an_unfinished_run_resumes_at_its_checkpoint_and_one_without_starts_agai
     assert base["save_every"] >= 50
     make_images(tmp_path / "pool", 2)
     assert recipe_ab.run_key({**base, "save_every": 0}, args, "p") == recipe_ab.run_key(base, args, "p")
+
+
+def test_fixed_rows_one_spec_or_one_per_seed(capsys) -> None:
+    assert recipe_ab.fixed_rows(["c=x.pt", "lt=a.pt,b.pt"], [0, 1]) == {"c": ["x.pt"] * 2, "lt": ["a.pt", "b.pt"]}
+    for bad in ("lt=a.pt,b.pt,c.pt", "noequals", "=x.pt"):
+        try:
+            recipe_ab.parse_args(["--pool", "p", "--dense-data", "d", "--seeds", "0", "1", "--fixed", bad])
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(f"--fixed {bad} was accepted")
+    assert "one per seed" in capsys.readouterr().err
