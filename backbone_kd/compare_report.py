@@ -1,7 +1,8 @@
 """Rendering of a baseline / teacher / student comparison: Markdown and CSV tables and ``comparison.png``.
 
 :class:`RunResult` holds one row; :func:`write_report` writes all artifacts atomically. Collecting the numbers
-(reading run folders, validating weights, timing) lives in :mod:`backbone_kd.compare`.
+(validating weights, timing) lives in :mod:`backbone_kd.compare`, reading run folders in
+:mod:`backbone_kd.compare_runs`.
 """
 
 from __future__ import annotations

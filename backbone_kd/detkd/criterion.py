@@ -5,17 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.loss import v8DetectionLoss
 from ultralytics.utils.metrics import bbox_iou
-from ultralytics.utils.nms import non_max_suppression
-from ultralytics.utils.ops import xyxy2xywh
 from ultralytics.utils.tal import make_anchors
 
-from backbone_kd.detkd import losses_feature as lf
 from backbone_kd.detkd import losses_response as lr
-from backbone_kd.detkd.recipe import FEATURE_LOSSES, needs_adapters
+from backbone_kd.detkd.kd_features import feature_terms
+from backbone_kd.detkd.kd_targets import pseudo_targets, tal_assign
+from backbone_kd.detkd.recipe import FEATURE_LOSSES
 from backbone_kd.detkd.teacher import KDLink, detect_head, head_branches
 
 # column name(s) of each term in the progress bar and results.csv (<= 11 characters, the bar's column width)
@@ -80,33 +78,6 @@ class KDDetectionLoss:
         return torch.cat([det_loss, kd * batch["img"].shape[0]]), items
 
     # ------------------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _assign(
-        assigner: Any,
-        scores: torch.Tensor,
-        boxes_grid: torch.Tensor,
-        gt_labels: torch.Tensor,
-        gt_bboxes: torch.Tensor,
-        mask_gt: torch.Tensor,
-        anchor_points: torch.Tensor,
-        stride_tensor: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``assigner`` (a TaskAlignedAssigner) on (B, A, nc) logits and (B, A, 4) grid-unit xyxy boxes against
-        (B, M, 1) labels, (B, M, 4) pixel xyxy boxes and (B, M, 1) validity; anchors (A, 2) grid units, strides (A, 1).
-
-        Returns:
-            Target boxes (B, A, 4) in pixels, target scores (B, A, nc), foreground mask (B, A) bool.
-        """
-        _, t_bboxes, t_scores, fg, _ = assigner(
-            scores.detach().float().sigmoid(),
-            (boxes_grid.detach() * stride_tensor).to(gt_bboxes.dtype),
-            anchor_points * stride_tensor,
-            gt_labels,
-            gt_bboxes,
-            mask_gt,
-        )
-        return t_bboxes, t_scores, fg
-
     def kd_terms(self, s_branches: dict[str, dict[str, torch.Tensor]], batch: dict) -> torch.Tensor:
         """All enabled KD terms (weighted, before kd_weight/warmup), in ``self.names`` order; shape (n_terms,).
 
@@ -147,7 +118,15 @@ class KDDetectionLoss:
             t_mask_logits = t["scores"]
             if "one2one" in t_branches:  # as ultralytics' built-in KD: both branches' logits, averaged
                 t_mask_logits = (t_mask_logits + t_branches["one2one"]["scores"]) / 2
-            feats = self._features(feature_names, s["feats"], t["feats"], t_mask_logits.permute(0, 2, 1), batch)
+            feats = feature_terms(
+                self.recipe,
+                self.link.adapters,
+                feature_names,
+                s["feats"],
+                t["feats"],
+                t_mask_logits.permute(0, 2, 1),
+                batch,
+            )
             for name, v in zip(feature_names, feats):
                 values[COLUMNS[name][0]].append(v)
         return torch.stack([torch.stack([x.float() for x in values[c]]).mean() for c in self.names])
@@ -170,7 +149,7 @@ class KDDetectionLoss:
         if "pseudo" in self.recipe["enabled"]:  # teacher detections after NMS, from its dense branch, once per batch
             t_scores = t["scores"].permute(0, 2, 1).float()
             t_boxes = lr.decode_boxes(t["boxes"].permute(0, 2, 1).float(), anchor_points, t["boxes"].shape[1] // 4)
-            ctx["pseudo"] = self._pseudo_targets(self.recipe["losses"]["pseudo"], t_scores, t_boxes, stride_tensor)
+            ctx["pseudo"] = pseudo_targets(self.recipe["losses"]["pseudo"], t_scores, t_boxes, stride_tensor)
         return ctx
 
     def _response(
@@ -212,7 +191,7 @@ class KDDetectionLoss:
                     cache[mode] = t_scores.sigmoid().amax(-1)
                 else:
                     sc, bx = (t_scores, t_boxes) if mode == "teacher" else (s_scores, s_boxes)
-                    fg = self._assign(assigner, sc, bx, gt_labels, gt_bboxes, mask_gt, anchor_points, stride_tensor)
+                    fg = tal_assign(assigner, sc, bx, gt_labels, gt_bboxes, mask_gt, anchor_points, stride_tensor)
                     cache[mode] = fg[2].float()
             return cache[mode]
 
@@ -244,32 +223,6 @@ class KDDetectionLoss:
                 out["pl_ciou"], out["pl_kl"] = w * ciou, w * kl
         return out
 
-    @staticmethod
-    def _pseudo_targets(
-        opt: dict, t_scores: torch.Tensor, t_boxes: torch.Tensor, stride_tensor: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Teacher detections after NMS as padded targets.
-
-        Args:
-            opt: The recipe's ``losses.pseudo`` block (``conf``, ``iou``).
-            t_scores: (B, A, nc) teacher logits.
-            t_boxes: (B, A, 4) teacher xyxy boxes in grid units.
-            stride_tensor: (A, 1) stride of each anchor.
-
-        Returns:
-            Labels (B, M, 1), pixel xyxy boxes (B, M, 4) and validity (B, M, 1), M = most detections in one image.
-        """
-        pred = torch.cat([xyxy2xywh(t_boxes * stride_tensor), t_scores.sigmoid()], -1).permute(0, 2, 1)
-        dets = non_max_suppression(pred, conf_thres=opt.get("conf", 0.25), iou_thres=opt.get("iou", 0.7))
-        n = max(max(len(d) for d in dets), 1)
-        bs = len(dets)
-        gt_bboxes = t_scores.new_zeros(bs, n, 4, dtype=torch.float)
-        gt_labels = t_scores.new_zeros(bs, n, 1, dtype=torch.float)
-        mask_gt = t_scores.new_zeros(bs, n, 1, dtype=torch.float)
-        for i, d in enumerate(dets):
-            gt_bboxes[i, : len(d)], gt_labels[i, : len(d), 0], mask_gt[i, : len(d)] = d[:, :4], d[:, 5], 1.0
-        return gt_labels, gt_bboxes, mask_gt
-
     def _pseudo(
         self,
         opt: dict,
@@ -293,7 +246,7 @@ class KDDetectionLoss:
         """
         anchor_points, stride_tensor = ctx["anchor_points"], ctx["stride_tensor"]
         gt_labels, gt_bboxes, mask_gt = ctx["pseudo"]
-        tb, ts, fg = self._assign(
+        tb, ts, fg = tal_assign(
             assigner, s_scores, s_boxes, gt_labels, gt_bboxes, mask_gt, anchor_points, stride_tensor
         )
         ts_sum = ts.sum().clamp(min=1.0)
@@ -305,63 +258,3 @@ class KDDetectionLoss:
             ciou = s_boxes.sum() * 0.0  # stays in the graph, finite
         kl = lr.weighted_mean(lr.softmax_kl(s_scores, t_scores, opt.get("temperature", 2.0)), fg.float())
         return opt.get("ciou", 1.0) * ciou, opt.get("kl", 1.0) * kl
-
-    def _features(
-        self,
-        names: list[str],
-        s_feats: list[torch.Tensor],
-        t_feats: list[torch.Tensor],
-        t_scores: torch.Tensor,
-        batch: dict,
-    ) -> list[torch.Tensor]:
-        """Feature terms summed over neck levels with per-level weights; one scalar per name.
-
-        Args:
-            names: Enabled feature terms.
-            s_feats: Student neck maps, (B, Cs_i, H_i, W_i) per level.
-            t_feats: Teacher neck maps, (B, Ct_i, H_i, W_i) per level.
-            t_scores: (B, A, nc) teacher class logits for ``mask=teacher`` weights.
-            batch: ultralytics batch (GT boxes for ``mask=gt``).
-        """
-        adapters: nn.Module | None = self.link.adapters
-        if adapters is None and needs_adapters(self.recipe):
-            raise ValueError("feature KD is enabled but no adapters were built; use DistillationDetectionTrainer")
-        losses, levels = self.recipe["losses"], self.recipe["features"]["levels"]
-        if len(levels) != len(s_feats):
-            raise ValueError(f"features.levels has {len(levels)} weights but the model has {len(s_feats)} levels")
-        proj = adapters(list(s_feats)) if adapters is not None else [None] * len(s_feats)  # autocast picks dtype
-        shapes = [tuple(f.shape[2:]) for f in s_feats]
-        masks: dict[str, list] = {"none": [None] * len(shapes)}
-        out = []
-        for name in names:
-            opt = losses[name]
-            mode = opt.get("mask", "none")
-            if mode not in masks:
-                masks[mode] = (
-                    lf.gt_masks(batch, shapes, s_feats[0].shape[0])
-                    if mode == "gt"
-                    else lf.teacher_masks(t_scores, shapes)
-                )
-            total = s_feats[0].new_zeros((), dtype=torch.float)
-            for i, (sf, ps, tf) in enumerate(zip(s_feats, proj, t_feats)):
-                m = masks[mode][i]
-                if name == "cos":
-                    v = lf.feat_cosine(ps, tf, m)
-                elif name == "l2":
-                    v = lf.feat_l2(ps, tf, m)
-                elif name == "cwd":
-                    v = lf.feat_cwd(ps, tf, opt.get("temperature", 1.0))
-                elif name == "mgd":
-                    v = lf.feat_mgd(ps, tf, adapters.generators[i], opt.get("mask_ratio", 0.65), m)
-                else:
-                    # spatial attention sums over channels, so raw maps of any width compare directly; channel
-                    # attention pairs channel i with channel i, which only the learned adapter makes meaningful
-                    at_mode = opt.get("mode", "both")
-                    v = sf.new_zeros((), dtype=torch.float)
-                    if at_mode in {"spatial", "both"}:
-                        v = v + lf.feat_at(sf, tf, "spatial", m)
-                    if at_mode in {"channel", "both"}:
-                        v = v + lf.feat_at(ps, tf, "channel", m)
-                total = total + levels[i] * v
-            out.append(float(opt.get("weight", 1.0)) * total)
-        return out

@@ -10,29 +10,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
 from torch import nn
-from ultralytics.utils import LOGGER
 
 from backbone_kd.io_utils import atomic_torch_save
-from backbone_kd.safe_load import load_state_file
 
-KD_STATE_FILE = "kd_state.pt"
-
-
-def read_kd_state(path: Path, trust_pickle: bool = False) -> dict:
-    """Load ``kd_state.pt`` (recipe, teacher path, adapter weights); empty when the file is missing.
-
-    Args:
-        path: The ``kd_state.pt`` beside the resumed checkpoint.
-        trust_pickle: Full unpickling (``torch.load(weights_only=False)``) instead of the data-only reader.
-    """
-    if not path.is_file():
-        LOGGER.warning(f"KD resume: {path} not found; adapters restart from scratch and teacher= must be given")
-        return {}
-    if trust_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    return load_state_file(path)
+# the file's name and reader are shared with the classification KD trainer
+from backbone_kd.kd_state import KD_STATE_FILE as KD_STATE_FILE
+from backbone_kd.kd_state import read_kd_state as read_kd_state
 
 
 def write_kd_state(
