@@ -37,11 +37,34 @@ def fixed_key(spec: str) -> str:
     return "fixed-" + digest(parts)[:16]
 
 
-def fixed_rows(items: list[str], seeds: list[int]) -> dict[str, list[str]]:
-    """``--fixed`` items -> ``{name: [SPEC per seed]}``: one SPEC repeated for every seed, or one per seed as given.
+def quality_compare_runs(spec: str, seeds: list[int]) -> list[str]:
+    """``qc:<quality_compare JSON>#<row>`` -> that row's backbone file per seed (``<row>-folded``: the folded copy).
 
     Raises:
-        ValueError: An item is not ``NAME=SPEC``, or its comma-separated SPECs are neither 1 nor ``len(seeds)``.
+        ValueError: The JSON or the row is missing, or the row has no run for one of ``seeds``.
+    """
+    path, _, row = spec.removeprefix("qc:").partition("#")
+    if not Path(path).is_file() or not row:
+        raise ValueError(f"--fixed {spec}: give qc:<quality_compare JSON>#<row>, e.g. qc:side.json#lt-v2-folded")
+    rows = json.loads(Path(path).read_text(encoding="utf-8"))["rows"]
+    if "pretrain" not in rows.get(row, {}):
+        pretrained = [r for r in rows if "pretrain" in rows[r]]
+        raise ValueError(f"--fixed {spec}: {path} has no pretrained row {row!r}; its pretrained rows: {pretrained}")
+    by_seed = {r["seed"]: r for r in rows[row]["pretrain"]["runs"]}
+    missing = [s for s in seeds if s not in by_seed]
+    if missing:
+        raise ValueError(f"--fixed {spec}: no run for seeds {missing} in {path}; run quality_compare with them first")
+    key = "backbone_folded" if row.endswith("-folded") else "backbone"
+    return [by_seed[s][key] for s in seeds]
+
+
+def fixed_rows(items: list[str], seeds: list[int]) -> dict[str, list[str]]:
+    """``--fixed`` items -> ``{name: [SPEC per seed]}``: one SPEC repeated for every seed, one per seed as given, or
+    ``qc:<JSON>#<row>``: the runs of a :mod:`benchmarks.quality_compare` row (e.g. lightly-train's), matched by seed.
+
+    Raises:
+        ValueError: An item is not ``NAME=SPEC``, its comma-separated SPECs are neither 1 nor ``len(seeds)``, or a
+            ``qc:`` row lacks a seed.
     """
     out: dict[str, list[str]] = {}
     for item in items:
@@ -49,6 +72,9 @@ def fixed_rows(items: list[str], seeds: list[int]) -> dict[str, list[str]]:
         specs = [s for s in spec.split(",") if s]
         if not sep or not name or not specs:
             raise ValueError(f"--fixed {item!r} is not NAME=SPEC[,SPEC...]; e.g. coco=yolov8n_coco.pt")
+        if spec.startswith("qc:"):
+            out[name] = quality_compare_runs(spec, seeds)
+            continue
         if len(specs) not in (1, len(seeds)):
             raise ValueError(
                 f"--fixed {name} has {len(specs)} SPECs for {len(seeds)} seeds {seeds}: give one SPEC, or one per seed "

@@ -161,3 +161,20 @@ def test_fixed_rows_one_spec_or_one_per_seed(capsys) -> None:
         else:
             raise AssertionError(f"--fixed {bad} was accepted")
     assert "one per seed" in capsys.readouterr().err
+
+
+def test_fixed_rows_from_a_quality_compare_json(tmp_path) -> None:
+    runs = [{"seed": s, "backbone": f"b{s}.safetensors", "backbone_folded": f"f{s}.safetensors"} for s in (1, 0)]
+    qc = tmp_path / "side.json"
+    qc.write_text(
+        json.dumps({"rows": {"lt-v2": {"pretrain": {"runs": runs}}, "lt-v2-folded": {"pretrain": {"runs": runs}}}})
+    )
+    got = recipe_ab.fixed_rows([f"lt=qc:{qc}#lt-v2", f"ltf=qc:{qc}#lt-v2-folded"], [0, 1])
+    assert got == {"lt": ["b0.safetensors", "b1.safetensors"], "ltf": ["f0.safetensors", "f1.safetensors"]}  # by seed
+    for bad, words in ((f"lt=qc:{qc}#lt-v2", "no run for seeds [2]"), (f"lt=qc:{qc}#scratch", "no pretrained row")):
+        try:
+            recipe_ab.fixed_rows([bad], [0, 2])
+        except ValueError as e:
+            assert words in str(e)
+        else:
+            raise AssertionError(f"{bad} was accepted")
