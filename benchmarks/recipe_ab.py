@@ -229,10 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, list[dict]] = {}
     runs: dict[str, list[dict]] = {}
     fixed = args.fixed_specs
+    scored: dict[str, dict] = {}
     for i, seed in enumerate(args.seeds):  # seed-major: an interrupted A/B has paired rows for the seeds it finished
         for name, specs in fixed.items():
             spec = specs[i]
-            rec = score(Path(spec), probe, fixed_key(spec), args, spec=spec)
+            if spec not in scored:  # one SPEC repeated for every seed is scored (and its cache read) once
+                scored[spec] = score(Path(spec), probe, fixed_key(spec), args, spec=spec)
+            rec = scored[spec]
             rows.setdefault(name, []).append(rec)
             runs.setdefault(name, []).append({"seed": seed, "fixed": spec, "probe_seconds": rec["seconds"]})
         for name in args.variants:

@@ -8,7 +8,6 @@ lightly-train's from :mod:`benchmarks.quality_compare`). Scores are cached by th
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -16,18 +15,9 @@ from typing import Any
 
 import torch
 
-
-def digest(obj: Any) -> str:
-    """sha256 of canonical JSON (sorted keys)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+# one content hash for both harnesses (quality_compare's is memoised per file): keys stay comparable
+from benchmarks.qc_runs import digest as digest
+from benchmarks.qc_runs import sha256_file as file_sha256
 
 
 def fixed_key(spec: str) -> str:
