@@ -50,6 +50,9 @@ VARIANTS: dict[str, dict[str, Any]] = {  # priority order: the tail is dropped w
     "online": {"teacher_cache": "off"},  # the online teacher: the reference of anything the cache cannot serve
     # continued pretraining (--student a COCO-supervised .pt): the default lr and one 10x lower
     "lr_1e-4": {"lr": 1e-4},
+    # continued pretraining that keeps P4/P5: distil only up to P3 (yolov8n layer 4), layers 5-9 keep the student's
+    # weights exactly (the student is built up to its last tap; export writes layers 0-9 of the full model)
+    "p3_only": {"taps": [4]},
     # a higher-resolution teacher view (issue 22 §5): the cache encodes each image at 448 px (32 x 32 tokens), so the
     # 16 x 16 target of a small crop is roi-aligned from more teacher tokens instead of upsampled from few
     "cache_448": {"teacher_cache_size": 448},
