@@ -56,6 +56,9 @@ VARIANTS: dict[str, dict[str, Any]] = {  # priority order: the tail is dropped w
     # a higher-resolution teacher view (issue 22 §5): the cache encodes each image at 448 px (32 x 32 tokens), so the
     # 16 x 16 target of a small crop is roi-aligned from more teacher tokens instead of upsampled from few
     "cache_448": {"teacher_cache_size": 448},
+    # ... and P3's targets on P3's own 28 x 28 grid, cut from that 32 x 32 cache (the loss counted over student
+    # locations, every level's targets resized to its grid): detail the 16 x 16 target cannot carry
+    "fine_p3": {"teacher_cache_size": 448, "align": "teacher_to_student"},
 }
 # fields that never change a run's weights: paths (the teacher's and pool's bytes are keyed instead), worker count, and
 # reporting (trackers, pictures), so a reporting option added later does not orphan finished runs

@@ -112,7 +112,7 @@ def test_image_size_schedule_parses_and_refuses_the_teacher_cache() -> None:
         ("teacher_kwargs=[1]", "teacher_kwargs"),
         ("projector=conv", "projector must be mlp or linear"),
         ("projector_hidden=0", "projector_hidden"),
-        ("align=none", "align must be student_to_teacher or resize_first"),
+        ("align=none", "align must be student_to_teacher, resize_first or teacher_to_student"),
         ("target_norm=whiten", "target_norm must be none, center or ema_center"),
         ("target_center_momentum=1.5", "target_center_momentum"),
         ("level_weights=[1, -1, 1]", "level_weights"),

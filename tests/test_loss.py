@@ -35,6 +35,17 @@ def test_align_modes() -> None:
         align(s, t, "nearest")
 
 
+def test_teacher_to_student_resizes_the_targets_and_antialiases_only_when_shrinking() -> None:
+    t = torch.randn(2, 8, 5, 5)
+    p3, p5 = torch.randn(2, 8, 8, 8), torch.randn(2, 8, 2, 2)
+    a, b = align(p3, t, "teacher_to_student")
+    assert a is p3 and torch.equal(b, F.interpolate(t, size=(8, 8), mode="bilinear", align_corners=False))
+    a, b = align(p5, t, "teacher_to_student")  # 5 -> 2: averaged over the tokens each location covers, not sampled
+    assert a is p5
+    assert torch.equal(b, F.interpolate(t, size=(2, 2), mode="bilinear", align_corners=False, antialias=True))
+    assert not torch.allclose(b, F.interpolate(t, size=(2, 2), mode="bilinear", align_corners=False))
+
+
 def test_pairing() -> None:
     assert pair_levels([8, 16, 32], [14]) == [0, 0, 0]
     assert pair_levels([8, 16, 32], [8, 16, 32]) == [0, 1, 2]

@@ -364,3 +364,23 @@ def test_sharded_build_writes_each_rank_rows_in_place(tmp_path, storage) -> None
         ).all()  # every row written (an unwritten one reads back as zeros)
         tol = 1.0 if storage == "int8" and "scale" not in name else 1e-2 * float(a.abs().max())  # batch-size jitter
         assert torch.allclose(a, b, rtol=0, atol=tol), name
+
+
+def test_teacher_to_student_cuts_cached_targets_at_the_finest_student_grid(tmp_path) -> None:
+    """A cache encoded above image_size gives P3 targets on P3's own grid (8 x 8 at 64 px) instead of the teacher's
+    5 x 5 at image_size: the finer detail the option exists for; the default keeps the teacher's grid."""
+    from backbone_kd.pretrain.build import build_run
+
+    make_images(tmp_path / "imgs", 4)
+    common = {"steps": 1, "teacher_cache": "auto", "teacher_cache_size": 128}
+    base = build_run(build_config(tiny_pretrain_args(tmp_path / "imgs", tmp_path / "a", **common)))
+    assert base.cache.out_sizes == [(5, 5)]
+    args = tiny_pretrain_args(tmp_path / "imgs", tmp_path / "b", **common, align="teacher_to_student")
+    fine = build_run(build_config(args))
+    assert fine.cache.out_sizes == [(8, 8)] and fine.module.backbone.strides == [8, 16, 32]
+    assert main(args + ["name=trained"]) == 0  # trains end to end (loss on 8 x 8, 4 x 4 and 2 x 2 targets)
+    import csv
+
+    with open(tmp_path / "b" / "trained" / "metrics.csv", encoding="utf-8") as f:
+        row = next(r for r in csv.DictReader(f) if r.get("loss_p3"))
+    assert all(np.isfinite(float(row[k])) for k in ("loss_p3", "loss_p4", "loss_p5"))

@@ -133,6 +133,11 @@ def build_run(cfg: PretrainConfig, compile_options: dict[str, Any] | None = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     module, criterion = _student_and_loss(cfg, teacher)
+    if cache is not None and cfg.align == "teacher_to_student":
+        # the targets are cut from the cached grid at the finest student grid (P3: 28 x 28 at 224 px), so a cache
+        # encoded above image_size gives that level detail the teacher's 16 x 16 grid at image_size cannot
+        side = math.ceil(cfg.image_size / min(module.backbone.strides))
+        cache.out_sizes = [(side, side)] * len(cache.out_sizes)
     criterion.to(device)  # the target centre's buffers
     if criterion.center is not None and cache is not None:  # start at the data set's mean (resume overwrites it)
         criterion.center.start(cache.channel_means())

@@ -87,7 +87,8 @@ class PretrainConfig:
     align: str = _f(
         "student_to_teacher",
         "student_to_teacher (resize projected student maps), resize_first (shrink larger student maps to the teacher "
-        "grid before their head: same loss grid, fewer tokens through the P3 head)",
+        "grid before their head: same loss grid, fewer tokens through the P3 head), teacher_to_student (resize the "
+        "targets to each student grid; with teacher_cache_size above image_size P3's targets get finer detail)",
     )
     level_weights: Any = _f(None, "loss weight per tapped level (default equal)")
     target_norm: str = _f(

@@ -90,8 +90,8 @@ def _check_objective(cfg: PretrainConfig) -> None:
     _need(hidden is None or hidden >= 1, f"projector_hidden={hidden} must be >= 1 (or null for the default)")
     _need(cfg.projector in ("mlp", "linear"), f"projector must be mlp or linear, got {cfg.projector!r}")
     _need(
-        cfg.align in ("student_to_teacher", "resize_first"),
-        f"align must be student_to_teacher or resize_first, got {cfg.align!r}",
+        cfg.align in ("student_to_teacher", "resize_first", "teacher_to_student"),
+        f"align must be student_to_teacher, resize_first or teacher_to_student, got {cfg.align!r}",
     )
     weights = cfg.level_weights
     _need(

@@ -11,7 +11,7 @@ from torch import nn
 
 from backbone_kd.pretrain.centering import TargetCenter
 
-ALIGN_MODES = ("student_to_teacher", "resize_first")
+ALIGN_MODES = ("student_to_teacher", "resize_first", "teacher_to_student")
 BATCH_NORMS = ("none", "center")  # stateless: each batch's own statistics
 TARGET_NORMS = (*BATCH_NORMS, "ema_center")  # ema_center: a running centre (pretrain/centering.py)
 
@@ -55,12 +55,20 @@ def align(
         mode: ``student_to_teacher`` resizes the student map to the teacher grid (default: the loss is counted over
             teacher tokens); ``resize_first``
             is ``student_to_teacher`` for maps that :meth:`DistillationLoss.head_grids` already shrank to the grid
-            before their projection head (what is left here is upsampling the smaller levels).
+            before their projection head (what is left here is upsampling the smaller levels);
+            ``teacher_to_student`` resizes the targets to each student map's grid instead (antialiased where it
+            shrinks them): the loss is counted over student locations, and with a teacher cache encoded above
+            ``image_size`` the finest level's targets carry detail finer than the teacher's patch grid
+            (:func:`backbone_kd.pretrain.build.build_run` sets the cache's crop size to that grid).
     """
     if student.shape[-2:] == teacher.shape[-2:]:
         return student, teacher
     if mode in ("student_to_teacher", "resize_first"):
         return F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False), teacher
+    if mode == "teacher_to_student":
+        size = student.shape[-2:]
+        shrink = size[0] < teacher.shape[-2] or size[1] < teacher.shape[-1]
+        return student, F.interpolate(teacher, size=size, mode="bilinear", align_corners=False, antialias=shrink)
     raise ValueError(f"align must be one of {ALIGN_MODES}, got {mode!r}")
 
 

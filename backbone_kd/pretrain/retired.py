@@ -68,9 +68,6 @@ RETIRED_VALUES: dict[tuple[str, Any], Retired] = {
     ("target_norm", "standardize"): Retired(
         "9d72ddf", None, f"{_AB}: objectness +0.009, class bAcc +0.006, inconclusive"
     ),
-    ("align", "teacher_to_student"): Retired(
-        "9d72ddf", None, f"{_AB}: objectness -0.005, class bAcc +0.011, inconclusive"
-    ),
 }
 
 
