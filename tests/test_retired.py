@@ -92,9 +92,7 @@ def test_the_retired_levers_are_refused_by_name_and_dropped_at_their_old_default
         build_config([f"{option}={used}"])
 
 
-@pytest.mark.parametrize(
-    ("option", "value"), [("target_norm", "standardize"), ("optimizer", "lars")]
-)
+@pytest.mark.parametrize(("option", "value"), [("target_norm", "standardize"), ("optimizer", "lars")])
 def test_the_retired_values_are_refused_naming_the_commit(option: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"{option}='{value}' .*was retired in commit"):
         build_config([f"{option}={value}"])
