@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -379,8 +380,6 @@ def test_teacher_to_student_cuts_cached_targets_at_the_finest_student_grid(tmp_p
     fine = build_run(build_config(args))
     assert fine.cache.out_sizes == [(8, 8)] and fine.module.backbone.strides == [8, 16, 32]
     assert main(args + ["name=trained"]) == 0  # trains end to end (loss on 8 x 8, 4 x 4 and 2 x 2 targets)
-    import csv
-
     with open(tmp_path / "b" / "trained" / "metrics.csv", encoding="utf-8") as f:
         row = next(r for r in csv.DictReader(f) if r.get("loss_p3"))
     assert all(np.isfinite(float(row[k])) for k in ("loss_p3", "loss_p4", "loss_p5"))
